@@ -1,0 +1,102 @@
+"""Errors the gateway answers with, each carrying its HTTP status and OpenAI shape.
+
+    GatewayError                      (500, "internal_error")
+    ├── RequestError                  4xx: the client's request is at fault; never retried
+    │   ├── InvalidRequest            400 "invalid_request_error"
+    │   ├── Unauthorized              401 "authentication_error"
+    │   ├── ModelNotFound             404 "model_not_found"
+    │   └── PayloadTooLarge           413 "request_too_large"
+    ├── OverLimit                     429 "rate_limit_exceeded": the admission queue is full
+    └── UpstreamError                 5xx: the pods are at fault
+        ├── UpstreamUnavailable       502: a pod could not be reached or broke off (retryable)
+        ├── NoCapacity                503: no healthy pod serves the model, or waiting timed out
+        └── UpstreamTimeout           504: a pod did not answer in time (retryable)
+
+`retryable` says whether the proxy may try the same request on another pod.
+Every error renders as `{"error": {"message", "type", "code", "param"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway turns into an HTTP answer."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code or self.type,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+class RequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequest(RequestError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    type = "authentication_error"
+
+
+class ModelNotFound(RequestError):
+    status = 404
+    type = "model_not_found"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    type = "request_too_large"
+
+
+class OverLimit(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    type = "upstream_unavailable"
+    retryable = True
+
+
+class NoCapacity(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_timeout"
+    retryable = True

@@ -1,0 +1,214 @@
+"""The gateway's request path: check, tokenise, route, proxy, account.
+
+`Gateway.complete` serves one /v1/completions or /v1/chat/completions call:
+
+1. check the body (`router.schema`), find the user and the policy;
+2. tokenise the prompt as the engine will (`router.prompts`), hash its blocks
+   and match them against the prefix index;
+3. acquire a pod (`router.routing`: policy argmin and in-flight count in one
+   step, or a wait in the VTC admission queue);
+4. proxy (`router.proxy`); if the pod fails before any byte reached the
+   client, release it, report it to the monitor and try another pod;
+5. charge the user's counter for the output and count the outcome.
+
+Not here: HTTP wiring (`router.app`), health and scraping (`router.monitor`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from router.discovery import Discovery
+from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized, UpstreamError
+from router.fairness import VirtualTokenCounters
+from router.index import PrefixIndex
+from router.metrics import GatewayMetrics
+from router.monitor import Monitor
+from router.pods import PodId, PodSet, UserId
+from router.policies import PolicyBook, PolicyDeps, RouteRequest
+from router.prompts import ByteEncoder, PromptEncoder, tokenize
+from router.proxy import Outcome, Proxy
+from router.routing import Router
+from router.schema import Kind, parse_call
+from router.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STRATEGY_HEADER = "x-routing-strategy"
+USER_HEADER = "x-user-id"
+_RETRY_STATUSES = {502, 503, 504}
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class Gateway:
+    """Everything one gateway process keeps, wired from `Settings`.
+
+    Args:
+        settings: all settings.
+        discovery: where pods come from.
+        encoder: the model's tokenizer; bytes stand in when None.
+        rng: randomness for tie-breaks and random policies (seeded in tests).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        discovery: Discovery,
+        encoder: PromptEncoder | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.discovery = discovery
+        self.encoder: PromptEncoder = encoder or ByteEncoder()
+        self.rng = rng or random.Random()
+        self.pods = PodSet()
+        self.index = PrefixIndex(settings.routing.default_capacity_blocks)
+        self.counters = VirtualTokenCounters(settings.admission.input_weight, settings.admission.output_weight)
+        self.metrics = GatewayMetrics(pods=lambda: list(self.pods))
+        self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng)
+        self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
+        self.policies.get(settings.routing.policy)  # fail at start-up on a bad default
+        self.session: aiohttp.ClientSession | None = None
+        self.monitor: Monitor | None = None
+        self.proxy: Proxy | None = None
+        self._discovery_task: asyncio.Task | None = None
+        self.draining = False
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.monitor = Monitor(self.pods, self.index, self.session, self.settings.discovery, self.settings.scrape)
+        self.proxy = Proxy(self.session, self.settings.upstream)
+        self._discovery_task = asyncio.create_task(self.discovery.run(self.monitor.set_pods), name="discovery")
+
+    async def stop(self) -> None:
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery_task
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    @property
+    def block_size(self) -> int:
+        learned = self.monitor.block_size if self.monitor else None
+        return learned or self.settings.routing.block_size
+
+    def ready(self) -> bool:
+        return not self.draining and bool(self.pods.healthy())
+
+    def models(self) -> list[dict[str, Any]]:
+        served = self.pods.models()
+        out = []
+        for model, pods in sorted(served.items()):
+            lens = [p.max_model_len for p in pods if p.max_model_len]
+            entry: dict[str, Any] = {"id": model, "object": "model", "owned_by": "kvgate", "created": 0}
+            if lens:
+                entry["max_model_len"] = min(lens)
+            out.append(entry)
+        return out
+
+    def authenticate(self, request: web.Request) -> None:
+        keys = self.settings.server.api_keys
+        if keys and _bearer(request) not in keys:
+            raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+    def _user(self, call_user: str | None, request: web.Request) -> UserId:
+        return UserId(call_user or request.headers.get(USER_HEADER) or _bearer(request) or "anonymous")
+
+    def _check_model(self, model: str) -> None:
+        known = {m for pod in self.pods for m in pod.models}
+        if model in known:
+            return
+        if known:
+            raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(sorted(known))}", param="model")
+        raise NoCapacity("no pod is up yet; retry shortly")
+
+    async def complete(self, kind: Kind, request: web.Request) -> web.StreamResponse:
+        """Serve one completion or chat completion call. Raises `GatewayError` for the app to render."""
+        arrived = time.perf_counter()
+        self.authenticate(request)
+        raw = await request.read()
+        call = parse_call(kind, raw, max_tokens_limit=self.settings.server.max_tokens_limit)
+        self._check_model(call.model)
+        spec = request.headers.get(STRATEGY_HEADER) or self.settings.routing.policy
+        policy = self.policies.get(spec)
+        user = self._user(call.user, request)
+
+        block_size = self.block_size
+        prompt = await tokenize(self.encoder, call, block_size)
+        route = RouteRequest(
+            user=user,
+            model=call.model,
+            prompt_tokens=prompt.total_tokens,
+            block_size=block_size,
+            block_hashes=prompt.block_hashes,
+            matched_blocks=self.index.match(prompt.block_hashes),
+            session_key=request.headers.get(self.settings.routing.session_header),
+            max_tokens=call.max_tokens,
+        )
+        assert self.proxy is not None and self.monitor is not None
+        self.counters.arrive(user)
+        tried: set[PodId] = set()
+        last_error: GatewayError | None = None
+        try:
+            for _ in range(self.settings.upstream.retries + 1):
+                lease = await self.router.acquire(route, policy, spec, exclude=tried)
+                pod = lease.pod
+                outcome: Outcome | None = None
+                try:
+                    upstream = await self.proxy.open(lease, call, raw, dict(request.headers))
+                    if upstream.status in _RETRY_STATUSES:
+                        upstream.release()
+                        raise UpstreamError(f"pod {pod.id} answered {upstream.status}")
+                    if call.stream and upstream.status == 200:
+                        response, outcome = await self.proxy.relay_stream(lease, call, upstream, request)
+                    else:
+                        response, outcome = await self.proxy.relay_whole(lease, upstream)
+                except UpstreamError as exc:
+                    last_error = exc
+                    tried.add(pod.id)
+                    self.monitor.report_failure(pod)
+                    self.metrics.retries.labels(pod.id).inc()
+                    self.metrics.requests.labels(pod.id, spec, str(exc.status)).inc()
+                    log.info("retrying on another pod: %s", exc.message)
+                    continue
+                finally:
+                    lease.release()
+                    if outcome is not None:
+                        self._account(user, pod.id, spec, outcome, arrived)
+                self.monitor.report_success(pod)
+                return response
+            assert last_error is not None
+            raise last_error
+        except NoCapacity:
+            if last_error is not None:
+                raise last_error from None
+            raise
+        finally:
+            self.counters.leave(user)
+
+    def _account(self, user: UserId, pod: PodId, spec: str, outcome: Outcome, arrived: float) -> None:
+        self.metrics.requests.labels(pod, spec, str(outcome.status)).inc()
+        if outcome.broken:
+            self.metrics.stream_errors.labels(pod).inc()
+        if outcome.first_byte_at is not None:
+            self.metrics.ttft_seconds.labels(spec).observe(outcome.first_byte_at - arrived)
+        if outcome.completion_tokens:
+            self.counters.charge(user, output_tokens=outcome.completion_tokens)

@@ -1,0 +1,103 @@
+"""The gateway's Prometheus metrics, all prefixed `kvgate_`, on a registry of its own.
+
+Two views of cache hits live side by side: what the router predicted when it
+routed (`kvgate_predicted_*`: prefix tokens the index believed were on the
+chosen pod) and what the engines report (`kvgate_engine_*`, re-exported per
+pod from each pod's scraped `vllm:prefix_cache_*` counters). A gap between
+them means the index believes in blocks the engines no longer have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router.pods import Pod
+
+_DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1)
+_TOKEN_BUCKETS = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class _EngineCollector(Collector):
+    """Re-exports each pod's scraped figures at collection time."""
+
+    def __init__(self, pods: Callable[[], Iterable[Pod]]) -> None:
+        self._pods = pods
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        queries = CounterMetricFamily(
+            "kvgate_engine_prefix_cache_queries", "Prompt tokens looked up in the pod's prefix cache (engine-reported).", labels=["pod"]
+        )
+        hits = CounterMetricFamily(
+            "kvgate_engine_prefix_cache_hits", "Prompt tokens found in the pod's own prefix cache (engine-reported).", labels=["pod"]
+        )
+        ext_queries = CounterMetricFamily(
+            "kvgate_engine_external_prefix_cache_queries", "Prompt tokens looked up in the shared KV cache (engine-reported).", labels=["pod"]
+        )
+        ext_hits = CounterMetricFamily(
+            "kvgate_engine_external_prefix_cache_hits", "Prompt tokens loaded from the shared KV cache (engine-reported).", labels=["pod"]
+        )
+        running = GaugeMetricFamily("kvgate_engine_requests_running", "Requests running on the pod (engine-reported).", labels=["pod"])
+        waiting = GaugeMetricFamily("kvgate_engine_requests_waiting", "Requests waiting on the pod (engine-reported).", labels=["pod"])
+        kv = GaugeMetricFamily("kvgate_engine_kv_cache_usage", "Fraction of the pod's KV cache in use (engine-reported).", labels=["pod"])
+        healthy = GaugeMetricFamily("kvgate_pod_healthy", "1 if the pod is taking traffic.", labels=["pod"])
+        for pod in self._pods():
+            s = pod.stats
+            queries.add_metric([pod.id], s.prefix_queries)
+            hits.add_metric([pod.id], s.prefix_hits)
+            ext_queries.add_metric([pod.id], s.external_queries)
+            ext_hits.add_metric([pod.id], s.external_hits)
+            running.add_metric([pod.id], s.running)
+            waiting.add_metric([pod.id], s.waiting)
+            kv.add_metric([pod.id], s.kv_usage)
+            healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
+        yield from (queries, hits, ext_queries, ext_hits, running, waiting, kv, healthy)
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports.
+
+    Args:
+        registry: where to register; a fresh one per gateway (no globals).
+        pods: the pods to re-export engine figures for.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, pods: Callable[[], Iterable[Pod]] | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kvgate_requests", "Requests answered, by pod, policy and HTTP status.", ["pod", "policy", "status"], registry=r
+        )
+        self.decision_seconds = Histogram(
+            "kvgate_routing_decision_seconds", "Time to price the pods and pick one.", buckets=_DECISION_BUCKETS, registry=r
+        )
+        self.matched_tokens = Histogram(
+            "kvgate_matched_prefix_tokens", "Prompt tokens the index believed cached on the chosen pod.", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.predicted_hit_tokens = Counter(
+            "kvgate_predicted_prefix_hit_tokens", "Prompt tokens predicted to hit the chosen pod's prefix cache.", ["pod"], registry=r
+        )
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens routed.", ["pod"], registry=r)
+        self.in_flight = Gauge("kvgate_pod_in_flight", "Requests the gateway has in flight on each pod.", ["pod"], registry=r)
+        self.queue_length = Gauge("kvgate_admission_queue_length", "Requests waiting for a free slot.", registry=r)
+        self.retries = Counter("kvgate_upstream_retries", "Requests re-sent to another pod after a failure.", ["pod"], registry=r)
+        self.stream_errors = Counter(
+            "kvgate_stream_errors", "Streams ended with an error event after the pod broke off.", ["pod"], registry=r
+        )
+        self.ttft_seconds = Histogram(
+            "kvgate_time_to_first_byte_seconds", "From arrival to the pod's first response byte.", ["policy"], registry=r
+        )
+        if pods is not None:
+            r.register(_EngineCollector(pods))
+
+    def record_decision(
+        self, *, pod: str, policy: str, seconds: float, matched_tokens: int, prompt_tokens: int, in_flight: int
+    ) -> None:
+        self.decision_seconds.observe(seconds)
+        self.matched_tokens.observe(matched_tokens)
+        self.predicted_hit_tokens.labels(pod).inc(matched_tokens)
+        self.prompt_tokens.labels(pod).inc(prompt_tokens)
+        self.in_flight.labels(pod).set(in_flight)

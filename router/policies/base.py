@@ -1,0 +1,62 @@
+"""The policy interface: a policy prices each pod for one request; the router takes the cheapest.
+
+Policies are pure scorers. They read the request (`RouteRequest`, built once by
+the gateway: tokens, block hashes, what the prefix index matched on each pod)
+and the pods' state, and return one cost per pod, lower is better. They never
+pick, never mutate pods and never await: the router combines costs (a weighted
+mix min-max normalises each policy's costs first), takes the argmin and counts
+the request in flight in the same synchronous step, so bursts spread.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from kvcache.keys import BlockHash
+from router.fairness import VirtualTokenCounters
+from router.pods import Pod, PodId, UserId
+from router.settings import RoutingSettings
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a policy sees of one request."""
+
+    user: UserId
+    model: str
+    prompt_tokens: int
+    """Prompt length in tokens (or bytes, without a tokenizer)."""
+    block_size: int
+    """Tokens per KV block on the pods."""
+    block_hashes: tuple[BlockHash, ...] = ()
+    matched_blocks: Mapping[PodId, int] = field(default_factory=dict)
+    """Pod -> leading blocks of this prompt the prefix index believes the pod holds."""
+    session_key: str | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDeps:
+    """What policies may be built with."""
+
+    settings: RoutingSettings
+    counters: VirtualTokenCounters
+    rng: random.Random
+
+
+class Policy(Protocol):
+    """Prices pods for a request."""
+
+    name: ClassVar[str]
+
+    def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
+        """One cost per pod in `pods` order; lower is better. No side effects on pods."""
+        ...
+
+
+def load(pod: Pod) -> int:
+    """Requests on `pod`: the gateway's own count, or the engine's when others send it work too."""
+    return max(pod.in_flight, pod.stats.running + pod.stats.waiting)

@@ -1,0 +1,47 @@
+"""`kv-aware` (default): the pod where this request will finish its prefill soonest.
+
+Cost of pod p, in prompt tokens of prefill work (lower is better):
+
+    cost(p) = miss(p) + pending(p) + d * decoding(p)
+
+    miss(p)     = prompt tokens not cached on p: prompt - block_size x matched(p),
+                  where matched(p) counts only if >= min_match_blocks
+    pending(p)  = uncached prompt tokens the gateway sent to p whose first
+                  output token has not come back (queued prefill ahead of us)
+    decoding(p) = requests on p past their first token (the gateway's count,
+                  or the engine's running + waiting if higher)
+    d           = prefill_tokens_per_decode: what one decode stream slows a
+                  step down by, in prefill tokens
+
+This is the Dynamo cost (prefill blocks not cached + active decode blocks) with
+Preble's point that queued prefill is the real load: a pod holding the prefix
+wins until the work already queued on it outweighs recomputing the prefix
+elsewhere, so a hot prefix spreads to a second pod instead of piling up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from router.policies.base import PolicyDeps, RouteRequest
+from router.pods import Pod
+
+
+class KVAwarePolicy:
+    name = "kv-aware"
+
+    def __init__(self, deps: PolicyDeps) -> None:
+        self._decode_cost = deps.settings.prefill_tokens_per_decode
+        self._min_match = deps.settings.min_match_blocks
+
+    def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
+        costs = []
+        for pod in pods:
+            matched = request.matched_blocks.get(pod.id, 0)
+            if matched < self._min_match:
+                matched = 0
+            miss = max(request.prompt_tokens - matched * request.block_size, 0)
+            engine_load = pod.stats.running + pod.stats.waiting
+            decoding = max(pod.decoding, engine_load - (pod.in_flight - pod.decoding))
+            costs.append(miss + pod.pending_prefill + self._decode_cost * max(decoding, 0))
+        return costs

@@ -1,0 +1,203 @@
+"""The router: picks a pod for a request and accounts for it until it finishes.
+
+`Router.acquire` prices the candidate pods with a policy, takes the cheapest and
+counts the request on it (in flight, queued prefill, predicted prefix blocks)
+in one synchronous step, so concurrent arrivals see each other and spread. When
+every candidate is at `max_inflight_per_pod`, the request waits in the
+admission queue and is handed a pod as soon as one frees, smallest VTC counter
+first. The returned `Lease` must be released exactly once (it is idempotent);
+releasing dispatches the next waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from router.admission import AdmissionQueue, Waiter
+from router.errors import NoCapacity
+from router.fairness import VirtualTokenCounters
+from router.index import PrefixIndex
+from router.metrics import GatewayMetrics
+from router.pods import Pod, PodId, PodSet
+from router.policies import Policy
+from router.policies.base import RouteRequest
+from router.settings import AdmissionSettings
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """A request's claim on a pod. Created by `Router`; released by the caller."""
+
+    router: "Router"
+    pod: Pod
+    request: RouteRequest
+    policy_name: str
+    uncached_tokens: int
+    matched_blocks: int
+    decoding: bool = False
+    released: bool = False
+
+    def first_token(self) -> None:
+        """The pod answered: its prefill for this request is done."""
+        if self.decoding or self.released:
+            return
+        self.decoding = True
+        self.pod.pending_prefill -= self.uncached_tokens
+        self.pod.decoding += 1
+
+    def release(self) -> None:
+        """Give the slot back (idempotent) and let the next waiter in."""
+        if self.released:
+            return
+        self.released = True
+        if self.decoding:
+            self.pod.decoding -= 1
+        else:
+            self.pod.pending_prefill -= self.uncached_tokens
+        self.pod.in_flight -= 1
+        self.router.metrics.in_flight.labels(self.pod.id).set(self.pod.in_flight)
+        self.router.dispatch_waiting()
+
+
+@dataclass(slots=True, eq=False)
+class _Ask:
+    request: RouteRequest
+    policy: Policy
+    policy_name: str
+    exclude: Collection[PodId]
+
+
+class Router:
+    """Pod selection, accounting and the admission queue.
+
+    Args:
+        pods: the pod table (shared with discovery and the monitor).
+        index: the prefix index.
+        counters: VTC counters (shared with the `vtc-basic` policy).
+        settings: admission limits.
+        metrics: where decisions are counted.
+        rng: tie-breaks.
+    """
+
+    def __init__(
+        self,
+        pods: PodSet,
+        index: PrefixIndex,
+        counters: VirtualTokenCounters,
+        settings: AdmissionSettings,
+        metrics: GatewayMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pods = pods
+        self.index = index
+        self.counters = counters
+        self.settings = settings
+        self.metrics = metrics
+        self.queue = AdmissionQueue(counters, settings.max_queue)
+        self._rng = rng or random.Random()
+
+    def candidates(self, model: str, exclude: Collection[PodId] = ()) -> list[Pod]:
+        """Healthy pods serving `model` (pods whose models are not yet known count as serving it)."""
+        return [
+            pod
+            for pod in self.pods
+            if pod.healthy and pod.id not in exclude and (not pod.models or model in pod.models)
+        ]
+
+    def try_acquire(
+        self, request: RouteRequest, policy: Policy, policy_name: str, exclude: Collection[PodId] = ()
+    ) -> Lease | None:
+        """Pick a pod with a free slot and count the request on it, or return None if none has one.
+
+        Side effects: the chosen pod's in-flight and pending-prefill counts grow,
+        the prompt's blocks are recorded on it in the prefix index, and the
+        user's VTC counter is charged for the prompt.
+        """
+        started = time.perf_counter()
+        limit = self.settings.max_inflight_per_pod
+        pods = [pod for pod in self.candidates(request.model, exclude) if pod.in_flight < limit]
+        if not pods:
+            return None
+        costs = policy.costs(request, pods)
+        best = min(range(len(pods)), key=lambda i: (costs[i], pods[i].in_flight, self._rng.random()))
+        pod = pods[best]
+        matched = request.matched_blocks.get(pod.id, 0)
+        uncached = max(request.prompt_tokens - matched * request.block_size, 0)
+        pod.in_flight += 1
+        pod.pending_prefill += uncached
+        if request.block_hashes:
+            self.index.insert(pod.id, request.block_hashes)
+        self.counters.charge(request.user, input_tokens=request.prompt_tokens)
+        self.metrics.record_decision(
+            pod=pod.id,
+            policy=policy_name,
+            seconds=time.perf_counter() - started,
+            matched_tokens=min(matched * request.block_size, request.prompt_tokens),
+            prompt_tokens=request.prompt_tokens,
+            in_flight=pod.in_flight,
+        )
+        return Lease(self, pod, request, policy_name, uncached, matched)
+
+    async def acquire(
+        self,
+        request: RouteRequest,
+        policy: Policy,
+        policy_name: str,
+        *,
+        exclude: Collection[PodId] = (),
+        timeout: float | None = None,
+    ) -> Lease:
+        """Like `try_acquire`, but wait in the admission queue while every pod is full.
+
+        Raises:
+            NoCapacity: no healthy pod serves the model, or the wait timed out.
+            OverLimit: the admission queue is full.
+        """
+        if not self.candidates(request.model, exclude):
+            raise NoCapacity(f"no healthy pod serves model {request.model!r}")
+        if not len(self.queue):
+            lease = self.try_acquire(request, policy, policy_name, exclude)
+            if lease is not None:
+                return lease
+        waiter = Waiter(request.user, _Ask(request, policy, policy_name, exclude))
+        self.queue.push(waiter)
+        self.metrics.queue_length.set(len(self.queue))
+        self.dispatch_waiting()
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(waiter.future), timeout if timeout is not None else self.settings.queue_timeout_s
+            )
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            self.queue.remove(waiter)
+            self.metrics.queue_length.set(len(self.queue))
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Handed a pod just as we gave up: give it back.
+                waiter.future.result().release()
+            else:
+                waiter.future.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise NoCapacity(
+                f"no pod had a free slot within {self.settings.queue_timeout_s:g}s; retry later"
+            ) from exc
+
+    def dispatch_waiting(self) -> None:
+        """Hand free slots to waiters, smallest VTC counter first. Called when a slot frees."""
+        while len(self.queue):
+            for waiter in self.queue.in_order():
+                ask: _Ask = waiter.payload
+                if waiter.future.done():
+                    self.queue.remove(waiter)
+                    break
+                lease = self.try_acquire(ask.request, ask.policy, ask.policy_name, ask.exclude)
+                if lease is not None:
+                    self.queue.remove(waiter)
+                    waiter.future.set_result(lease)
+                    break
+            else:
+                break  # nobody could be placed
+        self.metrics.queue_length.set(len(self.queue))

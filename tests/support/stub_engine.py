@@ -1,0 +1,145 @@
+"""A small real HTTP server that answers like a vLLM engine, for loopback tests.
+
+It serves `/v1/chat/completions` and `/v1/completions` (streamed and not, with
+usage), `/v1/models`, `/health` and a vLLM-shaped `/metrics`, and records every
+call. Knobs make it misbehave: answer slowly, refuse with a status, drop the
+connection before answering, or die in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class StubBehaviour:
+    delay_s: float = 0.0
+    """Wait before answering (simulated prefill)."""
+    chunk_delay_s: float = 0.0
+    """Wait between streamed chunks."""
+    fail_status: int | None = None
+    """Answer every completion with this status."""
+    drop_connection: bool = False
+    """Close the connection without answering."""
+    die_after_chunks: int | None = None
+    """Break the connection after this many streamed chunks."""
+    tokens: int = 4
+    """Completion tokens per answer (unless max_tokens is lower)."""
+
+
+@dataclass
+class StubEngine:
+    model: str = "tiny-llama"
+    block_size: int = 16
+    num_gpu_blocks: int = 64
+    behaviour: StubBehaviour = field(default_factory=StubBehaviour)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    running: int = 0
+    healthy: bool = True
+    url: str = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "max_model_len": 4096}]}
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests running.",
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} {float(self.running)}',
+            f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0',
+            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0',
+            f'vllm:prefix_cache_queries_total{{engine="0",model_name="{self.model}"}} {float(len(self.calls) * 100)}',
+            f'vllm:prefix_cache_hits_total{{engine="0",model_name="{self.model}"}} {float(len(self.calls) * 10)}',
+            f'vllm:cache_config_info{{block_size="{self.block_size}",engine="0",num_gpu_blocks="{self.num_gpu_blocks}"}} 1.0',
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.calls.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+        b = self.behaviour
+        if b.drop_connection:
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
+        if b.fail_status is not None:
+            return web.json_response({"error": {"message": "stub failure", "type": "stub", "code": b.fail_status}}, status=b.fail_status)
+        self.running += 1
+        try:
+            if b.delay_s:
+                await asyncio.sleep(b.delay_s)
+            n = min(b.tokens, body.get("max_tokens") or b.tokens)
+            chat = request.path.endswith("chat/completions")
+            prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt"))) // 4
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            if not body.get("stream"):
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": "tok " * n}, "finish_reason": "length"}
+                    if chat
+                    else {"index": 0, "text": "tok " * n, "finish_reason": "length"}
+                )
+                return web.json_response(
+                    {"id": "cmpl-stub", "object": "chat.completion" if chat else "text_completion", "model": self.model, "choices": [choice], "usage": usage}
+                )
+            response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await response.prepare(request)
+            for i in range(n):
+                if b.die_after_chunks is not None and i >= b.die_after_chunks:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                delta = {"index": 0, "delta": {"content": "tok "}} if chat else {"index": 0, "text": "tok "}
+                event = {"id": "cmpl-stub", "model": self.model, "choices": [delta]}
+                await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if b.chunk_delay_s:
+                    await asyncio.sleep(b.chunk_delay_s)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                event = {"id": "cmpl-stub", "model": self.model, "choices": [], "usage": usage}
+                await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        finally:
+            self.running -= 1
+
+
+@contextlib.asynccontextmanager
+async def run_app(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 for the duration of the block; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    try:
+        address = runner.addresses[0]
+        yield f"http://{address[0]}:{address[1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def run_stub(engine: StubEngine) -> AsyncIterator[StubEngine]:
+    async with run_app(engine.app()) as url:
+        engine.url = url
+        yield engine
