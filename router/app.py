@@ -24,6 +24,10 @@ from router.settings import Settings
 log = logging.getLogger(__name__)
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+#: How the app must be run: a client that hangs up cancels its handler, so a
+#: request waiting in the queue leaves it, and a pod stops generating for it.
+RUNNER_OPTIONS = {"handler_cancellation": True}
 IN_FLIGHT = web.AppKey("in_flight", dict)
 
 

@@ -3,8 +3,9 @@
 Flags follow the SGLang and vLLM routers (`--worker-urls`, `--policy`,
 `--host`, `--port`) so users can switch with nothing to relearn; every setting
 can also come from `--config FILE` (YAML, see `router.settings`), flags
-winning. On SIGTERM the gateway stops listening, `/ready` fails, requests and
-streams in flight get `drain_grace_s` to finish, and the process exits 0.
+winning. On SIGTERM `/ready` fails at once, requests and streams in flight get
+up to `drain_grace_s` to finish, and the process exits 0 as soon as none is
+left (or the grace period is over).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from router import settings as settings_module
-from router.app import GATEWAY, IN_FLIGHT, create_app
+from router.app import GATEWAY, IN_FLIGHT, RUNNER_OPTIONS, create_app
 from router.discovery import Discovery, StaticDiscovery
 from router.policies import REGISTRY
 from router.prompts import PromptEncoder
@@ -100,7 +101,9 @@ async def serve(
         0 after a clean drain.
     """
     app = create_app(settings, discovery=discovery, encoder=encoder)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.drain_grace_s)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.drain_grace_s, **RUNNER_OPTIONS
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=2048)
     await site.start()
@@ -116,8 +119,9 @@ async def serve(
         await stop.wait()
         gateway = app[GATEWAY]
         gateway.draining = True
-        log.info("draining: no new connections; %d requests in flight", app[IN_FLIGHT]["n"])
-        await site.stop()
+        # Keep listening while draining: /ready now fails, so load balancers
+        # stop sending, but a request already on its way is still served.
+        log.info("draining: %d requests in flight", app[IN_FLIGHT]["n"])
         deadline = time.monotonic() + settings.server.drain_grace_s
         while app[IN_FLIGHT]["n"] > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

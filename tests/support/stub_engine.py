@@ -125,9 +125,9 @@ class StubEngine:
 
 
 @contextlib.asynccontextmanager
-async def run_app(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+async def run_app(app: web.Application, host: str = "127.0.0.1", **runner_options: Any) -> AsyncIterator[str]:
     """Serve `app` on a free port of 127.0.0.1 for the duration of the block; yields its base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, **runner_options)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()

@@ -1,0 +1,39 @@
+"""Errors raised while turning a request into token ids.
+
+The hierarchy says who is at fault, so the gateway can answer correctly::
+
+    TokenizeError
+    ├── BadPromptError          the request is at fault: answer HTTP 400
+    │   ├── MessageFormatError  malformed messages, content parts or kwargs
+    │   └── TemplateRenderError the chat template refused the conversation
+    └── TokenizerLoadError      the model directory is unusable (start-up)
+
+Permanent by nature: retrying the same request gives the same error.
+"""
+
+from __future__ import annotations
+
+
+class TokenizeError(Exception):
+    """Base of every error of `router.tokenize`."""
+
+
+class BadPromptError(TokenizeError, ValueError):
+    """The request cannot be tokenised as given; the client must change it (HTTP 400)."""
+
+
+class MessageFormatError(BadPromptError):
+    """`messages` (or a chat template argument) does not have the OpenAI shape."""
+
+
+class TemplateRenderError(BadPromptError):
+    """The chat template raised while rendering the conversation.
+
+    Templates reject conversations they do not support (for example with
+    `raise_exception("Conversation roles must alternate")`); vLLM answers 400
+    with the template's own message, and so do we.
+    """
+
+
+class TokenizerLoadError(TokenizeError):
+    """The model directory lacks a usable `tokenizer.json` or chat template."""

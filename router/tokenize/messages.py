@@ -1,0 +1,216 @@
+"""OpenAI chat messages into the conversation a chat template sees, as vLLM builds it.
+
+vLLM does not hand the request's `messages` to the template verbatim. It
+flattens content parts (joined with a newline for templates that want one
+string, wrapped as `{"type": "text", "text": ...}` dicts for templates that walk
+parts), turns a missing content into an empty one, copies over `name`,
+assistant `tool_calls` (with JSON `arguments` parsed into objects) and
+`reasoning`, drops Claude Code's per-request billing header from system text,
+and, when the template does not know the `developer` role, turns developer
+messages into system messages merged at the front. Any of these changes the
+rendered text, hence the tokens, hence the KV blocks; so the gateway does the
+same, here.
+
+The gateway tokenises text only: image, audio and video parts raise
+`MessageFormatError` (the tiny model is text-only, and multimodal placeholders
+would need the model's processor).
+
+Called by `router.tokenize.tokenizer.PromptTokenizer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from router.tokenize.chat_template import ContentFormat
+from router.tokenize.errors import MessageFormatError
+
+#: Content part types that carry text, and the field holding it.
+_TEXT_FIELDS: Mapping[str, str] = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+#: Text part types skipped (not an error) when their text is missing.
+_SKIP_WHEN_EMPTY = frozenset({"text", "refusal"})
+
+_BILLING_HEADER = "x-anthropic-billing-header"
+
+
+def _part_text(part: Any, index: int) -> str | None:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, Mapping):
+        raise MessageFormatError(f"content part {index} must be a string or an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind is None:
+        raise MessageFormatError(f"content part {index} has no 'type' field")
+    if not isinstance(kind, str):
+        raise MessageFormatError(f"content part {index} has an invalid 'type' field")
+    field = _TEXT_FIELDS.get(kind)
+    if field is None:
+        raise MessageFormatError(f"content part {index} of type {kind!r} is not supported: the gateway routes text-only prompts")
+    text = part.get(field)
+    if text is None and kind in _SKIP_WHEN_EMPTY:
+        return None
+    if not isinstance(text, str):
+        raise MessageFormatError(f"content part {index} of type {kind!r} needs a string {field!r}")
+    return text
+
+
+def _strip_billing_header(parts: list[Any]) -> list[Any]:
+    """Drop the first line of system text parts that start with the billing header.
+
+    The header carries a value that changes on every request, so a prompt that
+    kept it would never share its first block with another.
+    """
+    kept: list[Any] = []
+    for part in parts:
+        text = part if isinstance(part, str) else part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else None
+        if not (isinstance(text, str) and text.startswith(_BILLING_HEADER)):
+            kept.append(part)
+            continue
+        rest = text.partition("\n")[2]
+        if rest:
+            kept.append(rest if isinstance(part, str) else {**part, "text": rest})
+    return kept
+
+
+def _content_parts(message: Mapping[str, Any], index: int) -> list[Any]:
+    content = message.get("content")
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, (list, tuple)):
+        return list(content)
+    raise MessageFormatError(f"message {index}: 'content' must be a string, a list of parts or null")
+
+
+def _tool_arguments(arguments: Any) -> dict[str, Any]:
+    # Malformed arguments live on in the conversation history, so they are
+    # coerced to {} rather than failing every later turn (vLLM does the same).
+    if not arguments:
+        return {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return {}
+    return arguments if isinstance(arguments, dict) else {}
+
+
+def _tool_calls(raw: Any, index: int) -> list[dict[str, Any]]:
+    if not isinstance(raw, (list, tuple)):
+        raise MessageFormatError(f"message {index}: 'tool_calls' must be a list")
+    calls = []
+    for call in raw:
+        if not isinstance(call, Mapping):
+            raise MessageFormatError("assistant tool_calls entries must be objects")
+        function = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(function, Mapping):
+            raise MessageFormatError("chat completions only support assistant tool_calls of type 'function'")
+        call = copy.deepcopy(dict(call))
+        call["function"]["arguments"] = _tool_arguments(call["function"].get("arguments"))
+        calls.append(call)
+    return calls
+
+
+def _convert(message: Any, index: int, content_format: ContentFormat) -> dict[str, Any]:
+    if not isinstance(message, Mapping):
+        raise MessageFormatError(f"message {index} must be an object")
+    role = message.get("role")
+    if not isinstance(role, str):
+        raise MessageFormatError(f"message {index} needs a string 'role'")
+    parts = _content_parts(message, index)
+    if role == "system":
+        parts = _strip_billing_header(parts)
+    texts = [text for i, part in enumerate(parts) if (text := _part_text(part, i)) is not None]
+
+    out: dict[str, Any] = {"role": role}
+    if content_format == "openai" and role != "tool":
+        out["content"] = [{"type": "text", "text": text} for text in texts]
+    else:
+        out["content"] = "\n".join(texts)
+
+    if role == "assistant":
+        raw_calls = message.get("tool_calls")
+        if raw_calls is not None:
+            calls = _tool_calls(raw_calls, index)
+            if calls:
+                out["tool_calls"] = calls
+        reasoning = message.get("reasoning")
+        if reasoning is not None:
+            out["reasoning"] = out["reasoning_content"] = reasoning
+    elif role == "tool" and "tool_call_id" in message:
+        out["tool_call_id"] = message["tool_call_id"]
+    for key in ("name", "task"):
+        if isinstance(message.get(key), str):
+            out[key] = message[key]
+    if role == "developer":
+        out["tools"] = message.get("tools")
+    return out
+
+
+def _developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    converted = []
+    for message in conversation:
+        if message["role"] == "developer":
+            message = {k: v for k, v in message.items() if k != "tools"}
+            message["role"] = "system"
+        converted.append(message)
+
+    # Some templates insist on one system message, first: merge them.
+    system_texts: list[str] = []
+    others: list[dict[str, Any]] = []
+    merge = False
+    for position, message in enumerate(converted):
+        if message["role"] != "system":
+            others.append(message)
+            continue
+        merge = merge or position > 0 or bool(system_texts)
+        content = message.get("content", "")
+        if isinstance(content, list):
+            content = "\n".join(p if isinstance(p, str) else p["text"] for p in content if isinstance(p, str) or "text" in p)
+        if content:
+            system_texts.append(content)
+    if not merge:
+        return converted
+    return [{"role": "system", "content": "\n\n".join(system_texts)}, *others]
+
+
+def to_conversation(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    content_format: ContentFormat,
+    supports_developer_role: bool,
+) -> list[dict[str, Any]]:
+    """Convert request messages into the template's conversation.
+
+    Args:
+        messages: the request's `messages` (OpenAI chat format). Not modified.
+        content_format: "string" joins text parts with newlines; "openai"
+            passes them as a list of `{"type": "text", "text": ...}` dicts.
+        supports_developer_role: when False, `developer` messages become
+            `system` messages, merged into one at the front.
+
+    Returns:
+        New message dicts, ready for `ChatTemplate.render`.
+
+    Raises:
+        MessageFormatError: if `messages` is empty or not a list of objects
+            with a string `role`, or if a content part is malformed or not text.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise MessageFormatError("'messages' must be a list of message objects")
+    if not messages:
+        raise MessageFormatError("'messages' must not be empty")
+    conversation = [_convert(message, index, content_format) for index, message in enumerate(messages)]
+    if not supports_developer_role and any(m["role"] == "developer" for m in conversation):
+        conversation = _developer_as_system(conversation)
+    return conversation

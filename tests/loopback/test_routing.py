@@ -1,0 +1,71 @@
+"""Routing through the gateway: prefixes stick to their pod, headers pick the policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.loopback.conftest import start_cluster
+
+
+def chat(system: str, question: str) -> dict:
+    return {
+        "model": "tiny-llama",
+        "max_tokens": 2,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+    }
+
+
+async def _pod(cluster, payload, **headers) -> str:
+    async with await cluster.post("/v1/chat/completions", payload, headers=headers or None) as r:
+        assert r.status == 200, await r.text()
+        return r.headers["x-kvgate-pod"]
+
+
+@pytest.mark.parametrize("policy", ["prefix-cache", "kv-aware"])
+async def test_requests_sharing_a_long_prefix_go_where_it_is_cached(policy):
+    async with start_cluster(3) as cluster:
+        systems = [f"You are assistant number {g}. " + "Follow the house rules carefully. " * 40 for g in range(3)]
+        homes: dict[int, set[str]] = {g: set() for g in range(3)}
+        for i in range(18):
+            g = i % 3
+            homes[g].add(await _pod(cluster, chat(systems[g], f"question {i}"), **{"x-routing-strategy": policy}))
+        assert all(len(pods) == 1 for pods in homes.values()), homes
+        # and the groups did not all pile onto one pod
+        assert len(set().union(*homes.values())) >= 2
+
+
+async def test_round_robin_header_alternates_pods():
+    async with start_cluster(2) as cluster:
+        pods = [await _pod(cluster, chat("same", "same"), **{"x-routing-strategy": "round-robin"}) for _ in range(6)]
+        assert pods[0::2] == [pods[0]] * 3 and pods[1::2] == [pods[1]] * 3 and pods[0] != pods[1]
+
+
+async def test_session_affinity_keeps_a_session_on_one_pod():
+    async with start_cluster(3) as cluster:
+        seen: dict[str, set[str]] = {}
+        for i in range(24):
+            key = f"s{i % 6}"
+            pod = await _pod(cluster, chat("x", f"q{i}"), **{"x-routing-strategy": "session-affinity", "x-session-id": key})
+            seen.setdefault(key, set()).add(pod)
+        assert all(len(pods) == 1 for pods in seen.values())
+        assert len(set().union(*seen.values())) >= 2
+
+
+async def test_a_burst_spreads_over_pods_even_with_one_shared_prefix():
+    """Select and count in one step: 12 simultaneous requests do not all land on the prefix holder."""
+    async with start_cluster(3) as cluster:
+        for engine in cluster.engines:
+            engine.behaviour.delay_s = 0.2
+        system = "Shared preamble. " * 60
+        await _pod(cluster, chat(system, "warm"))
+        pods = await asyncio.gather(*(_pod(cluster, chat(system, f"q{i}"), **{"x-routing-strategy": "least-request"}) for i in range(12)))
+        counts = sorted(pods.count(p) for p in set(pods))
+        assert counts == [4, 4, 4], counts
+
+
+async def test_weighted_mix_header_is_accepted():
+    async with start_cluster(2) as cluster:
+        pod = await _pod(cluster, chat("a", "b"), **{"x-routing-strategy": "prefix-cache:2,least-request:1"})
+        assert pod in {e.url for e in cluster.engines}
