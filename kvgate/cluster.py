@@ -1,0 +1,96 @@
+"""`kvgate up`: a working local cluster on this machine.
+
+Builds the tiny model if it is missing, starts N real vLLM CPU engines (one
+OpenMP thread each, fixed KV capacity), waits until every one answers, then
+runs the gateway in front of them with the model's own tokenizer. It prints
+one `engine: URL` line per engine and one `gateway: URL` line (scripts rely on
+these), and on Ctrl-C or SIGTERM drains the gateway and stops every engine.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvgate.engines import Engine, EngineError, EngineSpec, free_ports, start_engines, stop_engines
+from kvgate.model import build_model, default_model_dir
+from router.discovery import StaticDiscovery
+from router.server import load_encoder, serve
+from router.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
+    parser.add_argument("--engines", type=int, default=2, help="vLLM engines to start (default 2)")
+    parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    parser.add_argument("--model", type=Path, help="model directory (built here if missing; default .kvgate/models/tiny-llama)")
+    parser.add_argument("--policy", default="kv-aware", help="routing policy (default kv-aware)")
+    parser.add_argument("--kv-blocks", type=int, default=256, help="KV capacity of each engine in blocks (default 256)")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="longest prompt plus output (default 4096)")
+    parser.add_argument("--log-dir", type=Path, help="where engine logs go (default .kvgate/logs)")
+    return parser
+
+
+def _home() -> Path:
+    return Path(os.environ.get("KVGATE_HOME") or Path.cwd() / ".kvgate")
+
+
+async def run(args: argparse.Namespace) -> int:
+    model_dir = build_model(args.model or default_model_dir(_home()))
+    log_dir = args.log_dir or _home() / "logs"
+    engines = [
+        Engine(
+            EngineSpec(model_dir=model_dir, port=port, num_gpu_blocks=args.kv_blocks, max_model_len=args.max_model_len),
+            log_path=log_dir / f"engine-{i}.log",
+        )
+        for i, port in enumerate(free_ports(args.engines))
+    ]
+    print(f"starting {len(engines)} vLLM CPU engines (logs in {log_dir}) ...", file=sys.stderr, flush=True)
+    # Until the gateway takes SIGTERM over (to drain), SIGTERM cancels start-up
+    # so that the engines already started are stopped, not orphaned.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    try:
+        try:
+            await start_engines(engines)
+        except EngineError as exc:
+            print(f"kvgate up: {exc}", file=sys.stderr)
+            return 1
+        for engine in engines:
+            print(f"engine: {engine.url}", flush=True)
+        settings = Settings()
+        settings.server.host = args.host
+        settings.server.port = args.port
+        settings.routing.policy = args.policy
+        settings.routing.tokenizer = model_dir
+        settings.discovery.worker_urls = tuple(e.url for e in engines)
+        return await serve(
+            settings,
+            discovery=StaticDiscovery(settings.discovery.worker_urls),
+            encoder=load_encoder(settings),
+        )
+    finally:
+        stop_engines(engines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.engines < 1:
+        print("kvgate up: --engines must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+    except asyncio.CancelledError:
+        return 143
