@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvcache.keys import BlockHash, chain_hashes
+from router.errors import InvalidRequest
 from router.schema import Call
+from router.tokenize.errors import BadPromptError
 
 #: Prompts longer than this (characters) are tokenised in a worker thread.
 _OFFLOAD_CHARS = 16_384
@@ -94,12 +96,15 @@ async def tokenize(encoder: PromptEncoder, call: Call, block_size: int) -> Promp
     """Token ids and block hashes of `call`'s prompt.
 
     Raises:
-        router.tokenize errors (mapped to 400 by the app) when the chat template
-        rejects the messages.
+        InvalidRequest: the messages do not fit the chat template, or a chat
+            template argument is malformed.
     """
-    if _size(call) > _OFFLOAD_CHARS:
-        ids, total = await asyncio.to_thread(_encode, encoder, call)
-    else:
-        ids, total = _encode(encoder, call)
+    try:
+        if _size(call) > _OFFLOAD_CHARS:
+            ids, total = await asyncio.to_thread(_encode, encoder, call)
+        else:
+            ids, total = _encode(encoder, call)
+    except BadPromptError as exc:
+        raise InvalidRequest(str(exc), param="messages" if call.kind == "chat" else "prompt") from exc
     units = getattr(encoder, "units_per_token", 1)
     return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units)), total // units)

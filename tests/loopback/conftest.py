@@ -15,7 +15,7 @@ from router.app import GATEWAY, RUNNER_OPTIONS, create_app
 from router.discovery import StaticDiscovery
 from router.gateway import Gateway
 from router.settings import Settings
-from tests.support.stub_engine import StubEngine, run_app, run_stub
+from kvgate.stub_engine import StubEngine, run_app, run_stub
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 
 import aiohttp
 
-from tests.support.stub_engine import StubEngine, run_stub
+from kvgate.stub_engine import StubEngine, run_stub
 
 
 async def _start_gateway(worker_url: str, *extra: str) -> tuple[asyncio.subprocess.Process, str]:

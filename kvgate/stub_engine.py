@@ -1,4 +1,4 @@
-"""A small real HTTP server that answers like a vLLM engine, for loopback tests.
+"""A small real HTTP server that answers like a vLLM engine, for loopback tests and benchmarks.
 
 It serves `/v1/chat/completions` and `/v1/completions` (streamed and not, with
 usage), `/v1/models`, `/health` and a vLLM-shaped `/metrics`, and records every
@@ -143,3 +143,38 @@ async def run_stub(engine: StubEngine) -> AsyncIterator[StubEngine]:
     async with run_app(engine.app()) as url:
         engine.url = url
         yield engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvgate.stub_engine --port P`: serve a stub engine until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kvgate.stub_engine")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--tokens", type=int, default=4, help="completion tokens per answer")
+    args = parser.parse_args(argv)
+    engine = StubEngine(model=args.model, behaviour=StubBehaviour(tokens=args.tokens))
+
+    async def serve() -> None:
+        runner = web.AppRunner(engine.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(f"stub: http://{host}:{port}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
