@@ -7,6 +7,7 @@ each min-max normalised to [0, 1] first so no part dominates by its units.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from router.errors import InvalidRequest
@@ -85,8 +86,8 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError as exc:
             raise InvalidRequest(f"bad weight {weight_text!r} for {name}", param="x-routing-strategy") from exc
-        if not weight > 0:
-            raise InvalidRequest(f"weight for {name} must be positive", param="x-routing-strategy")
+        if not (weight > 0 and math.isfinite(weight)):  # inf x a normalised 0 would make the mix cost NaN
+            raise InvalidRequest(f"weight for {name} must be positive and finite", param="x-routing-strategy")
         parts.append((name, weight))
     if not parts:
         raise InvalidRequest("empty routing strategy", param="x-routing-strategy")
