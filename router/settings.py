@@ -128,6 +128,8 @@ def _coerce(group: Any, name: str, value: Any) -> Any:
         return None if value is None else Path(value)
     if isinstance(current, bool) or current is None:
         return value
+    if isinstance(value, bool) or (isinstance(current, int) and isinstance(value, float) and not value.is_integer()):
+        raise SettingsError(f"{name}: expected {type(current).__name__}, got {value!r}")  # int() would truncate
     try:
         return type(current)(value)
     except (TypeError, ValueError) as exc:
