@@ -56,7 +56,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None) -> EngineStats:
         if field is None:
             continue
         try:
-            value = float(line.rsplit(" ", 1)[1]) if brace < 0 else float(line[line.rfind("}") + 1 :].split()[0])
+            value = float(line[space:].split()[0]) if brace < 0 else float(line[line.rfind("}") + 1 :].split()[0])
         except (IndexError, ValueError):
             continue
         sums[field] = sums.get(field, 0.0) + value
