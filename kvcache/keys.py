@@ -6,6 +6,10 @@ name). Two prompts share a block hash exactly when they share every token up to
 the end of that block. The gateway's prefix index and the KV store both speak
 this vocabulary; neither depends on a process's hash seed.
 
+A `Namespace` says which engines may share stored KV: same model, dtype, block
+size, KV layout and tensor-parallel rank. A `BlockKey` is the namespace digest
+followed by the block hash, so blocks of incompatible engines never collide.
+
 Not here: vLLM's own block hashes (sha256 over a pickle), which the engine
 computes for itself and publishes in its KV events.
 """
@@ -15,9 +19,13 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NewType
 
 BlockHash = NewType("BlockHash", bytes)
+
+#: A stored block's name: 16 bytes of namespace digest, then the block hash.
+BlockKey = NewType("BlockKey", bytes)
 
 #: Parent of the first block of every chain.
 ROOT_HASH = BlockHash(b"\x00" * 16)
@@ -84,3 +92,55 @@ def chain_hashes(
         parent = BlockHash(h.digest())
         hashes.append(parent)
     return hashes
+
+
+_NAMESPACE_DIGEST_SIZE = 16
+#: Length of every `BlockKey` made by `Namespace.key`.
+KEY_SIZE = _NAMESPACE_DIGEST_SIZE + _DIGEST_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """What must match for two engines to share stored KV blocks.
+
+    Attributes:
+        model: model identity (a name or a weights digest; the path is a poor
+            choice when machines lay models out differently).
+        dtype: KV cache element type, e.g. ``"float32"``.
+        block_size: tokens per block.
+        kv_layout: a description of one block's bytes: backend, page shape,
+            number of layers. Two engines whose pages differ never share.
+        tp_rank: tensor-parallel rank whose shard of the heads the block holds.
+        tp_size: tensor-parallel world size.
+    """
+
+    model: str
+    dtype: str
+    block_size: int
+    kv_layout: str
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def digest(self) -> bytes:
+        """A 16-byte digest of every field, stable across processes and hosts."""
+        text = "\x1f".join(
+            (
+                "kvgate-ns-v1",
+                self.model,
+                self.dtype,
+                str(self.block_size),
+                self.kv_layout,
+                str(self.tp_rank),
+                str(self.tp_size),
+            )
+        )
+        return hashlib.blake2b(text.encode(), digest_size=_NAMESPACE_DIGEST_SIZE).digest()
+
+    def key(self, block_hash: BlockHash) -> BlockKey:
+        """The stored name of one block of this namespace."""
+        return BlockKey(self.digest() + block_hash)
+
+    def keys(self, block_hashes: Sequence[BlockHash]) -> list[BlockKey]:
+        """`key` for each hash, computing the digest once."""
+        prefix = self.digest()
+        return [BlockKey(prefix + h) for h in block_hashes]
