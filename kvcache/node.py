@@ -1,0 +1,165 @@
+"""``kvgate cache-node``: run one L2 cache node until told to stop.
+
+On SIGTERM (or SIGINT) the node leaves gracefully: it withdraws from the
+membership, refuses new writes, hands each block to its new owner, then exits
+0. Killed without warning, it costs the ring only its share of misses.
+
+Start-up contract for launchers: with ``--ready-file F`` the node writes F
+(atomically) once it serves, as JSON ``{"node_id", "address", "spec"}``;
+``spec`` is the string to put in clients' static peer lists. With ``--port 0``
+this is how a launcher learns the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from kvcache.client import DEFAULT_MAX_MESSAGE_BYTES
+from kvcache.errors import ConfigError
+from kvcache.eviction import DEFAULT_POLICY, POLICIES
+from kvcache.membership import make_membership
+from kvcache.metrics import NodeMetrics
+from kvcache.ring import DEFAULT_VNODES, NodeInfo
+from kvcache.server import CacheNode, NodeSettings
+
+log = logging.getLogger("kvcache.node")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a byte count such as ``1073741824``, ``512M`` or ``2GiB``."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    number = value[: len(value) - len(unit)] if unit else value
+    try:
+        result = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if result <= 0:
+        raise argparse.ArgumentTypeError(f"byte count must be positive: {text!r}")
+    return result
+
+
+def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
+    """Parse ``host=h1,zone=z1`` into sorted pairs."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"bad label {item!r}: expected NAME=VALUE")
+        pairs.append((name, value))
+    return tuple(sorted(pairs))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``kvgate cache-node``."""
+    parser = argparse.ArgumentParser(prog="kvgate cache-node", description="Run an L2 KV cache node (gRPC).")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default)")
+    parser.add_argument("--advertise-host", default="", help="host clients use to reach this node")
+    parser.add_argument("--node-id", default="", help="unique node name (default: HOST:PORT)")
+    parser.add_argument("--labels", type=parse_labels, default=(), help="where it runs: host=H,zone=Z")
+    parser.add_argument("--capacity-bytes", type=parse_bytes, default=1 << 30, help="byte budget (default 1G)")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default=DEFAULT_POLICY, help="eviction policy")
+    parser.add_argument("--replicas", type=int, default=1, help="replication factor clients use (default 1)")
+    parser.add_argument("--vnodes", type=int, default=DEFAULT_VNODES, help="ring points per node (default 160)")
+    parser.add_argument(
+        "--peers", action="append", default=[],
+        help="static members [ID=]HOST:PORT[?host=H&zone=Z], comma-separated or repeated",
+    )
+    parser.add_argument("--redis-url", default=None, help="register in this Redis (heartbeat + expiry) instead")
+    parser.add_argument("--cluster", default="default", help="ring name within the Redis (default 'default')")
+    parser.add_argument("--ttl-s", type=float, default=10.0, help="registration lifetime without heartbeat")
+    parser.add_argument("--heartbeat-s", type=float, default=2.0, help="registration renewal period")
+    parser.add_argument("--max-message-bytes", type=parse_bytes, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument("--handoff-timeout-s", type=float, default=60.0, help="deadline of the hand-off on leave")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics here (0: off)")
+    parser.add_argument("--ready-file", type=Path, default=None, help="write JSON here once serving")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def _write_ready(path: Path, info: NodeInfo) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"node_id": info.node_id, "address": info.address, "spec": info.spec()}))
+    os.replace(tmp, path)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = NodeSettings(
+        node_id=args.node_id,
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        labels=args.labels,
+        capacity_bytes=args.capacity_bytes,
+        policy=args.policy,
+        replicas=args.replicas,
+        vnodes=args.vnodes,
+        max_message_bytes=args.max_message_bytes,
+        handoff_timeout_s=args.handoff_timeout_s,
+    )
+    peers = [NodeInfo.parse(spec) for item in args.peers for spec in item.split(",") if spec.strip()]
+    registry = CollectorRegistry()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+    membership = make_membership(
+        peers=peers,
+        redis_url=args.redis_url,
+        cluster=args.cluster,
+        ttl_s=args.ttl_s,
+        heartbeat_s=args.heartbeat_s,
+    )
+    node = CacheNode(settings, membership=membership, metrics=NodeMetrics(registry))
+    info = await node.start()
+    print(f"kvgate cache-node {info.node_id} serving on {info.address}", flush=True)
+    if args.ready_file is not None:
+        _write_ready(args.ready_file, info)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("leaving the ring")
+    report = await node.leave()
+    await node.stop()
+    print(
+        f"kvgate cache-node {info.node_id} left: {report.sent} block copies handed off, "
+        f"{report.failed} failed, {report.skipped} already placed",
+        flush=True,
+    )
+    return 0 if report.failed == 0 else 1
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``kvgate cache-node``.
+
+    Args:
+        argv: arguments after the sub-command name.
+
+    Returns:
+        0 after a graceful leave that lost nothing, 1 if some blocks found no
+        new owner, 2 on bad arguments.
+    """
+    args = build_parser().parse_args(list(argv))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_run(args))
+    except ConfigError as exc:
+        print(f"kvgate cache-node: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
