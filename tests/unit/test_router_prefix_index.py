@@ -1,0 +1,194 @@
+"""The prefix index: which pod holds which leading blocks, forgotten as the engine's KV capacity would."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcache.keys import chain_hashes
+from router.index import PrefixIndex
+from router.pods import PodId
+
+A, B, C = PodId("http://pod-a:8000"), PodId("http://pod-b:8000"), PodId("http://pod-c:8000")
+
+
+def chain(text: str):
+    """One block per character, so 'ABCD' is a four-block prompt and 'ABXY' shares its first two."""
+    return chain_hashes([ord(ch) for ch in text], 1)
+
+
+def test_empty_index_matches_nothing():
+    assert PrefixIndex().match(chain("ABCD")) == {}
+    assert PrefixIndex().match([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        pytest.param("ABCD", {A: 4}, id="whole-prompt"),
+        pytest.param("ABCDEF", {A: 4}, id="longer-prompt"),
+        pytest.param("AB", {A: 2}, id="shorter-prompt"),
+        pytest.param("ABXY", {A: 2}, id="diverges-after-two"),
+        pytest.param("AXCD", {A: 1}, id="diverges-after-one"),
+        pytest.param("XBCD", {}, id="diverges-at-first"),
+        pytest.param("", {}, id="empty-prompt"),
+    ],
+)
+def test_match_counts_leading_blocks_up_to_divergence(query, expected):
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+
+    assert index.match(chain(query)) == expected
+
+
+def test_several_pods_are_matched_independently():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(B, chain("ABEF"))
+    index.insert(C, chain("XYZ"))
+
+    assert index.match(chain("ABCD")) == {A: 4, B: 2}
+    assert index.match(chain("ABEF")) == {A: 2, B: 4}
+    assert index.match(chain("XY")) == {C: 2}
+
+
+def test_only_consecutive_leading_blocks_count():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(B, chain("ABCD"))
+    index.remove(A, chain("AB"))  # A still holds blocks 3 and 4, but not 1 and 2
+
+    assert index.match(chain("ABCD")) == {B: 4}
+    assert index.blocks(A) == 2
+
+
+def test_capacity_evicts_the_tail_blocks_of_a_prompt_first():
+    index = PrefixIndex()
+    index.set_capacity(A, 4)
+    index.insert(A, chain("ABCD"))
+    index.insert(A, chain("XYZ"))  # 7 blocks for 4 slots: D, C, B go, as vLLM frees tail first
+
+    assert index.blocks(A) == 4
+    assert index.match(chain("ABCD")) == {A: 1}
+    assert index.match(chain("XYZ")) == {A: 3}
+
+
+def test_capacity_evicts_the_least_recently_used_prompt_first():
+    index = PrefixIndex()
+    index.set_capacity(A, 6)
+    index.insert(A, chain("ABC"))
+    index.insert(A, chain("XYZ"))
+    index.insert(A, chain("ABC"))  # used again: XYZ is now the older prompt
+    index.insert(A, chain("MN"))
+
+    assert index.match(chain("ABC")) == {A: 3}
+    assert index.match(chain("XYZ")) == {A: 1}
+    assert index.match(chain("MN")) == {A: 2}
+
+
+def test_match_does_not_refresh_recency():
+    index = PrefixIndex()
+    index.set_capacity(A, 6)
+    index.insert(A, chain("ABC"))
+    index.insert(A, chain("XYZ"))
+    before = index.match(chain("ABC"))  # unlike an insert, a lookup is not a use
+    index.insert(A, chain("MN"))
+
+    assert before == {A: 3}
+    assert index.match(chain("ABC")) == {A: 1}
+    assert index.match(chain("XYZ")) == {A: 3}
+
+
+def test_match_of_an_unknown_prompt_changes_nothing():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+
+    index.match(chain("ABXY"))
+    index.match(chain("QRST"))
+
+    assert index.blocks(A) == 4
+    assert index.match(chain("QRST")) == {}
+    assert index.match(chain("ABCD")) == {A: 4}
+
+
+def test_a_shared_prefix_is_counted_once_per_pod():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(A, chain("ABEF"))
+
+    assert index.blocks(A) == 6  # A, AB, ABC, ABCD, ABE, ABEF: A and AB once
+
+
+def test_shrinking_capacity_evicts_at_once_and_only_on_that_pod():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCDEF"))
+    index.insert(B, chain("ABCDEF"))
+
+    index.set_capacity(A, 2)
+
+    assert index.capacity(A) == 2
+    assert index.blocks(A) == 2
+    assert index.match(chain("ABCDEF")) == {A: 2, B: 6}
+
+    index.set_capacity(A, 0)
+
+    assert index.blocks(A) == 0
+    assert index.match(chain("ABCDEF")) == {B: 6}
+
+
+def test_capacity_applies_to_later_inserts():
+    index = PrefixIndex(default_capacity=3)
+    assert index.capacity(A) == 3
+
+    index.insert(A, chain("ABCDE"))
+
+    assert index.match(chain("ABCDE")) == {A: 3}
+
+
+def test_drop_pod_forgets_everything_it_held_and_nothing_else():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(A, chain("XY"))
+    index.insert(B, chain("ABCD"))
+
+    assert index.drop_pod(A) == 6
+    assert index.blocks(A) == 0
+    assert index.match(chain("ABCD")) == {B: 4}
+    assert index.match(chain("XY")) == {}
+    assert index.drop_pod(A) == 0
+    assert index.drop_pod(C) == 0
+
+
+def test_a_dropped_pod_can_be_filled_again():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.drop_pod(A)
+
+    index.insert(A, chain("AB"))
+
+    assert index.match(chain("ABCD")) == {A: 2}
+
+
+def test_remove_forgets_the_chain_on_one_pod():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(B, chain("ABCD"))
+
+    index.remove(A, chain("ABCD"))
+    index.remove(C, chain("ABCD"))  # a pod the index never saw
+
+    assert index.blocks(A) == 0
+    assert index.match(chain("ABCD")) == {B: 4}
+
+
+def test_remove_forgets_every_block_the_chain_names_including_shared_ones():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(A, chain("ABEF"))
+
+    # A and AB are named by the removed chain too, so ABCD loses its leading blocks.
+    index.remove(A, chain("ABEF"))
+
+    assert index.match(chain("ABCD")) == {}
+    assert index.blocks(A) == 2  # ABC and ABCD remain, unreachable until AB comes back
+    index.insert(A, chain("AB"))
+    assert index.match(chain("ABCD")) == {A: 4}
