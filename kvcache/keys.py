@@ -17,6 +17,7 @@ computes for itself and publishes in its KV events.
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ _TOKEN_BYTES = 8
 _EXTRA_TAG = b"\x00extra\x00"
 
 
+def _pack(token_ids: Sequence[int]) -> bytes:
+    """Token ids as little-endian int64s, whatever the host's byte order."""
+    packed = array("q", token_ids)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
 def hash_block(parent: BlockHash, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
     """Hash one block given its parent's hash.
 
@@ -47,7 +56,7 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int], extra: bytes = b"") 
         A 16-byte digest naming the prefix up to and including this block.
     """
     h = hashlib.blake2b(parent, digest_size=_DIGEST_SIZE)
-    h.update(array("q", token_ids).tobytes())
+    h.update(_pack(token_ids))
     if extra:
         h.update(_EXTRA_TAG)
         h.update(extra)
@@ -79,7 +88,7 @@ def chain_hashes(
         raise ValueError(f"block_size must be positive, got {block_size}")
     # Pack once and hash slices of the packed bytes: per-block packing costs
     # more than the hashing itself.
-    packed = memoryview(array("q", token_ids).tobytes())
+    packed = memoryview(_pack(token_ids))
     stride = block_size * _TOKEN_BYTES
     hashes: list[BlockHash] = []
     parent = ROOT_HASH

@@ -43,7 +43,16 @@ def _home() -> Path:
     return Path(os.environ.get("KVGATE_HOME") or Path.cwd() / ".kvgate")
 
 
+#: Tokens per KV block of vLLM's CPU backend.
+CPU_BLOCK_SIZE = 128
+
+
 async def run(args: argparse.Namespace) -> int:
+    # vLLM refuses to start unless one request of max_model_len fits in the KV cache.
+    fits = (args.kv_blocks - 1) * CPU_BLOCK_SIZE
+    if args.max_model_len > fits:
+        print(f"kvgate up: --max-model-len lowered to {fits} to fit {args.kv_blocks} KV blocks", file=sys.stderr)
+        args.max_model_len = fits
     model_dir = build_model(args.model or default_model_dir(_home()))
     log_dir = args.log_dir or _home() / "logs"
     engines = [
@@ -84,8 +93,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.engines < 1:
-        print("kvgate up: --engines must be at least 1", file=sys.stderr)
+    if args.engines < 1 or args.kv_blocks < 2:
+        print("kvgate up: --engines must be at least 1 and --kv-blocks at least 2", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -91,7 +91,14 @@ class Gateway:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        self.monitor = Monitor(self.pods, self.index, self.session, self.settings.discovery, self.settings.scrape)
+        self.monitor = Monitor(
+            self.pods,
+            self.index,
+            self.session,
+            self.settings.discovery,
+            self.settings.scrape,
+            on_pod_up=self.router.dispatch_waiting,
+        )
         self.proxy = Proxy(self.session, self.settings.upstream)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.monitor.set_pods), name="discovery")
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -35,7 +36,8 @@ class Monitor:
         session: HTTP client for probes.
         discovery: probe settings.
         scrape: scrape settings.
-        block_size_changed: called with the engines' block size when learned.
+        on_pod_up: called when a pod starts taking traffic, so that requests
+            waiting for a slot can have its.
     """
 
     def __init__(
@@ -45,8 +47,10 @@ class Monitor:
         session: aiohttp.ClientSession,
         discovery: DiscoverySettings,
         scrape: ScrapeSettings,
+        on_pod_up: Callable[[], None] = lambda: None,
     ) -> None:
         self.pods = pods
+        self._on_pod_up = on_pod_up
         self.index = index
         self._session = session
         self._discovery = discovery
@@ -121,6 +125,7 @@ class Monitor:
                 pod.healthy = True
                 pod.changed_at = time.monotonic()
                 log.info("pod %s is up", pod.url)
+                self._on_pod_up()
         else:
             pod.failures += 1
             if pod.healthy and pod.failures >= self._discovery.unhealthy_after:

@@ -167,23 +167,27 @@ class Router:
         self.queue.push(waiter)
         self.metrics.queue_length.set(len(self.queue))
         self.dispatch_waiting()
+        limit = self.settings.queue_timeout_s if timeout is None else timeout
+        # NOTE: asyncio.wait, not wait_for: wait never cancels the future, and a
+        # cancellation that races the hand-over still raises here, so the lease
+        # handed over in that instant is given back below, never lost.
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(waiter.future), timeout if timeout is not None else self.settings.queue_timeout_s
-            )
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            self.queue.remove(waiter)
-            self.metrics.queue_length.set(len(self.queue))
-            if waiter.future.done() and not waiter.future.cancelled():
-                # Handed a pod just as we gave up: give it back.
-                waiter.future.result().release()
-            else:
-                waiter.future.cancel()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise NoCapacity(
-                f"no pod had a free slot within {self.settings.queue_timeout_s:g}s; retry later"
-            ) from exc
+            done, _ = await asyncio.wait((waiter.future,), timeout=limit)
+        except asyncio.CancelledError:
+            self._give_up(waiter)
+            raise
+        if not done:
+            self._give_up(waiter)
+            raise NoCapacity(f"no pod had a free slot within {limit:g}s; retry later")
+        return waiter.future.result()
+
+    def _give_up(self, waiter: Waiter) -> None:
+        self.queue.remove(waiter)
+        self.metrics.queue_length.set(len(self.queue))
+        if waiter.future.done() and not waiter.future.cancelled():
+            waiter.future.result().release()  # handed a pod just as we gave up
+        else:
+            waiter.future.cancel()
 
     def dispatch_waiting(self) -> None:
         """Hand free slots to waiters, smallest VTC counter first. Called when a slot frees."""

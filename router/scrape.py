@@ -3,7 +3,8 @@
 Only the handful of series the router uses are read, line by line, which is
 several times faster than a full exposition parser on vLLM's large histogram
 output. Values of one name are summed over label sets (several models or
-engines behind one URL). Unknown or missing series leave the field at zero.
+engines behind one URL), except KV usage, a fraction, where the fullest engine
+counts. Unknown or missing series leave the field at zero.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def parse_engine_metrics(text: str, *, now: float | None = None) -> EngineStats:
             if labels.get("block_size", "").isdigit():
                 block_size = int(labels["block_size"])
             if labels.get("num_gpu_blocks", "").isdigit():
-                num_gpu_blocks = int(labels["num_gpu_blocks"])
+                # Several engines behind one URL: their capacities add up.
+                num_gpu_blocks = (num_gpu_blocks or 0) + int(labels["num_gpu_blocks"])
             continue
         field = _SUMMED.get(name)
         if field is None:
@@ -59,7 +61,10 @@ def parse_engine_metrics(text: str, *, now: float | None = None) -> EngineStats:
             value = float(line[space:].split()[0]) if brace < 0 else float(line[line.rfind("}") + 1 :].split()[0])
         except (IndexError, ValueError):
             continue
-        sums[field] = sums.get(field, 0.0) + value
+        if field == "kv_usage":
+            sums[field] = max(sums.get(field, 0.0), value)  # a fraction: the fullest engine counts
+        else:
+            sums[field] = sums.get(field, 0.0) + value
     return EngineStats(
         running=int(sums.get("running", 0)),
         waiting=int(sums.get("waiting", 0)),

@@ -8,8 +8,9 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
                   where matched(p) counts only if >= min_match_blocks
     pending(p)  = uncached prompt tokens the gateway sent to p whose first
                   output token has not come back (queued prefill ahead of us)
-    decoding(p) = requests on p past their first token (the gateway's count,
-                  or the engine's running + waiting if higher)
+    decoding(p) = requests on p past their first token: the gateway's count,
+                  or, if higher, the engine's running + waiting less the
+                  gateway's requests still in prefill (others' traffic counts)
     d           = prefill_tokens_per_decode: what one decode stream slows a
                   step down by, in prefill tokens
 

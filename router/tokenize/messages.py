@@ -11,6 +11,11 @@ messages into system messages merged at the front. Any of these changes the
 rendered text, hence the tokens, hence the KV blocks; so the gateway does the
 same, here.
 
+vLLM also validates the request with the OpenAI schema first, which puts the
+schema's keys of nested objects (tool calls, tool definitions) first, in the
+schema's order, and keeps other keys after them. A template that prints them
+with `tojson` therefore prints that order; `_ordered` reproduces it.
+
 The gateway tokenises text only: image, audio and video parts raise
 `MessageFormatError` (the tiny model is text-only, and multimodal placeholders
 would need the model's processor).
@@ -36,13 +41,35 @@ _TEXT_FIELDS: Mapping[str, str] = {
     "refusal": "refusal",
     "thinking": "thinking",
 }
-#: Text part types skipped (not an error) when their text is missing.
-_SKIP_WHEN_EMPTY = frozenset({"text", "refusal"})
 
 _BILLING_HEADER = "x-anthropic-billing-header"
 
+#: Keys of OpenAI content parts (all part types); any other key of a text part
+#: is kept next to its text in the "openai" content format.
+_PART_FIELDS = frozenset(
+    {
+        "audio_embeds", "audio_url", "closed", "data", "file", "image_embeds", "image_pil",
+        "image_url", "input_audio", "name", "prompt_cache_breakpoint", "refusal", "text",
+        "thinking", "type", "uuid", "video_embeds", "video_url",
+    }
+)  # fmt: skip
 
-def _part_text(part: Any, index: int) -> str | None:
+#: Schema key order of the OpenAI objects that reach templates nested in messages.
+_TOOL_CALL_KEYS = ("id", "function", "type")
+_TOOL_CALL_FUNCTION_KEYS = ("arguments", "name")
+_TOOL_KEYS = ("function", "type")
+_FUNCTION_DEFINITION_KEYS = ("name", "description", "parameters", "strict")
+
+
+def _ordered(obj: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """A copy of `obj` with the schema's `keys` first, in order, then the others as given."""
+    out = {key: obj[key] for key in keys if key in obj}
+    out.update((key, value) for key, value in obj.items() if key not in out)
+    return out
+
+
+def _part_text(part: Any, index: int) -> str:
+    """The text of a content part."""
     if isinstance(part, str):
         return part
     if not isinstance(part, Mapping):
@@ -53,11 +80,9 @@ def _part_text(part: Any, index: int) -> str | None:
     if not isinstance(kind, str):
         raise MessageFormatError(f"content part {index} has an invalid 'type' field")
     field = _TEXT_FIELDS.get(kind)
-    if field is None:
+    if field is None or part.get("uuid") is not None:
         raise MessageFormatError(f"content part {index} of type {kind!r} is not supported: the gateway routes text-only prompts")
     text = part.get(field)
-    if text is None and kind in _SKIP_WHEN_EMPTY:
-        return None
     if not isinstance(text, str):
         raise MessageFormatError(f"content part {index} of type {kind!r} needs a string {field!r}")
     return text
@@ -79,6 +104,11 @@ def _strip_billing_header(parts: list[Any]) -> list[Any]:
         if rest:
             kept.append(rest if isinstance(part, str) else {**part, "text": rest})
     return kept
+
+
+def _text_part(text: str, part: Any) -> dict[str, Any]:
+    extras = {k: v for k, v in part.items() if k not in _PART_FIELDS} if isinstance(part, Mapping) else {}
+    return {"type": "text", "text": text, **copy.deepcopy(extras)}
 
 
 def _content_parts(message: Mapping[str, Any], index: int) -> list[Any]:
@@ -113,9 +143,13 @@ def _tool_calls(raw: Any, index: int) -> list[dict[str, Any]]:
         if not isinstance(call, Mapping):
             raise MessageFormatError("assistant tool_calls entries must be objects")
         function = call.get("function")
-        if call.get("type", "function") != "function" or not isinstance(function, Mapping):
+        if call.get("type") != "function" or not isinstance(function, Mapping):
             raise MessageFormatError("chat completions only support assistant tool_calls of type 'function'")
-        call = copy.deepcopy(dict(call))
+        # The OpenAI schema vLLM validates against: all three are required strings.
+        if not isinstance(call.get("id"), str) or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+            raise MessageFormatError("each tool call needs a string 'id', and a 'function' with string 'name' and 'arguments'")
+        call = _ordered(copy.deepcopy(dict(call)), _TOOL_CALL_KEYS)
+        call["function"] = _ordered(call["function"], _TOOL_CALL_FUNCTION_KEYS)
         call["function"]["arguments"] = _tool_arguments(call["function"].get("arguments"))
         calls.append(call)
     return calls
@@ -130,13 +164,13 @@ def _convert(message: Any, index: int, content_format: ContentFormat) -> dict[st
     parts = _content_parts(message, index)
     if role == "system":
         parts = _strip_billing_header(parts)
-    texts = [text for i, part in enumerate(parts) if (text := _part_text(part, i)) is not None]
+    texts = [(_part_text(part, i), part) for i, part in enumerate(parts)]
 
     out: dict[str, Any] = {"role": role}
     if content_format == "openai" and role != "tool":
-        out["content"] = [{"type": "text", "text": text} for text in texts]
+        out["content"] = [_text_part(text, part) for text, part in texts]
     else:
-        out["content"] = "\n".join(texts)
+        out["content"] = "\n".join(text for text, _ in texts)
 
     if role == "assistant":
         raw_calls = message.get("tool_calls")
@@ -149,12 +183,75 @@ def _convert(message: Any, index: int, content_format: ContentFormat) -> dict[st
             out["reasoning"] = out["reasoning_content"] = reasoning
     elif role == "tool" and "tool_call_id" in message:
         out["tool_call_id"] = message["tool_call_id"]
+    # As the OpenAI schema has it: a name must be a string, a tool call id may be null.
+    if "name" in message and not isinstance(message["name"], str):
+        raise MessageFormatError(f"message {index}: 'name' must be a string")
+    if message.get("tool_call_id") is not None and not isinstance(message["tool_call_id"], str):
+        raise MessageFormatError(f"message {index}: 'tool_call_id' must be a string")
     for key in ("name", "task"):
         if isinstance(message.get(key), str):
             out[key] = message[key]
     if role == "developer":
-        out["tools"] = message.get("tools")
+        out["tools"] = _developer_tools(message.get("tools"))
     return out
+
+
+def _developer_tools(tools: Any) -> Any:
+    if not isinstance(tools, (list, tuple)):
+        return copy.deepcopy(tools)
+    ordered = []
+    for tool in tools:
+        if isinstance(tool, Mapping):
+            tool = _ordered(copy.deepcopy(dict(tool)), _TOOL_KEYS)
+            if isinstance(tool.get("function"), Mapping):
+                tool["function"] = _ordered(tool["function"], _FUNCTION_DEFINITION_KEYS)
+        ordered.append(tool)
+    return ordered
+
+
+def to_tool_schemas(tools: Any) -> list[dict[str, Any]] | None:
+    """The request's `tools` as vLLM hands them to the template.
+
+    Each tool becomes `{"type": "function", "function": {"name", "description",
+    "parameters"[, "strict"][, "defer_loading"]}[, "defer_loading"]}`: unknown
+    keys are dropped, a missing description or parameters becomes null.
+
+    Args:
+        tools: the request's `tools` field.
+
+    Returns:
+        Normalised tool schemas, or None when there are none.
+
+    Raises:
+        MessageFormatError: if a tool is not a function tool with a string name.
+    """
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+        raise MessageFormatError("'tools' must be a list of tool objects")
+    schemas = []
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
+            raise MessageFormatError(f"tool {index} must be an object of type 'function'")
+        function = tool.get("function")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise MessageFormatError(f"tool {index} needs a 'function' with a string 'name'")
+        defer = tool.get("defer_loading")
+        definition: dict[str, Any] = {
+            "name": function["name"],
+            "description": function.get("description"),
+            "parameters": copy.deepcopy(function.get("parameters")),
+        }
+        if function.get("strict") is not None:
+            definition["strict"] = function["strict"]
+        function_defer = function.get("defer_loading", defer)
+        if function_defer is not None:
+            definition["defer_loading"] = function_defer
+        schema: dict[str, Any] = {"type": "function", "function": definition}
+        if defer is not None:
+            schema["defer_loading"] = defer
+        schemas.append(schema)
+    return schemas
 
 
 def _developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:

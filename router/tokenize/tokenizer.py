@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from router.tokenize.chat_template import ChatTemplate, ContentFormat
 from router.tokenize.errors import MessageFormatError, TokenizerLoadError
-from router.tokenize.messages import to_conversation
+from router.tokenize.messages import to_conversation, to_tool_schemas
 
 #: Named special tokens the template sees as variables (transformers' list).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -209,9 +209,11 @@ class PromptTokenizer:
         if add_generation_prompt and continue_final_message:
             raise MessageFormatError("cannot set both `continue_final_message` and `add_generation_prompt` to true")
         kwargs = dict(chat_template_kwargs or {})
-        if "chat_template" in kwargs:
+        if kwargs.get("chat_template") is not None:
             raise MessageFormatError("chat_template_kwargs may not carry 'chat_template'")
-        # As in vLLM, tools given in chat_template_kwargs win over the request's.
+        # As in vLLM: the request's tools are schema-checked; tools given in
+        # chat_template_kwargs are passed as they are, and win.
+        tools = to_tool_schemas(tools)
         if kwargs.get("tools") is not None:
             tools = kwargs["tools"]
         documents = kwargs.get("documents")

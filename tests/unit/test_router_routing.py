@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 
 import pytest
 
@@ -368,11 +367,6 @@ async def test_a_cancelled_waiter_does_not_take_the_slot_from_the_next_one():
     assert len(fleet.router.queue) == 0
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 12),
-    strict=True,
-    reason="before 3.12 asyncio.wait_for returns a result that is ready when the cancel arrives, swallowing the cancel",
-)
 async def test_a_waiter_cancelled_as_it_is_handed_a_slot_gives_the_slot_back():
     fleet = Fleet(1, max_inflight=1)
     holder = await fleet.acquire()

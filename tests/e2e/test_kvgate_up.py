@@ -1,0 +1,69 @@
+"""`kvgate up`, the README's main command, as a user runs it: a working cluster, then a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import psutil
+import pytest
+
+from kvgate.engines import free_port
+
+
+def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvgate", "up", "--engines", "1", "--port", str(port), "--model", str(tiny_model_dir), "--kv-blocks", "32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "KVGATE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip())
+            if line.startswith("gateway: "):
+                break
+        engines = [line.split(" ", 1)[1] for line in lines if line.startswith("engine: ")]
+        gateway = next((line.split(" ", 1)[1] for line in lines if line.startswith("gateway: ")), None)
+        assert len(engines) == 1 and gateway == f"http://127.0.0.1:{port}", lines
+
+        client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = None
+        for _ in range(50):  # the gateway probes its engine right after it starts listening
+            try:
+                reply = client.chat.completions.create(
+                    model="tiny-llama", messages=[{"role": "user", "content": "hello"}], max_tokens=3
+                )
+                break
+            except openai.APIStatusError as exc:
+                if exc.status_code != 503:
+                    raise
+                time.sleep(0.1)
+        assert reply is not None and reply.usage.completion_tokens == 3
+        client.close()
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the engine runs as a child of kvgate up"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"processes left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
