@@ -63,7 +63,14 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    # Unlike Jinja's own filter: no HTML escaping, and non-ASCII kept as is.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -265,7 +272,9 @@ class ChatTemplate:
     def _cut_at_tag(text: str, final_text: str) -> str:
         marker = _CONTINUE_TAG.strip()
         if final_text.strip() not in text or marker not in text:
-            raise TemplateRenderError("continue_final_message is set but the chat template dropped part of the final message")
+            raise TemplateRenderError(
+                "continue_final_message is set but the chat template dropped part of the final message"
+            )
         at = text.rindex(marker)
         if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
             return text[:at]

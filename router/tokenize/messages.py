@@ -81,7 +81,9 @@ def _part_text(part: Any, index: int) -> str:
         raise MessageFormatError(f"content part {index} has an invalid 'type' field")
     field = _TEXT_FIELDS.get(kind)
     if field is None or part.get("uuid") is not None:
-        raise MessageFormatError(f"content part {index} of type {kind!r} is not supported: the gateway routes text-only prompts")
+        raise MessageFormatError(
+            f"content part {index} of type {kind!r} is not supported: the gateway routes text-only prompts"
+        )
     text = part.get(field)
     if not isinstance(text, str):
         raise MessageFormatError(f"content part {index} of type {kind!r} needs a string {field!r}")
@@ -96,7 +98,12 @@ def _strip_billing_header(parts: list[Any]) -> list[Any]:
     """
     kept: list[Any] = []
     for part in parts:
-        text = part if isinstance(part, str) else part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else None
+        if isinstance(part, str):
+            text: Any = part
+        elif isinstance(part, Mapping) and part.get("type") == "text":
+            text = part.get("text")
+        else:
+            text = None
         if not (isinstance(text, str) and text.startswith(_BILLING_HEADER)):
             kept.append(part)
             continue
@@ -146,8 +153,10 @@ def _tool_calls(raw: Any, index: int) -> list[dict[str, Any]]:
         if call.get("type") != "function" or not isinstance(function, Mapping):
             raise MessageFormatError("chat completions only support assistant tool_calls of type 'function'")
         # The OpenAI schema vLLM validates against: all three are required strings.
-        if not isinstance(call.get("id"), str) or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
-            raise MessageFormatError("each tool call needs a string 'id', and a 'function' with string 'name' and 'arguments'")
+        if not all(isinstance(v, str) for v in (call.get("id"), function.get("name"), function.get("arguments"))):
+            raise MessageFormatError(
+                "each tool call needs a string 'id', and a 'function' with string 'name' and 'arguments'"
+            )
         call = _ordered(copy.deepcopy(dict(call)), _TOOL_CALL_KEYS)
         call["function"] = _ordered(call["function"], _TOOL_CALL_FUNCTION_KEYS)
         call["function"]["arguments"] = _tool_arguments(call["function"].get("arguments"))
@@ -273,7 +282,8 @@ def _developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, A
         merge = merge or position > 0 or bool(system_texts)
         content = message.get("content", "")
         if isinstance(content, list):
-            content = "\n".join(p if isinstance(p, str) else p["text"] for p in content if isinstance(p, str) or "text" in p)
+            texts = [p if isinstance(p, str) else p["text"] for p in content if isinstance(p, str) or "text" in p]
+            content = "\n".join(texts)
         if content:
             system_texts.append(content)
     if not merge:

@@ -91,7 +91,11 @@ def _template_sources(model_dir: Path, config: Mapping[str, Any]) -> dict[str, s
     if isinstance(entry, str):
         return {_DEFAULT_TEMPLATE: entry}
     if isinstance(entry, list):
-        return {item["name"]: item["template"] for item in entry if isinstance(item, Mapping) and "name" in item and "template" in item}
+        return {
+            item["name"]: item["template"]
+            for item in entry
+            if isinstance(item, Mapping) and "name" in item and "template" in item
+        }
     return {}
 
 
@@ -123,7 +127,12 @@ class PromptTokenizer:
         self._content_format = content_format
 
     @classmethod
-    def from_model_dir(cls, path: Path | str, *, content_format: Literal["auto", "string", "openai"] = "auto") -> PromptTokenizer:
+    def from_model_dir(
+        cls,
+        path: Path | str,
+        *,
+        content_format: Literal["auto", "string", "openai"] = "auto",
+    ) -> PromptTokenizer:
         """Load `tokenizer.json`, the chat template(s) and special tokens of a model.
 
         Args:
@@ -217,10 +226,14 @@ class PromptTokenizer:
         if kwargs.get("tools") is not None:
             tools = kwargs["tools"]
         documents = kwargs.get("documents")
-        if documents is not None and (not isinstance(documents, (list, tuple)) or not all(isinstance(d, Mapping) for d in documents)):
+        if documents is not None and not (
+            isinstance(documents, (list, tuple)) and all(isinstance(d, Mapping) for d in documents)
+        ):
             raise MessageFormatError("'documents' must be a list of objects")
         template = self.chat_template(tools=tools)
-        content_format: ContentFormat = template.content_format if self._content_format == "auto" else self._content_format
+        content_format: ContentFormat = (
+            template.content_format if self._content_format == "auto" else self._content_format
+        )
         conversation = to_conversation(
             messages,
             content_format=content_format,
@@ -229,7 +242,9 @@ class PromptTokenizer:
         # Request kwargs reach the template only if it reads them (vLLM drops
         # the rest); they may override the special tokens, as in transformers.
         context = dict(self._special_tokens)
-        context.update((k, v) for k, v in kwargs.items() if k in template.variables and k not in _CALL_PARAMETERS and k != "messages")
+        context.update(
+            (k, v) for k, v in kwargs.items() if k in template.variables and k not in _CALL_PARAMETERS | {"messages"}
+        )
         return template.render(
             conversation,
             add_generation_prompt=add_generation_prompt,
