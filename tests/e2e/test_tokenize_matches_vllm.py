@@ -20,6 +20,8 @@ from kvgate.engines import Engine
 from kvgate.model import SERVED_MODEL_NAME
 from router.tokenize import BadPromptError, PromptTokenizer
 
+pytestmark = pytest.mark.e2e
+
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 #: Conversations compared; each has at least user, assistant, user.
 CONVERSATIONS = 120
