@@ -99,9 +99,14 @@ class PeerTier:
         return self._ring
 
     async def start(self) -> None:
+        """Read the members and keep re-reading them every `refresh_s`.
+
+        Raises:
+            TierUnavailable: the first read failed (re-reading goes on).
+        """
         if self._refresher is None:
-            await self.refresh()
             self._refresher = asyncio.create_task(self._refresh_forever(), name=f"{self._name}-membership")
+            await self.refresh()
 
     async def refresh(self) -> None:
         """Re-read the members now and rebuild the ring.
