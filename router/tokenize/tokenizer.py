@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 from router.tokenize.chat_template import ChatTemplate, ContentFormat
 from router.tokenize.errors import MessageFormatError, TokenizerLoadError
 from router.tokenize.messages import to_conversation, to_tool_schemas
+from router.tokenize.segments import SegmentEncoder
 
 #: Named special tokens the template sees as variables (transformers' list).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -122,6 +123,9 @@ class PromptTokenizer:
         content_format: Literal["auto", "string", "openai"] = "auto",
     ) -> None:
         self._tokenizer = tokenizer
+        # Chat prompts repeat their system prompt and history: tokenise them
+        # piece by cached piece where that is exact for this tokenizer.
+        self._segments = SegmentEncoder(tokenizer) if SegmentEncoder.supports(tokenizer) else None
         self._templates = dict(templates)
         self._special_tokens = dict(special_tokens)
         self._content_format = content_format
@@ -293,6 +297,8 @@ class PromptTokenizer:
             chat_template_kwargs=chat_template_kwargs,
             tools=tools,
         )
+        if self._segments is not None and not add_special_tokens:
+            return self._segments.encode(text)
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
