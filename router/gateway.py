@@ -90,7 +90,9 @@ class Gateway:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         self.monitor = Monitor(
             self.pods,
             self.index,
@@ -156,6 +158,10 @@ class Gateway:
         self._check_model(call.model)
         spec = request.headers.get(STRATEGY_HEADER) or self.settings.routing.policy
         policy = self.policies.get(spec)
+        # Metric label: a policy's name, or "mix" (weights from headers would
+        # make label values unbounded).
+        if spec not in self.policies.names:
+            spec = "mix"
         user = self._user(call.user, request)
 
         block_size = self.block_size
@@ -180,7 +186,7 @@ class Gateway:
                 pod = lease.pod
                 outcome: Outcome | None = None
                 try:
-                    upstream = await self.proxy.open(lease, call, raw, dict(request.headers))
+                    upstream = await self.proxy.open(lease, call, raw, request.headers)
                     if upstream.status in _RETRY_STATUSES:
                         upstream.release()
                         raise UpstreamError(f"pod {pod.id} answered {upstream.status}")
@@ -193,7 +199,7 @@ class Gateway:
                     tried.add(pod.id)
                     self.monitor.report_failure(pod)
                     self.metrics.retries.labels(pod.id).inc()
-                    self.metrics.requests.labels(pod.id, spec, str(exc.status)).inc()
+                    self.metrics.record_outcome(pod.id, spec, exc.status)
                     log.info("retrying on another pod: %s", exc.message)
                     continue
                 finally:
@@ -212,10 +218,10 @@ class Gateway:
             self.counters.leave(user)
 
     def _account(self, user: UserId, pod: PodId, spec: str, outcome: Outcome, arrived: float) -> None:
-        self.metrics.requests.labels(pod, spec, str(outcome.status)).inc()
+        self.metrics.record_outcome(pod, spec, outcome.status)
         if outcome.broken:
             self.metrics.stream_errors.labels(pod).inc()
         if outcome.first_byte_at is not None:
-            self.metrics.ttft_seconds.labels(spec).observe(outcome.first_byte_at - arrived)
+            self.metrics.record_first_byte(spec, outcome.first_byte_at - arrived)
         if outcome.completion_tokens:
             self.counters.charge(user, output_tokens=outcome.completion_tokens)

@@ -92,12 +92,45 @@ class GatewayMetrics:
         )
         if pods is not None:
             r.register(_EngineCollector(pods))
+        # Labelled children, looked up once: `labels()` costs microseconds a call.
+        self._per_pod: dict[str, tuple[Counter, Counter, Gauge]] = {}
+        self._outcomes: dict[tuple[str, str, str], Counter] = {}
+        self._ttft: dict[str, Histogram] = {}
+
+    def _pod(self, pod: str) -> tuple[Counter, Counter, Gauge]:
+        children = self._per_pod.get(pod)
+        if children is None:
+            children = self._per_pod[pod] = (
+                self.predicted_hit_tokens.labels(pod),
+                self.prompt_tokens.labels(pod),
+                self.in_flight.labels(pod),
+            )
+        return children
 
     def record_decision(
         self, *, pod: str, policy: str, seconds: float, matched_tokens: int, prompt_tokens: int, in_flight: int
     ) -> None:
+        predicted, prompt, gauge = self._pod(pod)
         self.decision_seconds.observe(seconds)
         self.matched_tokens.observe(matched_tokens)
-        self.predicted_hit_tokens.labels(pod).inc(matched_tokens)
-        self.prompt_tokens.labels(pod).inc(prompt_tokens)
-        self.in_flight.labels(pod).set(in_flight)
+        predicted.inc(matched_tokens)
+        prompt.inc(prompt_tokens)
+        gauge.set(in_flight)
+
+    def record_release(self, pod: str, in_flight: int) -> None:
+        self._pod(pod)[2].set(in_flight)
+
+    def record_outcome(self, pod: str, policy: str, status: int) -> None:
+        key = (pod, policy, str(status))
+        child = self._outcomes.get(key)
+        if child is None:
+            if len(self._outcomes) >= 4096:  # policies come from headers: bound the cache
+                self._outcomes.clear()
+            child = self._outcomes[key] = self.requests.labels(*key)
+        child.inc()
+
+    def record_first_byte(self, policy: str, seconds: float) -> None:
+        child = self._ttft.get(policy)
+        if child is None:
+            child = self._ttft[policy] = self.ttft_seconds.labels(policy)
+        child.observe(seconds)

@@ -59,7 +59,7 @@ class Lease:
         else:
             self.pod.pending_prefill -= self.uncached_tokens
         self.pod.in_flight -= 1
-        self.router.metrics.in_flight.labels(self.pod.id).set(self.pod.in_flight)
+        self.router.metrics.record_release(self.pod.id, self.pod.in_flight)
         self.router.dispatch_waiting()
 
 

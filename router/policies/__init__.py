@@ -97,6 +97,8 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
 class PolicyBook:
     """Policies by spec, built once and reused (policies keep state, e.g. round-robin's turn)."""
 
+    names = frozenset(REGISTRY)
+
     def __init__(self, deps: PolicyDeps) -> None:
         self._deps = deps
         self._single: dict[str, Policy] = {}
