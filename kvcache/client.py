@@ -2,7 +2,8 @@
 
 Used by the L2 tier (`kvcache.tiers.peer`), which spreads keys over many nodes,
 and by a leaving node (`kvcache.server`) handing its blocks to their new
-owners. It speaks `proto/kvcache.proto` and hides its message-size rules:
+owners. It speaks `proto/kvcache.proto` (the bulk messages encoded by `kvcache.wire`)
+and hides its message-size rules:
 batches are split to stay under the limit, `Get` is asked again for what a
 response could not hold, and frames larger than a message travel through the
 streams in chunks.
@@ -23,6 +24,7 @@ from kvcache._pb import kvcache_pb2_grpc as pb_grpc
 from kvcache.errors import TierError, TierRejected, TierTimeout, TierUnavailable
 from kvcache.framing import Buffer
 from kvcache.keys import BlockKey
+from kvcache.wire import WireError, decode_get_response, encode_put_request
 
 #: Default cap on one gRPC message, both directions.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -92,6 +94,14 @@ class NodeClient:
         self._tier = tier
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.KVCacheStub(self._channel)
+        # The bulk methods carry raw wire bytes (kvcache.wire), not generated messages.
+        service = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
+        self._put_raw = self._channel.unary_unary(
+            f"/{service}/Put", request_serializer=None, response_deserializer=pb.PutResponse.FromString
+        )
+        self._get_raw = self._channel.unary_unary(
+            f"/{service}/Get", request_serializer=pb.GetRequest.SerializeToString, response_deserializer=None
+        )
 
     def _error(self, exc: grpc.aio.AioRpcError) -> TierError:
         return rpc_error(self._tier, self.address, exc)
@@ -118,16 +128,17 @@ class NodeClient:
         try:
             while len(frames) < len(keys):
                 rest = keys[len(frames) :]
-                reply = await self._stub.Get(
-                    pb.GetRequest(keys=rest, max_bytes=self._batch_bytes), timeout=self._timeout
-                )
-                if reply.served == 0:
+                raw = await self._get_raw(pb.GetRequest(keys=rest, max_bytes=self._batch_bytes), timeout=self._timeout)
+                got, served = decode_get_response(raw)
+                if served == 0:
                     # The next frame alone is larger than a message: stream it.
                     frames.extend(await self._get_streamed(rest[:1]))
                     continue
-                frames.extend(frame or None for frame in reply.frames[: reply.served])
+                frames.extend(got[:served])
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
+        except WireError as exc:
+            raise TierRejected(self._tier, f"{self.address}: malformed GetResponse: {exc}") from exc
         return frames
 
     async def _get_streamed(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
@@ -147,7 +158,7 @@ class NodeClient:
             TierError: the node did not take the writes.
         """
         stored = rejected = 0
-        batch: list[pb.Block] = []
+        batch: list[tuple[BlockKey, Buffer]] = []
         size = 0
         try:
             for key, frame in items:
@@ -157,13 +168,13 @@ class NodeClient:
                     stored, rejected = stored + result.stored, rejected + result.rejected
                     continue
                 if batch and size + length > self._batch_bytes:
-                    reply = await self._stub.Put(pb.PutRequest(blocks=batch), timeout=self._timeout)
+                    reply = await self._put_raw(encode_put_request(batch), timeout=self._timeout)
                     stored, rejected = stored + reply.stored, rejected + reply.rejected
                     batch, size = [], 0
-                batch.append(pb.Block(key=key, frame=bytes(frame)))
+                batch.append((key, frame))
                 size += length
             if batch:
-                reply = await self._stub.Put(pb.PutRequest(blocks=batch), timeout=self._timeout)
+                reply = await self._put_raw(encode_put_request(batch), timeout=self._timeout)
                 stored, rejected = stored + reply.stored, rejected + reply.rejected
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc

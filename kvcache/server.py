@@ -1,7 +1,8 @@
 """An L2 cache node: the gRPC service, its block storage and its life cycle.
 
 `CacheNode` binds a `grpc.aio` server, stores frames in a byte-budgeted
-`LocalTier` (frames are kept opaque; clients check them), registers itself in
+`LocalTier` (frames are kept opaque; clients check them; the bulk messages
+are read and written in wire format by `kvcache.wire`), registers itself in
 the membership, and on `leave` hands every block it holds to the block's new
 owner before it stops serving. `kvcache.node` wraps it in the
 ``kvgate cache-node`` command, where SIGTERM triggers `leave`.
@@ -27,7 +28,6 @@ import grpc
 import grpc.aio
 
 from kvcache._pb import kvcache_pb2 as pb
-from kvcache._pb import kvcache_pb2_grpc as pb_grpc
 from kvcache.client import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, NodeClient, channel_options
 from kvcache.errors import TierError
 from kvcache.eviction import DEFAULT_POLICY
@@ -37,6 +37,7 @@ from kvcache.membership.base import Membership
 from kvcache.metrics import NodeMetrics
 from kvcache.ring import DEFAULT_VNODES, NodeId, NodeInfo, Ring
 from kvcache.tiers.local import LocalTier
+from kvcache.wire import WireError, decode_put_request, encode_get_response
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,12 @@ class HandoffReport:
     targets: dict[str, int] = field(default_factory=dict)
 
 
-class _Service(pb_grpc.KVCacheServicer):
-    """The RPC handlers over a node's storage."""
+class _Service:
+    """The RPC handlers over a node's storage.
+
+    `Put` and `Get` take and return raw bytes in protobuf wire format
+    (`kvcache.wire`); the other methods use the generated classes.
+    """
 
     def __init__(self, node: CacheNode) -> None:
         self._node = node
@@ -108,34 +113,38 @@ class _Service(pb_grpc.KVCacheServicer):
         store = self._node.store
         return pb.ExistsResponse(present=[key in store for key in request.keys])
 
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> bytes:
         node = self._node
         node.metrics.requests.labels("Get").inc()
         limit = node.batch_bytes
         if request.max_bytes:
             limit = min(limit, request.max_bytes)
-        frames: list[bytes] = []
+        frames: list[Buffer | None] = []
         size = hits = 0
         for key in request.keys:
             frame = node.store.get_frame(BlockKey(key))
             length = 0 if frame is None else len(frame)
             if frames and size + length > limit or not frames and length > limit:
                 break
-            frames.append(b"" if frame is None else frame)  # type: ignore[arg-type]
+            frames.append(frame)
             size += length
             hits += frame is not None
         node.metrics.blocks.labels("Get", "hit").inc(hits)
         node.metrics.blocks.labels("Get", "miss").inc(len(frames) - hits)
-        return pb.GetResponse(frames=frames, served=len(frames))
+        return encode_get_response(frames, len(frames))
 
-    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+    async def Put(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         node = self._node
         node.metrics.requests.labels("Put").inc()
         if node.leaving:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is leaving the ring")
+        try:
+            blocks = decode_put_request(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed PutRequest: {exc}")
         stored = rejected = 0
-        for block in request.blocks:
-            if node.store.put_frame(BlockKey(block.key), block.frame):
+        for key, frame in blocks:
+            if node.store.put_frame(BlockKey(key), frame):
                 stored += 1
             else:
                 rejected += 1
@@ -196,6 +205,42 @@ class _Service(pb_grpc.KVCacheServicer):
         )
 
 
+def _handlers(service: _Service) -> grpc.GenericRpcHandler:
+    """The service's method table: raw wire bytes for Put and Get, generated classes otherwise."""
+    name = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
+    return grpc.method_handlers_generic_handler(
+        name,
+        {
+            "Exists": grpc.unary_unary_rpc_method_handler(
+                service.Exists,
+                request_deserializer=pb.KeysRequest.FromString,
+                response_serializer=pb.ExistsResponse.SerializeToString,
+            ),
+            "Get": grpc.unary_unary_rpc_method_handler(
+                service.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=None
+            ),
+            "Put": grpc.unary_unary_rpc_method_handler(
+                service.Put, request_deserializer=None, response_serializer=pb.PutResponse.SerializeToString
+            ),
+            "GetStream": grpc.unary_stream_rpc_method_handler(
+                service.GetStream,
+                request_deserializer=pb.GetRequest.FromString,
+                response_serializer=pb.Chunk.SerializeToString,
+            ),
+            "PutStream": grpc.stream_unary_rpc_method_handler(
+                service.PutStream,
+                request_deserializer=pb.Chunk.FromString,
+                response_serializer=pb.PutResponse.SerializeToString,
+            ),
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                service.Stats,
+                request_deserializer=pb.StatsRequest.FromString,
+                response_serializer=pb.StatsResponse.SerializeToString,
+            ),
+        },
+    )
+
+
 class CacheNode:
     """One L2 cache node.
 
@@ -236,7 +281,7 @@ class CacheNode:
         """
         settings = self.settings
         server = grpc.aio.server(options=channel_options(settings.max_message_bytes))
-        pb_grpc.add_KVCacheServicer_to_server(_Service(self), server)
+        server.add_generic_rpc_handlers((_handlers(_Service(self)),))
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         await server.start()
         self._server = server

@@ -191,7 +191,7 @@ class PeerTier:
                 *(self._ask(ring.nodes[node], [keys[i] for i in indices], call) for node, indices in groups.items())
             )
             pending = []
-            for (node, indices), reply in zip(groups.items(), replies):
+            for (_node, indices), reply in zip(groups.items(), replies):
                 answered = answered or reply is not None
                 for position, index in enumerate(indices):
                     answer = None if reply is None else reply[position]

@@ -186,3 +186,21 @@ async def test_a_killed_node_costs_only_its_share_and_expires(tmp_path: Path, re
         await client.aclose()
         for process in processes:
             _stop(process)
+
+
+async def test_a_client_built_from_the_proto_alone_interoperates() -> None:
+    """The node's hand-encoded bulk messages are plain protobuf to any generated client."""
+    import grpc.aio
+
+    from kvcache._pb import kvcache_pb2 as pb
+    from kvcache._pb import kvcache_pb2_grpc as pb_grpc
+
+    async with run_nodes(1) as (nodes, _):
+        async with grpc.aio.insecure_channel(nodes[0].info.address) as channel:
+            stub = pb_grpc.KVCacheStub(channel)
+            reply = await stub.Put(pb.PutRequest(blocks=[pb.Block(key=key(1), frame=bytes(frame(1)))]))
+            assert reply.stored == 1
+            got = await stub.Get(pb.GetRequest(keys=[key(1), key(2)]))
+            assert got.served == 2
+            assert list(got.frames) == [bytes(frame(1)), b""]
+            assert list((await stub.Exists(pb.KeysRequest(keys=[key(1), key(2)]))).present) == [True, False]

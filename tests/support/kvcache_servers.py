@@ -18,12 +18,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import redis
+from prometheus_client import CollectorRegistry
 
 from kvcache.membership import StaticMembership
 from kvcache.metrics import NodeMetrics
-from kvcache.ring import NodeInfo
 from kvcache.server import CacheNode, NodeSettings
-from prometheus_client import CollectorRegistry
 
 
 @contextlib.asynccontextmanager
