@@ -7,7 +7,7 @@ the environment: everything arrives through these values.
 JSON shape (every key optional)::
 
     {"namespace": {"model": "tiny-llama"},
-     "l1": {"capacity_bytes": 536870912, "policy": "s3fifo"},
+     "l1": {"capacity_bytes": 536870912, "policy": "lru"},
      "l2": {"peers": ["a=127.0.0.1:7001?host=h1"], "membership_url": null,
             "cluster": "default", "replicas": 1, "timeout_s": 1.0},
      "l3": {"kind": "redis", "url": "redis://127.0.0.1:6379/0"},
@@ -37,8 +37,8 @@ class L1Settings:
 
     Attributes:
         capacity_bytes: byte budget (default 512 MiB); 0 turns L1 off.
-        policy: eviction policy, ``s3fifo`` (default, chosen by measurement)
-            or ``lru``.
+        policy: eviction policy, ``lru`` (default, chosen by measurement;
+            see `kvcache.eviction`) or ``s3fifo``.
     """
 
     capacity_bytes: int = 512 << 20

@@ -7,10 +7,11 @@ it comes back soon it goes straight to main. The main queue is a FIFO with a
 small frequency counter: a block read since it was last examined is given
 another round instead of being evicted.
 
-Why here: most KV blocks are the unique tail of one prompt and are never read
-again, while shared prefixes (system prompts, earlier turns) are read often.
-The small queue filters the first kind out before they can displace the
-second, which LRU cannot do (measured in scripts/bench_kvcache.py).
+When it helps: workloads where most blocks are the unique tail of one prompt
+and never read again while some prefixes (popular documents) are read often;
+the small queue filters the first kind out before they can displace the
+second. Where reuse comes late (a chat's next turn), LRU does better; see
+`kvcache.eviction` for the measurements behind the default.
 
 NOTE: queue sizes are in bytes, since blocks of different namespaces can have
 different sizes; the ghost list is bounded by entry count (keys only).

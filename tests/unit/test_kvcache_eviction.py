@@ -1,4 +1,4 @@
-"""Eviction policies: order of victims, and why S3-FIFO is the default."""
+"""Eviction policies: order of victims, and what each keeps that the other loses."""
 
 from __future__ import annotations
 
@@ -49,6 +49,23 @@ def test_s3fifo_keeps_a_reused_block_through_a_scan_of_one_time_blocks() -> None
                 tier.get_frame(hot)
         survivors[name] = hot in tier
     assert survivors == {"lru": False, "s3fifo": True}
+
+
+def test_lru_keeps_a_fresh_history_that_s3fifo_puts_on_probation() -> None:
+    """A chat's history is written once and re-read at the next turn: recency wins."""
+    survivors = {}
+    for name in ("lru", "s3fifo"):
+        tier = LocalTier(100 * 1000, policy=name, verify_reads=False)
+        for i in range(95):  # blocks read before: S3-FIFO's main queue
+            tier.put_frame(k(i), b"o" * 1000)
+            tier.get_frame(k(i))
+        history = [k(10_000 + i) for i in range(20)]
+        for key in history:
+            tier.put_frame(key, b"h" * 1000)
+        for i in range(5):
+            tier.put_frame(k(20_000 + i), b"c" * 1000)
+        survivors[name] = all(key in tier for key in history)
+    assert survivors == {"lru": True, "s3fifo": False}
 
 
 def test_a_ghost_hit_goes_straight_to_the_main_queue() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from kvcache.errors import ConfigError
 from kvcache.metrics import StoreMetrics
 from kvcache.settings import CacheSettings
 from kvcache.tiers import DiskTier, LocalTier, PeerTier, RedisTier
 from kvcache.wiring import build_store
-from prometheus_client import CollectorRegistry
 
 
 def test_an_empty_object_gives_l1_only() -> None:
