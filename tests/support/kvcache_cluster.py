@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -20,23 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcache.launch import cache_node_argv, connector_extra_config, kv_transfer_config, wait_ready
 from kvgate.engines import Engine, EngineSpec, free_ports, stop_engines
 from tests.support.kvcache_servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def connector_config(extra: dict) -> str:
-    """The ``--kv-transfer-config`` JSON loading `TieredKVConnector` with `extra`."""
-    return json.dumps(
-        {
-            "kv_connector": "TieredKVConnector",
-            "kv_connector_module_path": "kvcache.vllm_connector",
-            "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": extra,
-        }
-    )
 
 
 class CacheNodeProcess:
@@ -48,20 +35,18 @@ class CacheNodeProcess:
         self.log_path = directory / f"{node_id}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kvgate", "cache-node", "--port", "0", "--node-id", node_id,
-             "--labels", f"host={node_id}", "--ready-file", str(ready), *extra],
+            [*cache_node_argv(node_id=node_id, ready_file=ready, labels={"host": node_id}, capacity_bytes=1 << 30),
+             *extra],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cache node {node_id} did not start: {self.log_path.read_text()}")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        self.spec: str = info["spec"]
-        self.address: str = info["address"]
+        try:
+            info = wait_ready(ready)
+        except TimeoutError:
+            raise RuntimeError(f"cache node {node_id} did not start: {self.log_path.read_text()}") from None
+        self.spec: str = info.spec()
+        self.address: str = info.address
 
     def stop(self, sig: int = signal.SIGKILL) -> int | None:
         if self.process.poll() is None:
@@ -102,13 +87,10 @@ def shared_cache_cluster(
     started_nodes: list[CacheNodeProcess] = []
     started_engines: list[Engine] = []
     try:
-        started_nodes = [CacheNodeProcess(directory, f"n{i}", "--capacity-bytes", "1G") for i in range(nodes)]
-        extra = {
-            "l1": {"capacity_bytes": 256 << 20},
-            "l2": {"peers": [node.spec for node in started_nodes], "timeout_s": 2.0},
-            "l3": {"kind": "redis", "url": redis.url, "timeout_s": 2.0},
-            "store": {"retry_after_s": 1.0},
-        }
+        started_nodes = [CacheNodeProcess(directory, f"n{i}") for i in range(nodes)]
+        extra = connector_extra_config(
+            peers=[node.spec for node in started_nodes], l3_redis_url=redis.url, l1_capacity_bytes=256 << 20
+        )
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         for index, port in enumerate(free_ports(engines)):
             engine = Engine(
@@ -117,7 +99,7 @@ def shared_cache_cluster(
                     port=port,
                     num_gpu_blocks=num_gpu_blocks,
                     max_model_len=max_model_len,
-                    extra_args=("--kv-transfer-config", connector_config(extra)),
+                    extra_args=("--kv-transfer-config", kv_transfer_config(extra)),
                     extra_env=env,
                 ),
                 log_path=directory / f"engine-{index}.log",
