@@ -2,8 +2,9 @@
 
 A long prompt computed by engine A is loaded, not recomputed, by engine B:
 from L2 while the nodes run, from L3 once they are gone, from B's own L1 after
-its prefix cache is reset. Every answer equals A's greedy answer. With every
-shared tier stopped, B recomputes and still answers the same.
+its prefix cache is reset. Every answer equals A's greedy answer. Blocks that
+fail their check, and every shared tier stopped, make B recompute, and it
+still answers the same.
 """
 
 from __future__ import annotations
@@ -90,6 +91,25 @@ def test_engine_b_loads_from_l3_once_l2_is_gone(cluster: SharedCacheCluster) -> 
     assert answer == expected
     assert metric(b.url, HITS) - hits == LOADABLE * BLOCK
     assert metric(b.url, BY_SOURCE, source="disk") - disk == LOADABLE * BLOCK
+
+
+def test_blocks_failing_their_check_are_recomputed_not_loaded(cluster: SharedCacheCluster) -> None:
+    a, b = cluster.engines
+    cluster.stop_l2()
+    tokens = prompt(4)
+    already = l3_blocks(cluster)
+    expected, _ = complete(a.url, tokens)
+    wait_for(lambda: l3_blocks(cluster) >= already + LOADABLE)
+    with cluster.redis.client() as client:  # flip one payload byte of every stored block
+        for name in client.scan_iter(match=b"kvgate:kv:*", count=1000):
+            frame = bytearray(client.get(name))
+            frame[-100] ^= 0xFF
+            client.set(name, bytes(frame))
+
+    failures = metric(b.url, "kvgate_kvcache_checksum_failures_total", tier="l3", process="worker0")
+    answer, _ = complete(b.url, tokens)
+    assert answer == expected, "damaged blocks are never used: B recomputes and answers the same"
+    assert metric(b.url, "kvgate_kvcache_checksum_failures_total", tier="l3", process="worker0") - failures >= 1
 
 
 def test_with_every_shared_tier_stopped_engine_b_still_answers(cluster: SharedCacheCluster) -> None:
