@@ -31,6 +31,7 @@ tier, checksum failures, dropped writes) are exported through vLLM's
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -368,12 +369,14 @@ class TieredKVConnector(KVConnectorBase_V1):
                 return
             self._pending_save_bytes += size
         future = self._loop.submit(self._store.put(items))
-        future.add_done_callback(lambda _f: self._saved(size))
+        future.add_done_callback(lambda done: self._saved(size, done))
 
-    def _saved(self, size: int) -> None:
+    def _saved(self, size: int, done: concurrent.futures.Future[None]) -> None:
         with self._lock:
             self._pending_save_bytes -= size
         self._snapshotter.mark_active()
+        if not done.cancelled() and done.exception() is not None:
+            log.error("saving blocks failed", exc_info=done.exception())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
