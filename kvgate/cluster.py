@@ -1,11 +1,13 @@
 """`kvgate up`: a working local cluster on this machine.
 
-Builds the tiny model if it is missing, starts N real vLLM CPU engines (one
-OpenMP thread each, fixed KV capacity), waits until every one answers, then
-runs the gateway in front of them with the model's own tokenizer. It prints
-one `engine: URL` line per engine and one `gateway: URL` line (scripts rely on
-these), and on Ctrl-C or SIGTERM drains the gateway and stops every engine.
-Nothing is downloaded.
+Builds the tiny model if it is missing, starts the shared KV cache (L2 cache
+nodes; L3 in Redis when one answers, else a local directory), starts N real
+vLLM CPU engines (one OpenMP thread each, fixed KV capacity) loading the
+tiered-cache connector, waits until every one answers, then runs the gateway
+in front of them with the model's own tokenizer. It prints one `engine: URL`
+line per engine and one `gateway: URL` line (scripts rely on these), and on
+Ctrl-C or SIGTERM drains the gateway, stops every engine, then the cache
+nodes (which hand their blocks off). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvgate.cache_tiers import CacheTiers
 from kvgate.engines import Engine, EngineError, EngineSpec, free_ports, start_engines, stop_engines
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
@@ -36,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-blocks", type=int, default=256, help="KV capacity of each engine in blocks (default 256)")
     parser.add_argument("--max-model-len", type=int, default=4096, help="longest prompt plus output (default 4096)")
     parser.add_argument("--log-dir", type=Path, help="where engine logs go (default .kvgate/logs)")
+    parser.add_argument("--cache-nodes", type=int, default=2, help="L2 KV cache nodes (default 2; 0 turns L2 off)")
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/0", help="L3 in this Redis if it answers, else a local directory"
+    )
+    parser.add_argument("--no-kv-cache", action="store_true", help="engines without the shared KV cache")
     return parser
 
 
@@ -55,20 +63,34 @@ async def run(args: argparse.Namespace) -> int:
         args.max_model_len = fits
     model_dir = build_model(args.model or default_model_dir(_home()))
     log_dir = args.log_dir or _home() / "logs"
-    engines = [
-        Engine(
-            EngineSpec(model_dir=model_dir, port=port, num_gpu_blocks=args.kv_blocks, max_model_len=args.max_model_len),
-            log_path=log_dir / f"engine-{i}.log",
-        )
-        for i, port in enumerate(free_ports(args.engines))
-    ]
-    print(f"starting {len(engines)} vLLM CPU engines (logs in {log_dir}) ...", file=sys.stderr, flush=True)
     # Until the gateway takes SIGTERM over (to drain), SIGTERM cancels start-up
-    # so that the engines already started are stopped, not orphaned.
+    # so that what already started is stopped, not orphaned.
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    tiers = CacheTiers(_home() / "cache", nodes=max(args.cache_nodes, 0), redis_url=args.redis_url or None)
+    engines: list[Engine] = []
     try:
+        engine_args: list[str] = []
+        if not args.no_kv_cache:
+            engine_args = await tiers.start()
+            for spec in tiers.specs:
+                print(f"cache-node: {spec}", flush=True)
+            print(f"l3: {tiers.l3}", flush=True)
+        engines = [
+            Engine(
+                EngineSpec(
+                    model_dir=model_dir,
+                    port=port,
+                    num_gpu_blocks=args.kv_blocks,
+                    max_model_len=args.max_model_len,
+                    extra_args=tuple(engine_args),
+                ),
+                log_path=log_dir / f"engine-{i}.log",
+            )
+            for i, port in enumerate(free_ports(args.engines))
+        ]
+        print(f"starting {len(engines)} vLLM CPU engines (logs in {log_dir}) ...", file=sys.stderr, flush=True)
         try:
             await start_engines(engines)
         except EngineError as exc:
@@ -89,6 +111,7 @@ async def run(args: argparse.Namespace) -> int:
         )
     finally:
         stop_engines(engines)
+        tiers.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from kvgate.engines import free_port
 def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvgate", "up", "--engines", "1", "--port", str(port), "--model", str(tiny_model_dir), "--kv-blocks", "32"],
+        [sys.executable, "-m", "kvgate", "up", "--engines", "1", "--port", str(port), "--model", str(tiny_model_dir), "--kv-blocks", "40", "--cache-nodes", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -39,6 +39,8 @@ def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
         engines = [line.split(" ", 1)[1] for line in lines if line.startswith("engine: ")]
         gateway = next((line.split(" ", 1)[1] for line in lines if line.startswith("gateway: ")), None)
         assert len(engines) == 1 and gateway == f"http://127.0.0.1:{port}", lines
+        assert sum(line.startswith("cache-node: ") for line in lines) == 1, lines
+        assert any(line.startswith("l3: ") for line in lines), lines
 
         client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=60)
         reply = None
