@@ -22,7 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvgate.cache_tiers import CacheTiers
-from kvgate.engines import Engine, EngineError, EngineSpec, free_ports, start_engines, stop_engines
+from kvgate.engines import (
+    Engine,
+    EngineError,
+    EngineSpec,
+    free_ports,
+    kv_events_args,
+    kv_events_endpoint,
+    start_engines,
+    stop_engines,
+)
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
 from router.server import load_encoder, serve
@@ -77,6 +86,7 @@ async def run(args: argparse.Namespace) -> int:
             for spec in tiers.specs:
                 print(f"cache-node: {spec}", flush=True)
             print(f"l3: {tiers.l3}", flush=True)
+        ports = free_ports(2 * args.engines)
         engines = [
             Engine(
                 EngineSpec(
@@ -84,11 +94,12 @@ async def run(args: argparse.Namespace) -> int:
                     port=port,
                     num_gpu_blocks=args.kv_blocks,
                     max_model_len=args.max_model_len,
-                    extra_args=tuple(engine_args),
+                    # Each engine reports what it stores and evicts to the gateway.
+                    extra_args=(*engine_args, *kv_events_args(event_port, topic=f"kv@engine-{i}")),
                 ),
                 log_path=log_dir / f"engine-{i}.log",
             )
-            for i, port in enumerate(free_ports(args.engines))
+            for i, (port, event_port) in enumerate(zip(ports[: args.engines], ports[args.engines :]))
         ]
         print(f"starting {len(engines)} vLLM CPU engines (logs in {log_dir}) ...", file=sys.stderr, flush=True)
         try:
@@ -104,6 +115,7 @@ async def run(args: argparse.Namespace) -> int:
         settings.routing.policy = args.policy
         settings.routing.tokenizer = model_dir
         settings.discovery.worker_urls = tuple(e.url for e in engines)
+        settings.discovery.kv_event_sources = tuple(f"{e.url}={kv_events_endpoint(e.spec.extra_args)}" for e in engines)
         return await serve(
             settings,
             discovery=StaticDiscovery(settings.discovery.worker_urls),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -122,6 +123,26 @@ class EngineSpec:
             "VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_space_gib),
             **self.extra_env,
         }
+
+
+def kv_events_args(port: int, *, topic: str = "kv", host: str = "127.0.0.1") -> tuple[str, ...]:
+    """Engine arguments that send its KV cache events (ZMQ PUB) to a gateway listening on `host:port`.
+
+    vLLM connects its publisher when the endpoint names a host (it binds only
+    wildcards), so the gateway listens: `--kv-events URL=listen:tcp://host:port`
+    (`kv_events_endpoint`). It keeps the prefix index confirmed by what the
+    engine really stores and evicts.
+    """
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://{host}:{port}", "topic": topic}
+    return ("--kv-events-config", json.dumps(config))
+
+
+def kv_events_endpoint(extra_args: Sequence[str]) -> str | None:
+    """The gateway's side of an engine's KV events (`listen:tcp://...`), if the engine sends them."""
+    args = list(extra_args)
+    if "--kv-events-config" not in args:
+        return None
+    return "listen:" + json.loads(args[args.index("--kv-events-config") + 1])["endpoint"]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

@@ -30,6 +30,7 @@ from router.discovery import Discovery
 from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized, UpstreamError
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
+from router.kv_events import KVEventListener, parse_event_sources
 from router.metrics import GatewayMetrics
 from router.monitor import Monitor
 from router.pods import PodId, PodSet, UserId
@@ -85,6 +86,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self.monitor: Monitor | None = None
         self.proxy: Proxy | None = None
+        self.kv_events: KVEventListener | None = None
         self._discovery_task: asyncio.Task | None = None
         self.draining = False
 
@@ -103,12 +105,18 @@ class Gateway:
         )
         self.proxy = Proxy(self.session, self.settings.upstream)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.monitor.set_pods), name="discovery")
+        sources = parse_event_sources(self.settings.discovery.kv_event_sources)
+        if sources:
+            self.kv_events = KVEventListener(self.index, sources, self.settings.routing.block_size)
+            self.kv_events.start()
 
     async def stop(self) -> None:
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._discovery_task
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.session is not None:

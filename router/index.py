@@ -10,7 +10,8 @@ prompt is the last to go. The index therefore forgets what the engine would
 have dropped.
 
 Entries are predicted: the router records a prompt's blocks on the pod it
-sends it to. Confirmed entries (vLLM KV events) use the same `insert`/`remove`.
+sends it to. Where engines publish KV events, `router.kv_events` confirms them
+with the same `insert` and forgets evicted blocks with `remove_block`.
 
 The index is synchronous and never awaits, so it needs no locks. It is not
 shared between gateway replicas.
@@ -117,6 +118,20 @@ class PrefixIndex:
             if prefix in lru:
                 del lru[prefix]
                 self._drop_holder(pod, prefix)
+
+    def remove_block(self, pod: PodId, path: Sequence[BlockHash]) -> bool:
+        """Forget that `pod` holds the one block ending `path` (the engine evicted it).
+
+        Returns:
+            Whether the index believed the pod held it.
+        """
+        prefix = tuple(path)
+        lru = self._lru.get(pod)
+        if not lru or prefix not in lru:
+            return False
+        del lru[prefix]
+        self._drop_holder(pod, prefix)
+        return True
 
     def drop_pod(self, pod: PodId) -> int:
         """Forget everything `pod` holds (it restarted, died or left). Returns blocks dropped."""

@@ -25,6 +25,7 @@ from aiohttp import web
 from router import settings as settings_module
 from router.app import GATEWAY, IN_FLIGHT, RUNNER_OPTIONS, create_app
 from router.discovery import Discovery, StaticDiscovery
+from router.kv_events import parse_event_sources
 from router.policies import REGISTRY
 from router.prompts import PromptEncoder
 from router.settings import Settings
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="port to bind (default 8000; 0 picks one)")
     parser.add_argument("--tokenizer", type=Path, help="model directory with tokenizer.json and the chat template")
     parser.add_argument("--config", type=Path, help="YAML settings file; flags override it")
+    parser.add_argument(
+        "--kv-events",
+        action="append",
+        metavar="URL=ENDPOINT",
+        help="a pod's vLLM KV event endpoint (ZMQ), confirming the prefix index (repeatable)",
+    )
     parser.add_argument("--max-inflight-per-pod", type=int, help="requests in flight per pod before requests queue")
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait before 429")
     parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)")
@@ -60,6 +67,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             overrides.setdefault(group, {})[name] = value
 
     put("discovery", "worker_urls", args.worker_urls)
+    put("discovery", "kv_event_sources", args.kv_events)
     put("routing", "policy", args.policy)
     put("routing", "tokenizer", args.tokenizer)
     put("server", "host", args.host)
@@ -148,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except settings_module.SettingsError as exc:
+        print(f"kvgate serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        parse_event_sources(settings.discovery.kv_event_sources)
+    except ValueError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return 2
     if not settings.discovery.worker_urls:

@@ -6,7 +6,8 @@ is the only reader of files and flags; everything else receives a `Settings`.
 YAML shape (every key optional)::
 
     server:    {host: 0.0.0.0, port: 8000, api_keys: [...], drain_grace_s: 30}
-    discovery: {worker_urls: [http://pod-a:8000, ...], health_interval_s: 2}
+    discovery: {worker_urls: [http://pod-a:8000, ...], health_interval_s: 2,
+                kv_event_sources: ["http://pod-a:8000=tcp://pod-a:5557"]}
     routing:   {policy: kv-aware, tokenizer: ./model, block_size: 128}
     admission: {max_inflight_per_pod: 32, max_queue: 1024}
     upstream:  {connect_timeout_s: 2, retries: 2}
@@ -48,6 +49,8 @@ class DiscoverySettings:
     """Consecutive failed probes (or proxied connection failures) that take a pod out."""
     probe_timeout_s: float = 2.0
     """Timeout of one probe, in seconds."""
+    kv_event_sources: tuple[str, ...] = ()
+    """`POD_URL=ZMQ_ENDPOINT` pairs: pods whose vLLM KV events confirm the prefix index."""
 
 
 @dataclass(slots=True)

@@ -11,7 +11,8 @@ Fixtures for other e2e tests:
   `.memory()`, `.log_path`), each with `E2E_NUM_GPU_BLOCKS` KV blocks of
   `E2E_BLOCK_SIZE` tokens and prefix caching on, `POST /reset_prefix_cache`
   enabled;
-- `vllm_urls`: their base URLs.
+- `vllm_urls`: their base URLs;
+- `vllm_event_sources`: `URL=ENDPOINT` pairs of their KV event publishers.
 
 Tests must leave the engines usable: reset their prefix caches rather than
 restart them.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from kvgate.engines import Engine, EngineSpec, free_ports, stop_engines
+from kvgate.engines import Engine, EngineSpec, free_ports, kv_events_args, kv_events_endpoint, stop_engines
 from kvgate.model import SERVED_MODEL_NAME, build_model
 
 #: Tokens per KV block on the CPU engine (vLLM's CPU default; `vllm:cache_config_info`).
@@ -58,6 +59,7 @@ def vllm_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed")
     log_dir = tmp_path_factory.mktemp("e2e-engine-logs")
+    ports = free_ports(4)
     engines = [
         Engine(
             EngineSpec(
@@ -66,10 +68,11 @@ def vllm_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
                 served_model_name=SERVED_MODEL_NAME,
                 num_gpu_blocks=E2E_NUM_GPU_BLOCKS,
                 max_model_len=E2E_MAX_MODEL_LEN,
+                extra_args=kv_events_args(event_port, topic=f"kv@engine-{index}"),
             ),
             log_path=log_dir / f"engine-{index}.log",
         )
-        for index, port in enumerate(free_ports(2))
+        for index, (port, event_port) in enumerate(zip(ports[:2], ports[2:]))
     ]
     try:
         for engine in engines:
@@ -79,6 +82,12 @@ def vllm_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         yield engines
     finally:
         stop_engines(engines)
+
+
+@pytest.fixture(scope="session")
+def vllm_event_sources(vllm_engines: list[Engine]) -> list[str]:
+    """`URL=ENDPOINT` pairs: where each engine publishes its KV events (ZMQ)."""
+    return [f"{engine.url}={kv_events_endpoint(engine.spec.extra_args)}" for engine in vllm_engines]
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,11 @@ class Front:
 
 
 @contextlib.asynccontextmanager
-async def front(engine_urls: list[str], model_dir, policy: str = "kv-aware") -> AsyncIterator[Front]:
+async def front(
+    engine_urls: list[str], model_dir, policy: str = "kv-aware", event_sources: list[str] | None = None
+) -> AsyncIterator[Front]:
     settings = Settings()
+    settings.discovery.kv_event_sources = tuple(event_sources or ())
     settings.routing.policy = policy
     settings.routing.tokenizer = model_dir
     settings.discovery.health_interval_s = 0.2
@@ -103,6 +106,45 @@ async def test_unknown_model_and_bad_input_through_the_client(gw):
         await gw.client.chat.completions.create(model=MODEL, messages=[{"role": "user"}], max_tokens=10**9)
     models = await gw.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+async def test_engine_kv_events_confirm_and_correct_the_index(vllm_engines, vllm_event_sources, tiny_model_dir):
+    urls = [e.url for e in vllm_engines]
+    async with front(urls, tiny_model_dir, "round-robin", vllm_event_sources) as f, aiohttp.ClientSession() as http:
+        listener = f.gateway.kv_events
+        assert listener is not None
+        prompt = shared_prefix_workload(1, 400, 1)[0]
+        # Until the engines' publishers have connected, events are lost: retry.
+        for _ in range(40):
+            await f.client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=1)
+            if sum(e.stored for e in listener.engines.values()) > 0:
+                break
+            await asyncio.sleep(0.25)
+        assert sum(e.stored for e in listener.engines.values()) > 0
+        # Fill one engine far past its capacity: it evicts, and says so.
+        target = urls[0]
+        for i in range(12):
+            await f.client.chat.completions.create(
+                model=MODEL, messages=shared_prefix_workload(1, 400, 1, seed=100 + i)[0], max_tokens=1,
+                extra_headers={"x-routing-strategy": "session-affinity", "x-session-id": "pin"},
+            )
+        await asyncio.sleep(0.5)
+        assert sum(e.removed for e in listener.engines.values()) > 0
+        for pod in f.gateway.pods:
+            assert f.gateway.index.blocks(pod.id) <= pod.stats.num_gpu_blocks
+        # Resetting an engine's prefix cache empties its entries. The engine
+        # publishes that with its next step: give each a short request (no full
+        # block, so nothing new to store).
+        for url in urls:
+            async with http.post(url + "/reset_prefix_cache") as r:
+                assert r.status == 200
+        for _ in range(len(urls)):
+            await f.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        for _ in range(40):
+            if all(f.gateway.index.blocks(pod.id) == 0 for pod in f.gateway.pods):
+                break
+            await asyncio.sleep(0.1)
+        assert all(f.gateway.index.blocks(pod.id) == 0 for pod in f.gateway.pods), target
 
 
 # --- prefix-cache hit rates under cache pressure, by policy -----------------------------------
