@@ -181,6 +181,7 @@ class Gateway:
             block_size=block_size,
             block_hashes=prompt.block_hashes,
             matched_blocks=self.index.match(prompt.block_hashes),
+            occupancy={pod.id: self.index.occupancy(pod.id) for pod in self.pods},
             session_key=request.headers.get(self.settings.routing.session_header),
             max_tokens=call.max_tokens,
         )

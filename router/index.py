@@ -142,6 +142,11 @@ class PrefixIndex:
             self._drop_holder(pod, prefix)
         return len(lru)
 
+    def occupancy(self, pod: PodId) -> float:
+        """Share of `pod`'s KV capacity the index believes holds cached blocks (0..1)."""
+        capacity = self.capacity(pod)
+        return min(self.blocks(pod) / capacity, 1.0) if capacity else 1.0
+
     def blocks(self, pod: PodId) -> int:
         """Blocks the index believes `pod` holds."""
         lru = self._lru.get(pod)

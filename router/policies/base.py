@@ -34,6 +34,8 @@ class RouteRequest:
     block_hashes: tuple[BlockHash, ...] = ()
     matched_blocks: Mapping[PodId, int] = field(default_factory=dict)
     """Pod -> leading blocks of this prompt the prefix index believes the pod holds."""
+    occupancy: Mapping[PodId, float] = field(default_factory=dict)
+    """Pod -> share of its KV capacity the prefix index believes full of cached blocks (0..1)."""
     session_key: str | None = None
     max_tokens: int | None = None
 

@@ -2,10 +2,14 @@
 
 Cost of pod p, in prompt tokens of prefill work (lower is better):
 
-    cost(p) = miss(p) + pending(p) + d * decoding(p)
+    cost(p) = miss(p) x (1 + full(p)) + pending(p) + d * decoding(p)
 
     miss(p)     = prompt tokens not cached on p: prompt - block_size x matched(p),
                   where matched(p) counts only if >= min_match_blocks
+    full(p)     = share of p's KV capacity holding cached blocks (0..1): on a
+                  full pod, caching the missing blocks evicts as many blocks of
+                  other prefixes, which later requests recompute (Preble's
+                  eviction cost); on an empty pod a miss costs only itself
     pending(p)  = uncached prompt tokens the gateway sent to p whose first
                   output token has not come back (queued prefill ahead of us)
     decoding(p) = requests on p past their first token: the gateway's count,
@@ -15,9 +19,11 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
                   step down by, in prefill tokens
 
 This is the Dynamo cost (prefill blocks not cached + active decode blocks) with
-Preble's point that queued prefill is the real load: a pod holding the prefix
-wins until the work already queued on it outweighs recomputing the prefix
-elsewhere, so a hot prefix spreads to a second pod instead of piling up.
+Preble's points that queued prefill is the real load and that a miss also
+costs what it evicts: a pod holding the prefix wins until the work already
+queued on it outweighs recomputing (and, on a full pod, displacing) the prefix
+elsewhere, so a hot prefix spreads to a second pod instead of piling up, but
+not at the first sign of a queue.
 """
 
 from __future__ import annotations
@@ -44,5 +50,6 @@ class KVAwarePolicy:
             miss = max(request.prompt_tokens - matched * request.block_size, 0)
             engine_load = pod.stats.running + pod.stats.waiting
             decoding = max(pod.decoding, engine_load - (pod.in_flight - pod.decoding))
-            costs.append(miss + pod.pending_prefill + self._decode_cost * max(decoding, 0))
+            evicts = miss * request.occupancy.get(pod.id, 0.0)
+            costs.append(miss + evicts + pod.pending_prefill + self._decode_cost * max(decoding, 0))
         return costs
