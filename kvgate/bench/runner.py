@@ -1,0 +1,320 @@
+"""The benchmark's orchestration: engines once, every router on every workload, then the overhead.
+
+`run_bench`:
+
+1. builds each workload from the seed (the model's tokenizer measures text);
+2. starts the engines once, warms them up;
+3. for each workload, for each router: resets the engines' prefix caches
+   (failing loudly if an engine refuses), starts the router and waits until it
+   routes, snapshots the engines' counters, replays the workload, waits until
+   the engines are idle, snapshots again, keeps the router's own figures,
+   stops the router and summarises (`summary`). Workloads are the outer loop,
+   so the routers compared on one workload run close together in time;
+4. stops the engines, then measures each gateway against the stub engine
+   (`overhead`), so no engine competes for the CPUs.
+
+A router that fails to start or to become ready is recorded as a failed run
+and the others go on; an engine that fails stops the whole benchmark.
+
+Called by `kvgate.bench.cli`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from kvgate.bench.bound import hit_bound
+from kvgate.bench.config import BenchConfig
+from kvgate.bench.fleet import EngineFleet, FleetSpec
+from kvgate.bench.load import RequestRecord, run_workload
+from kvgate.bench.overhead import OverheadReport, measure_overhead
+from kvgate.bench.routers import LaunchContext, RouterError, RouterProcess, RouterSpec
+from kvgate.bench.summary import RunSummary, summarize
+from kvgate.bench.workloads import BenchRequest, Workload, build_workload
+from kvgate.model import SERVED_MODEL_NAME
+from router.prompts import PromptEncoder
+
+#: A prompt long enough to fill a few KV blocks, sent to warm the engines up.
+_WARMUP_PROMPT = "Warm up the engine with a prompt that spans several blocks. " * 60
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """One router on one workload: its summary (or why there is none) and every request's record."""
+
+    router: str
+    workload: str
+    started_at: str
+    summary: RunSummary | None = None
+    error: str | None = None
+    records: tuple[RequestRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadInfo:
+    """What the report says about a workload.
+
+    Attributes:
+        name: registry name.
+        description: one line.
+        params: its sizes.
+        sessions: sessions in the trace.
+        requests: requests in the trace (a timed workload sends only some).
+        duration_s: how long a timed workload sends; None otherwise.
+        bound_nominal: the hit-rate bound of the whole trace in session
+            order; None for timed workloads, whose sent requests differ per run.
+    """
+
+    name: str
+    description: str
+    params: dict[str, Any]
+    sessions: int
+    requests: int
+    duration_s: float | None
+    bound_nominal: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResults:
+    """Everything one benchmark produced."""
+
+    config: BenchConfig
+    routers: tuple[str, ...]
+    workloads: tuple[WorkloadInfo, ...]
+    runs: tuple[RunOutcome, ...]
+    overhead: OverheadReport | None
+    overhead_error: str | None
+    engine_ready_s: tuple[float, ...]
+    started_at: str
+    finished_at: str
+
+    @property
+    def complete(self) -> bool:
+        """Every run produced a summary and every overhead measurement succeeded."""
+        runs_ok = all(run.summary is not None for run in self.runs)
+        overhead_ok = self.overhead_error is None and (self.overhead is None or not self.overhead.failures)
+        return runs_ok and overhead_ok
+
+
+class Progress:
+    """What the runner reports as it goes (the CLI draws it with tqdm)."""
+
+    def start(self, total: int) -> None:
+        """`total` steps are coming."""
+
+    def step(self, label: str) -> None:
+        """A step begins."""
+
+    def advance(self) -> None:
+        """A step ended."""
+
+    def request(self, record: RequestRecord) -> None:
+        """A request finished within the current step."""
+
+    def close(self) -> None:
+        """Nothing more is coming."""
+
+
+class TokenCache:
+    """Prompt token ids per request id, computed once with the engine's tokenization."""
+
+    def __init__(self, encoder: PromptEncoder) -> None:
+        self._encoder = encoder
+        self._tokens: dict[str, list[int]] = {}
+
+    def __call__(self, request: BenchRequest) -> list[int]:
+        tokens = self._tokens.get(request.id)
+        if tokens is None:
+            tokens = self._tokens[request.id] = self._encoder.encode_chat(request.chat())
+        return tokens
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+async def _run_one(
+    fleet: EngineFleet,
+    router_spec: RouterSpec,
+    workload: Workload,
+    config: BenchConfig,
+    ctx: LaunchContext,
+    tokens: TokenCache,
+    http: aiohttp.ClientSession,
+    progress: Progress,
+) -> RunOutcome:
+    started = _now()
+    router = RouterProcess(router_spec, ctx)
+    try:
+        await fleet.reset_prefix_caches(http)
+        router.start()
+        await router.wait_ready(http)
+        await fleet.reset_prefix_caches(http)
+        before = await fleet.counters(http)
+        trace = await run_workload(
+            router.url,
+            workload,
+            model=SERVED_MODEL_NAME,
+            request_timeout_s=config.request_timeout_s,
+            on_record=progress.request,
+        )
+        await fleet.wait_idle(http)
+        await asyncio.sleep(0.5)  # the engines' counters trail the last answer by a step
+        after = await fleet.counters(http)
+        router_metrics = await router.scrape(http)
+    except RouterError as exc:
+        return RunOutcome(router=router_spec.name, workload=workload.name, started_at=started, error=str(exc))
+    finally:
+        router.stop()
+    summary = summarize(
+        workload,
+        trace,
+        [a.since(b) for a, b in zip(after, before)],
+        tokens_of=tokens,
+        block_size=config.block_size,
+        router_metrics=router_metrics,
+    )
+    return RunOutcome(
+        router=router_spec.name, workload=workload.name, started_at=started, summary=summary, records=trace.records
+    )
+
+
+def _info(workload: Workload, tokens: TokenCache, block_size: int) -> WorkloadInfo:
+    nominal = None
+    if workload.duration_s is None:
+        nominal = hit_bound((tokens(r) for r in workload.requests()), block_size).rate
+    return WorkloadInfo(
+        name=workload.name,
+        description=workload.description,
+        params=dict(workload.params),
+        sessions=len(workload.sessions),
+        requests=sum(len(s.requests) for s in workload.sessions),
+        duration_s=workload.duration_s,
+        bound_nominal=nominal,
+    )
+
+
+async def run_bench(
+    config: BenchConfig,
+    *,
+    routers: Sequence[RouterSpec],
+    workload_names: Sequence[str],
+    overhead_routers: Sequence[RouterSpec],
+    model_dir: Path,
+    encoder: PromptEncoder,
+    log_dir: Path,
+    kvgate_args: Sequence[str] = (),
+    progress: Progress | None = None,
+    on_engines: Callable[[list[str]], None] | None = None,
+) -> BenchResults:
+    """Run the benchmark (see the module docstring).
+
+    Args:
+        config: sizes.
+        routers: routers to compare on the engines.
+        workload_names: workloads to replay (empty: no engines are started).
+        overhead_routers: gateways to measure against the stub (empty: skipped).
+        model_dir: the tiny model's directory.
+        encoder: its tokenizer (the engines' tokenization).
+        log_dir: where engine, router and stub logs go.
+        kvgate_args: extra `kvgate serve` arguments.
+        progress: progress display.
+        on_engines: called with the engine URLs once they are ready.
+
+    Returns:
+        The results.
+
+    Raises:
+        kvgate.engines.EngineError: an engine failed to start or died.
+        kvgate.bench.fleet.FleetError: an engine refused to reset or drain.
+    """
+    progress = progress or Progress()
+    started_at = _now()
+    tokens = TokenCache(encoder)
+    workloads = [build_workload(name, config.sizes, config.seed, encoder) for name in workload_names]
+    infos = tuple(_info(w, tokens, config.block_size) for w in workloads)
+    runs: list[RunOutcome] = []
+    ready: list[float] = []
+    engine_steps = len(workloads) * len(routers) if routers else 0
+    overhead_steps = len(overhead_routers) + 1 if overhead_routers else 0
+    progress.start(engine_steps + overhead_steps)
+    try:
+        if engine_steps:
+            fleet = EngineFleet(
+                FleetSpec(
+                    model_dir=model_dir,
+                    engines=config.engines,
+                    kv_blocks=config.kv_blocks,
+                    block_size=config.block_size,
+                    max_model_len=config.max_model_len,
+                    kv_events=any(r.needs_kv_events for r in routers),
+                    log_dir=log_dir,
+                )
+            )
+            progress.step(f"starting {config.engines} vLLM engines")
+            try:
+                ready = await fleet.start(timeout=config.engine_start_timeout_s)
+                if on_engines is not None:
+                    on_engines(fleet.urls)
+                ctx = LaunchContext(
+                    worker_urls=tuple(fleet.urls),
+                    model_dir=model_dir,
+                    log_dir=log_dir,
+                    kv_event_endpoints=fleet.event_endpoints,
+                    block_size=config.block_size,
+                    kvgate_args=tuple(kvgate_args),
+                )
+                timeout = aiohttp.ClientTimeout(total=60)
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    await fleet.warm_up(http, _WARMUP_PROMPT)
+                    for workload in workloads:
+                        for router_spec in routers:
+                            progress.step(f"{workload.name} / {router_spec.name}")
+                            runs.append(
+                                await _run_one(fleet, router_spec, workload, config, ctx, tokens, http, progress)
+                            )
+                            progress.advance()
+            finally:
+                fleet.stop()
+        overhead = overhead_error = None
+        if overhead_routers:
+            steps_begun = 0
+
+            def overhead_step(label: str) -> None:
+                nonlocal steps_begun
+                if steps_begun:
+                    progress.advance()
+                steps_begun += 1
+                progress.step(label)
+
+            try:
+                overhead = await measure_overhead(
+                    overhead_routers,
+                    config.overhead,
+                    model_dir=model_dir,
+                    log_dir=log_dir,
+                    on_step=overhead_step,
+                )
+            except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+                overhead_error = f"{type(exc).__name__}: {exc}"
+            progress.advance()
+    finally:
+        progress.close()
+    return BenchResults(
+        config=config,
+        routers=tuple(r.name for r in routers),
+        workloads=infos,
+        runs=tuple(runs),
+        overhead=overhead,
+        overhead_error=overhead_error,
+        engine_ready_s=tuple(ready),
+        started_at=started_at,
+        finished_at=_now(),
+    )
