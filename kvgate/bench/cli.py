@@ -213,6 +213,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
     home = os.environ.get("KVGATE_HOME")
     model_dir = build_model(args.model or default_model_dir(Path(home) if home else None))
     encoder = PromptTokenizer.from_model_dir(model_dir)
+    meta = _meta(args.argv)  # before the run: the code it measures, not what the tree holds afterwards
     started = time.monotonic()
     results = await run_bench(
         config,
@@ -225,7 +226,6 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
         kvgate_args=args.kvgate_args,
         progress=TqdmProgress(enabled=not args.no_progress),
     )
-    meta = _meta(args.argv)
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     write_json(results, meta, out)
     write_records(results, out)
