@@ -11,7 +11,7 @@ Modules, in the order a run uses them:
 
 - `config`: the sizes of a full and a `--quick` run;
 - `workloads` (with `sharegpt` and `text`): the seeded request traces;
-- `fleet`: the engines, their counters and prefix-cache resets;
+- `fleet` (with `event_relay`): the engines, their counters and prefix-cache resets;
 - `routers`: how each router is launched, checked and stopped;
 - `load`: the closed-loop client that replays a workload and times it;
 - `bound`: the hit-rate upper bound a trace allows;

@@ -2,7 +2,8 @@
 
     kvgate bench [--quick] [--out DIR] [--routers LIST] [--workloads LIST]
                  [--overhead-routers LIST] [--engines N] [--kv-blocks N]
-                 [--seed N] [--model DIR] [--kvgate-arg ARG ...] [--no-progress]
+                 [--seed N] [--model DIR] [--kvgate-arg ARG ...]
+                 [--[no-]kvgate-kv-events] [--no-progress]
 
 Lists are comma-separated; `none` empties one (e.g. `--workloads none` only
 measures the gateways against the stub engine). The results folder defaults
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="kvgate_args",
         metavar="ARG",
         help="extra argument for every `kvgate serve` (repeat; e.g. --kvgate-arg=--config=FILE)",
+    )
+    parser.add_argument(
+        "--kvgate-kv-events",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="feed kvgate the engines' KV events, as `kvgate up` does (default on)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -224,6 +231,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
         encoder=encoder,
         log_dir=out / "logs",
         kvgate_args=args.kvgate_args,
+        kvgate_kv_events=args.kvgate_kv_events,
         progress=TqdmProgress(enabled=not args.no_progress),
     )
     meta["elapsed_s"] = round(time.monotonic() - started, 1)

@@ -9,9 +9,9 @@ engine answers 200 with `{"success": true}` (otherwise one router's cache
 would carry into the next router's run). Hit rates are deltas of the engines'
 own counters over a run.
 
-With `kv_events`, each engine also publishes its KV events over ZMQ on a
-loopback port and serves vLLM's scale-out endpoints (`--enable-scale-out`):
-vllm-router's `kv_aware` policy needs both.
+With `kv_events`, each engine also publishes its KV events over ZMQ, through
+a loopback relay (`event_relay`), and serves vLLM's scale-out endpoints
+(`--enable-scale-out`): vllm-router's `kv_aware` policy needs both.
 
 Called by `kvgate.bench.runner`. Not here: routers (`routers`), load (`load`).
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
+from kvgate.bench.event_relay import EventRelay
 from kvgate.engines import Engine, EngineSpec, free_ports, start_engines, stop_engines
 from kvgate.model import SERVED_MODEL_NAME
 
@@ -150,8 +151,8 @@ class EngineFleet:
 
     def __init__(self, spec: FleetSpec) -> None:
         self.spec = spec
-        ports = free_ports(2 * spec.engines)
-        self.event_ports: list[int] = ports[spec.engines :] if spec.kv_events else []
+        ports = free_ports(spec.engines)
+        self.relays = [EventRelay() for _ in range(spec.engines)] if spec.kv_events else []
         self.engines = [
             Engine(
                 EngineSpec(
@@ -169,12 +170,12 @@ class EngineFleet:
         ]
 
     def _extra_args(self, index: int) -> tuple[str, ...]:
-        if not self.spec.kv_events:
+        if not self.relays:
             return ()
         config = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
-            "endpoint": f"tcp://127.0.0.1:{self.event_ports[index]}",
+            "endpoint": self.relays[index].inbound,
             "topic": f"kv@engine-{index}",
         }
         return ("--kv-events-config", json.dumps(config), "--enable-scale-out")
@@ -187,7 +188,7 @@ class EngineFleet:
     @property
     def event_endpoints(self) -> dict[str, str]:
         """Engine URL -> its ZMQ KV event endpoint (empty without `kv_events`)."""
-        return {e.url: f"tcp://127.0.0.1:{p}" for e, p in zip(self.engines, self.event_ports)}
+        return {engine.url: relay.outbound for engine, relay in zip(self.engines, self.relays)}
 
     async def start(self, timeout: float) -> list[float]:
         """Start every engine and wait until all answer /health.
@@ -198,11 +199,15 @@ class EngineFleet:
         Raises:
             kvgate.engines.EngineError: one failed; all are stopped then.
         """
+        for relay in self.relays:
+            relay.start()
         return await start_engines(self.engines, timeout=timeout)
 
     def stop(self) -> None:
-        """Stop every engine (safe to call twice)."""
+        """Stop every engine and event relay (safe to call twice)."""
         stop_engines(self.engines, grace=10.0)
+        for relay in self.relays:
+            relay.stop()
 
     async def counters(self, http: aiohttp.ClientSession) -> list[EngineCounters]:
         """Each engine's counters now.

@@ -3,7 +3,8 @@
 A router is named `family:policy`:
 
 - `kvgate:<policy>`: a real `kvgate serve` subprocess with the model's
-  tokenizer (`--tokenizer MODEL_DIR`), any policy of `router.policies`;
+  tokenizer (`--tokenizer MODEL_DIR`), any policy of `router.policies`, fed
+  the engines' KV events (`--kv-events`) as `kvgate up` does, unless told not to;
 - `sglang:<policy>`: `sglang-router launch` (`cache_aware`, `round_robin`, ...);
 - `vllm-router:<policy>`: `vllm-router` (`cache_aware`, `kv_aware`, ...). Its
   `kv_aware` policy is fed the engines' ZMQ KV events (`--kv-event-source`)
@@ -133,6 +134,8 @@ class LaunchContext:
         kv_event_endpoints: engine URL -> ZMQ endpoint, for `kv_aware`.
         block_size: the engines' KV block size, for `kv_aware`.
         kvgate_args: extra `kvgate serve` arguments (e.g. `--config FILE`).
+        kvgate_kv_events: give kvgate the engines' KV events (`--kv-events`),
+            when the engines publish them, so its prefix index is confirmed.
         cpus: `taskset -c` CPU list to pin the router to; None leaves it free.
     """
 
@@ -142,6 +145,7 @@ class LaunchContext:
     kv_event_endpoints: Mapping[str, str] = field(default_factory=dict)
     block_size: int = 128
     kvgate_args: tuple[str, ...] = ()
+    kvgate_kv_events: bool = True
     cpus: str | None = None
 
 
@@ -182,6 +186,11 @@ def command(spec: RouterSpec, ctx: LaunchContext, port: int, metrics_port: int) 
     """
     urls = list(ctx.worker_urls)
     if spec.family == "kvgate":
+        events = []
+        if ctx.kvgate_kv_events:
+            for url in urls:
+                if url in ctx.kv_event_endpoints:
+                    events += ["--kv-events", f"{url}={ctx.kv_event_endpoints[url]}"]
         return [
             sys.executable, "-m", "kvgate", "serve",
             "--worker-urls", *urls,
@@ -189,6 +198,7 @@ def command(spec: RouterSpec, ctx: LaunchContext, port: int, metrics_port: int) 
             "--host", "127.0.0.1", "--port", str(port),
             "--tokenizer", str(ctx.model_dir),
             "--log-level", "WARNING",
+            *events,
             *ctx.kvgate_args,
         ]  # fmt: skip
     if spec.family == "sglang":

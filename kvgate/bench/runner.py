@@ -211,6 +211,7 @@ async def run_bench(
     encoder: PromptEncoder,
     log_dir: Path,
     kvgate_args: Sequence[str] = (),
+    kvgate_kv_events: bool = True,
     progress: Progress | None = None,
     on_engines: Callable[[list[str]], None] | None = None,
 ) -> BenchResults:
@@ -225,6 +226,8 @@ async def run_bench(
         encoder: its tokenizer (the engines' tokenization).
         log_dir: where engine, router and stub logs go.
         kvgate_args: extra `kvgate serve` arguments.
+        kvgate_kv_events: feed kvgate the engines' KV events (the engines
+            then publish them; they also do when vllm-router's `kv_aware` runs).
         progress: progress display.
         on_engines: called with the engine URLs once they are ready.
 
@@ -254,7 +257,8 @@ async def run_bench(
                     kv_blocks=config.kv_blocks,
                     block_size=config.block_size,
                     max_model_len=config.max_model_len,
-                    kv_events=any(r.needs_kv_events for r in routers),
+                    kv_events=any(r.needs_kv_events for r in routers)
+                    or (kvgate_kv_events and any(r.family == "kvgate" for r in routers)),
                     log_dir=log_dir,
                 )
             )
@@ -270,6 +274,7 @@ async def run_bench(
                     kv_event_endpoints=fleet.event_endpoints,
                     block_size=config.block_size,
                     kvgate_args=tuple(kvgate_args),
+                    kvgate_kv_events=kvgate_kv_events,
                 )
                 timeout = aiohttp.ClientTimeout(total=60)
                 async with aiohttp.ClientSession(timeout=timeout) as http:
