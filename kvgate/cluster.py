@@ -114,6 +114,10 @@ async def run(args: argparse.Namespace) -> int:
         settings.server.port = args.port
         settings.routing.policy = args.policy
         settings.routing.tokenizer = model_dir
+        # Requests beyond what an engine's KV cache can run at once (about 2k
+        # tokens each) only queue inside the engine; queued at the gateway
+        # instead they are ordered by the VTC fairness counters.
+        settings.admission.max_inflight_per_pod = min(64, max(2, args.kv_blocks * CPU_BLOCK_SIZE // 2048))
         settings.discovery.worker_urls = tuple(e.url for e in engines)
         settings.discovery.kv_event_sources = tuple(f"{e.url}={kv_events_endpoint(e.spec.extra_args)}" for e in engines)
         return await serve(

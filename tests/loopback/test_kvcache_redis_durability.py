@@ -31,9 +31,10 @@ async def test_every_acknowledged_write_survives_sigkill_and_restart(tmp_path: P
     server.start()
     acknowledged: list[int] = []
     try:
-        tier = RedisTier(server.url, timeout_s=1.0, metrics=StoreMetrics(CollectorRegistry()))
+        tier = RedisTier(server.url, timeout_s=10.0, metrics=StoreMetrics(CollectorRegistry()))
         await tier.start()
         assert tier.aof_enabled
+        killed = asyncio.Event()
 
         async def writer() -> None:
             batch = 0
@@ -42,15 +43,20 @@ async def test_every_acknowledged_write_survives_sigkill_and_restart(tmp_path: P
                 try:
                     await tier.put([(key(i), frame(i, BLOCK)) for i in indices])
                 except TierError:
-                    return  # the server is gone: this batch was never acknowledged
+                    if killed.is_set():
+                        return  # the server is gone: this batch was never acknowledged
+                    continue  # a slow fsync on a busy disk: not acknowledged, try again
                 acknowledged.extend(indices)
                 batch += 1
 
         writing = asyncio.create_task(writer())
+        deadline = asyncio.get_running_loop().time() + 120
         while len(acknowledged) < 400:
+            assert asyncio.get_running_loop().time() < deadline, f"only {len(acknowledged)} writes acknowledged"
             await asyncio.sleep(0.01)
         server.kill()  # mid-stream, with no pause for an fsync
-        await writing
+        killed.set()
+        await asyncio.wait_for(writing, 60)
         await tier.aclose()
 
         server.start()
