@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvgate.bench.runner import BenchResults, RunOutcome
+from kvgate.bench.runner import ROUTER_CPU_METRIC, BenchResults, RunOutcome
 
 #: Files every complete run writes (plots only for what was measured).
 JSON_NAME = "results.json"
@@ -138,15 +138,17 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
         lines += [
             "",
             (
-                "Where the time goes (means per request; engine figures from vLLM's own histograms) and what the "
-                "router predicted:"
+                "Where the time goes, means per request: TTFT at the client; the engines' own TTFT (from the "
+                "request's arrival in the engine core: the difference is the router, the engine's HTTP front end "
+                "and the wire), queue, prefill and decode times (vLLM's histograms); the router process's CPU time; "
+                "for kvgate, over how many engines each user's requests went and the hit rate it predicted:"
             ),
             "",
             (
                 "| router | TTFT ms | engine TTFT ms | engine queue ms | engine prefill ms | engine decode ms | "
-                "engines per user | predicted hit rate |"
+                "router CPU ms | engines per user | predicted hit rate |"
             ),
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for run in _runs_of(results, info.name):
             s = run.summary
@@ -155,6 +157,7 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {run.router} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
                 f"{_fmt(s.engine_queue_ms_mean)} | {_fmt(s.engine_prefill_ms_mean)} | {_fmt(s.engine_decode_ms_mean)} | "
+                f"{_fmt(router_cpu_ms(s.router_metrics, s.requests_sent))} | "
                 f"{_fmt(s.pods_per_user, 2)} | {_fmt(predicted_hit_rate(s.router_metrics), 3)} |"
             )
     overhead = results.overhead
@@ -200,6 +203,14 @@ def predicted_hit_rate(metrics: Mapping[str, float]) -> float | None:
     if hits is None or not prompts:
         return None
     return hits / prompts
+
+
+def router_cpu_ms(metrics: Mapping[str, float], requests: int) -> float | None:
+    """CPU milliseconds the router process spent per request over a run, if measured."""
+    seconds = metrics.get(ROUTER_CPU_METRIC)
+    if seconds is None or not requests:
+        return None
+    return seconds / requests * 1000.0
 
 
 def write_markdown(results: BenchResults, meta: Mapping[str, Any], out: Path) -> Path:

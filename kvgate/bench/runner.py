@@ -7,7 +7,8 @@
 3. for each workload, for each router: resets the engines' prefix caches
    (failing loudly if an engine refuses), starts the router and waits until it
    routes, snapshots the engines' counters, replays the workload, waits until
-   the engines are idle, snapshots again, keeps the router's own figures,
+   the engines are idle, snapshots again, keeps the router's own figures
+   (and the CPU time its process used during the replay),
    stops the router and summarises (`summary`). Workloads are the outer loop,
    so the routers compared on one workload run close together in time;
 4. stops the engines, then measures each gateway against the stub engine
@@ -40,6 +41,9 @@ from kvgate.bench.summary import RunSummary, summarize
 from kvgate.bench.workloads import BenchRequest, Workload, build_workload
 from kvgate.model import SERVED_MODEL_NAME
 from router.prompts import PromptEncoder
+
+#: Key in a run's router metrics: CPU seconds the router process used while the workload ran.
+ROUTER_CPU_METRIC = "bench_router_cpu_seconds"
 
 #: A prompt long enough to fill a few KV blocks, sent to warm the engines up.
 _WARMUP_PROMPT = "Warm up the engine with a prompt that spans several blocks. " * 60
@@ -158,6 +162,7 @@ async def _run_one(
         await router.wait_ready(http)
         await fleet.reset_prefix_caches(http)
         before = await fleet.counters(http)
+        cpu_before = router.cpu_seconds()
         trace = await run_workload(
             router.url,
             workload,
@@ -168,7 +173,10 @@ async def _run_one(
         await fleet.wait_idle(http)
         await asyncio.sleep(0.5)  # the engines' counters trail the last answer by a step
         after = await fleet.counters(http)
+        cpu_after = router.cpu_seconds()
         router_metrics = await router.scrape(http)
+        if cpu_before is not None and cpu_after is not None:
+            router_metrics[ROUTER_CPU_METRIC] = cpu_after - cpu_before
     except RouterError as exc:
         return RunOutcome(router=router_spec.name, workload=workload.name, started_at=started, error=str(exc))
     finally:

@@ -19,7 +19,7 @@ from kvgate.bench.report import (
     write_plots,
     write_records,
 )
-from kvgate.bench.runner import BenchResults, RunOutcome, WorkloadInfo
+from kvgate.bench.runner import ROUTER_CPU_METRIC, BenchResults, RunOutcome, WorkloadInfo
 from kvgate.bench.summary import summarize
 from kvgate.bench.workloads import BenchRequest, Session, Workload
 
@@ -40,6 +40,7 @@ def _results(*, failed_run: bool = False) -> BenchResults:
             'kvgate_predicted_prefix_hit_tokens_total{pod="b"}': 10.0,
             'kvgate_prompt_tokens_total{pod="a"}': 100.0,
             'kvgate_prompt_tokens_total{pod="b"}': 60.0,
+            ROUTER_CPU_METRIC: 0.05,
         },
     )
     runs = [
@@ -122,6 +123,7 @@ def test_markdown_has_a_row_per_run_and_the_overhead_ratio():
     assert "| 5000 (client-bound) | 64 | 1.00 |" in text
     assert "| 2500 | 64 | 0.50 |" in text
     assert "| 0.250 |" in text  # kvgate's predicted hit rate, 40 / 160
+    assert "| 10.0 | n/a | 0.250 |" in text  # 50 ms of router CPU over 5 requests; no pod header
 
 
 def test_incomplete_results_say_so():
