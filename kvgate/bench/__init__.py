@@ -16,8 +16,10 @@ Modules, in the order a run uses them:
 - `load`: the closed-loop client that replays a workload and times it;
 - `bound`: the hit-rate upper bound a trace allows;
 - `stats`: percentiles, Jain's index, the VTC floor;
+- `cpu`: who used the cores during a run (the router, the engines, others);
 - `summary`: one run's records and counters turned into figures;
 - `overhead`: the gateways against the stub engine;
+- `aggregate`: one row per router, medians over `--repeat` runs;
 - `report`: JSON, Markdown and plots;
 - `runner` and `cli`: the orchestration and the command line.
 

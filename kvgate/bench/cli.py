@@ -2,7 +2,7 @@
 
     kvgate bench [--quick] [--out DIR] [--routers LIST] [--workloads LIST]
                  [--overhead-routers LIST] [--engines N] [--kv-blocks N]
-                 [--seed N] [--model DIR] [--kvgate-arg ARG ...]
+                 [--seed N] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
                  [--[no-]kvgate-kv-events] [--no-progress]
 
 Lists are comma-separated; `none` empties one (e.g. `--workloads none` only
@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engines", type=int, help="vLLM engines (default 3; --quick 2)")
     parser.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default 48; --quick 24)")
     parser.add_argument("--seed", type=int, help="workload seed (default 1)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="replay every workload on every router this many times; tables show medians (default 1)",
+    )
     parser.add_argument(
         "--model", type=Path, help="model directory (built if missing; default $KVGATE_HOME/models/tiny-llama)"
     )
@@ -232,6 +238,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
         log_dir=out / "logs",
         kvgate_args=args.kvgate_args,
         kvgate_kv_events=args.kvgate_kv_events,
+        repeats=args.repeat,
         progress=TqdmProgress(enabled=not args.no_progress),
     )
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -281,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(problem)
     if args.engines is not None and args.engines < 1 or args.kv_blocks is not None and args.kv_blocks < 2:
         parser.error("--engines must be at least 1 and --kv-blocks at least 2")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / f"bench-{stamp}"
     out.mkdir(parents=True, exist_ok=True)

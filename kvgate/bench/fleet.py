@@ -186,6 +186,11 @@ class EngineFleet:
         return [engine.url for engine in self.engines]
 
     @property
+    def pgids(self) -> list[int]:
+        """Process group ids of the started engines (each engine is one group)."""
+        return [engine.pid for engine in self.engines if engine.pid is not None]
+
+    @property
     def event_endpoints(self) -> dict[str, str]:
         """Engine URL -> its ZMQ KV event endpoint (empty without `kv_events`)."""
         return {engine.url: relay.outbound for engine, relay in zip(self.engines, self.relays)}

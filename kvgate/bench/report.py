@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvgate.bench.runner import ROUTER_CPU_METRIC, BenchResults, RunOutcome
+from kvgate.bench.aggregate import rows
+from kvgate.bench.runner import BenchResults
 
 #: Files every complete run writes (plots only for what was measured).
 JSON_NAME = "results.json"
@@ -76,10 +77,6 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def _runs_of(results: BenchResults, workload: str) -> list[RunOutcome]:
-    return [run for run in results.runs if run.workload == workload]
-
-
 def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
     """The Markdown report (see the module docstring)."""
     config = results.config
@@ -106,6 +103,15 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             "Service: 1 x prompt + 2 x generated tokens per user; Jain's index over users."
         ),
     ]
+    if results.repeats > 1:
+        lines += [
+            "",
+            (
+                f"Every router replayed every workload {results.repeats} times, each time starting one router "
+                "further down the list; a row shows medians over its repeats (requests and failures summed), "
+                "with the range of hit rate and TTFT p50 in brackets."
+            ),
+        ]
     for info in results.workloads:
         lines += ["", f"## {info.name}", "", info.description + ".", ""]
         if info.bound_nominal is not None:
@@ -118,46 +124,59 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
         if timed:
             header += " light share (fair / VTC floor) |"
         lines += [header, "|" + " --- |" * (header.count("|") - 1)]
-        for run in _runs_of(results, info.name):
-            s = run.summary
+        table = rows(results, info.name)
+        for row in table:
+            s = row.summary
             if s is None:
-                lines.append(f"| {run.router} | failed: {(run.error or '').splitlines()[0][:120]} |")
+                lines.append(
+                    f"| {row.router} | failed: {(row.errors[0] if row.errors else '').splitlines()[0][:120]} |"
+                )
                 continue
+            hit, ttft = f"{s.hit_rate:.3f}", _fmt(s.ttft_ms_p50)
+            if results.repeats > 1 and row.hit_rate_range and row.ttft_p50_range:
+                hit += f" ({row.hit_rate_range[0]:.3f}-{row.hit_rate_range[1]:.3f})"
+                ttft += f" ({row.ttft_p50_range[0]:.0f}-{row.ttft_p50_range[1]:.0f})"
+            failed = f"{s.requests_failed}/{s.requests_sent}"
+            if row.errors:
+                failed += f", {len(row.errors)} runs failed"
             per_engine = "/".join(str(int(e.requests)) for e in s.engines)
-            row = (
-                f"| {run.router} | {s.hit_rate:.3f} | {s.hit_rate_bound:.3f} | {_fmt(s.hit_rate_vs_bound, 2)} | "
-                f"{_fmt(s.ttft_ms_p50)} | {_fmt(s.ttft_ms_p90)} | {_fmt(s.ttft_ms_p99)} | {_fmt(s.latency_ms_p50)} | "
+            line = (
+                f"| {row.router} | {hit} | {s.hit_rate_bound:.3f} | {_fmt(s.hit_rate_vs_bound, 2)} | "
+                f"{ttft} | {_fmt(s.ttft_ms_p90)} | {_fmt(s.ttft_ms_p99)} | {_fmt(s.latency_ms_p50)} | "
                 f"{_fmt(s.latency_ms_p99)} | {s.throughput_rps:.2f} | {s.output_tokens_per_s:.0f} | "
-                f"{s.requests_failed}/{s.requests_sent} | {_fmt(s.jain_index, 3)} | {per_engine} | {int(s.preemptions)} |"
+                f"{failed} | {_fmt(s.jain_index, 3)} | {per_engine} | {int(s.preemptions)} |"
             )
             if timed:
-                row += (
+                line += (
                     f" {_fmt(s.light_share, 3)} ({_fmt(s.light_share_fair, 3)} / {_fmt(s.light_share_vtc_floor, 3)}) |"
                 )
-            lines.append(row)
+            lines.append(line)
         lines += [
             "",
             (
                 "Where the time goes, means per request: TTFT at the client; the engines' own TTFT (from the "
                 "request's arrival in the engine core: the difference is the router, the engine's HTTP front end "
                 "and the wire), queue, prefill and decode times (vLLM's histograms); the router process's CPU time; "
-                "for kvgate, over how many engines each user's requests went and the hit rate it predicted:"
+                "the share of the cores used by processes outside the benchmark during the run (high means the run "
+                "is noise); for kvgate, over how many engines each user's requests went and the hit rate it "
+                "predicted:"
             ),
             "",
             (
                 "| router | TTFT ms | engine TTFT ms | engine queue ms | engine prefill ms | engine decode ms | "
-                "router CPU ms | engines per user | predicted hit rate |"
+                "router CPU ms | others' CPU % | engines per user | predicted hit rate |"
             ),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for run in _runs_of(results, info.name):
-            s = run.summary
+        for row in table:
+            s = row.summary
             if s is None:
                 continue
+            others = None if row.others_cpu_share is None else 100.0 * row.others_cpu_share
             lines.append(
-                f"| {run.router} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
+                f"| {row.router} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
                 f"{_fmt(s.engine_queue_ms_mean)} | {_fmt(s.engine_prefill_ms_mean)} | {_fmt(s.engine_decode_ms_mean)} | "
-                f"{_fmt(router_cpu_ms(s.router_metrics, s.requests_sent))} | "
+                f"{_fmt(row.router_cpu_ms)} | {_fmt(others, 0)} | "
                 f"{_fmt(s.pods_per_user, 2)} | {_fmt(predicted_hit_rate(s.router_metrics), 3)} |"
             )
     overhead = results.overhead
@@ -205,14 +224,6 @@ def predicted_hit_rate(metrics: Mapping[str, float]) -> float | None:
     return hits / prompts
 
 
-def router_cpu_ms(metrics: Mapping[str, float], requests: int) -> float | None:
-    """CPU milliseconds the router process spent per request over a run, if measured."""
-    seconds = metrics.get(ROUTER_CPU_METRIC)
-    if seconds is None or not requests:
-        return None
-    return seconds / requests * 1000.0
-
-
 def write_markdown(results: BenchResults, meta: Mapping[str, Any], out: Path) -> Path:
     """Write `results.md`; returns its path."""
     path = out / MARKDOWN_NAME
@@ -249,7 +260,7 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
     if workloads and routers:
         fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
         for ax, name in zip(axes[0], workloads):
-            runs = [r for r in _runs_of(results, name) if r.summary is not None]
+            runs = [r for r in rows(results, name) if r.summary is not None]
             xs = range(len(runs))
             ax.bar(xs, [r.summary.hit_rate for r in runs], color=[colours[r.router] for r in runs])
             ax.scatter(
@@ -267,7 +278,7 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
 
         fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
         for ax, name in zip(axes[0], workloads):
-            runs = [r for r in _runs_of(results, name) if r.summary is not None]
+            runs = [r for r in rows(results, name) if r.summary is not None]
             xs = list(range(len(runs)))
             width = 0.4
             ax.bar([x - width / 2 for x in xs], [r.summary.ttft_ms_p50 for r in runs], width, label="p50",
@@ -285,9 +296,7 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
 
     fair = [info for info in results.workloads if info.duration_s is not None]
     if fair and routers:
-        runs = [
-            r for r in _runs_of(results, fair[0].name) if r.summary is not None and r.summary.light_share is not None
-        ]
+        runs = [r for r in rows(results, fair[0].name) if r.summary is not None and r.summary.light_share is not None]
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs) + 2), 4.5))
         xs = list(range(len(runs)))
         heavy = [1 - (r.summary.light_share or 0.0) for r in runs]

@@ -340,21 +340,6 @@ class RouterProcess:
                     kept[series] = float(value)
         return kept
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time (user + system) the router process has used so far, from /proc; None if unknown.
-
-        Routers run in one process (kvgate, and the peers' Rust cores inside
-        their Python launchers), so this is the router's whole CPU cost.
-        """
-        if self._proc is None:
-            return None
-        try:
-            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
-            fields = stat[stat.rfind(")") + 2 :].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM the process group, SIGKILL after `grace` seconds. Safe to call twice.
 

@@ -8,9 +8,10 @@
    (failing loudly if an engine refuses), starts the router and waits until it
    routes, snapshots the engines' counters, replays the workload, waits until
    the engines are idle, snapshots again, keeps the router's own figures
-   (and the CPU time its process used during the replay),
+   and who used the CPUs during the replay (`cpu`),
    stops the router and summarises (`summary`). Workloads are the outer loop,
-   so the routers compared on one workload run close together in time;
+   so the routers compared on one workload run close together in time; with
+   `repeats`, all of it again, each time starting one router further on;
 4. stops the engines, then measures each gateway against the stub engine
    (`overhead`), so no engine competes for the CPUs.
 
@@ -31,8 +32,10 @@ from typing import Any
 
 import aiohttp
 
+from kvgate.bench import cpu
 from kvgate.bench.bound import hit_bound
 from kvgate.bench.config import BenchConfig
+from kvgate.bench.cpu import CpuUse
 from kvgate.bench.fleet import EngineFleet, FleetSpec
 from kvgate.bench.load import RequestRecord, run_workload
 from kvgate.bench.overhead import OverheadReport, measure_overhead
@@ -41,9 +44,6 @@ from kvgate.bench.summary import RunSummary, summarize
 from kvgate.bench.workloads import BenchRequest, Workload, build_workload
 from kvgate.model import SERVED_MODEL_NAME
 from router.prompts import PromptEncoder
-
-#: Key in a run's router metrics: CPU seconds the router process used while the workload ran.
-ROUTER_CPU_METRIC = "bench_router_cpu_seconds"
 
 #: A prompt long enough to fill a few KV blocks, sent to warm the engines up.
 _WARMUP_PROMPT = "Warm up the engine with a prompt that spans several blocks. " * 60
@@ -59,6 +59,8 @@ class RunOutcome:
     summary: RunSummary | None = None
     error: str | None = None
     records: tuple[RequestRecord, ...] = ()
+    cpu: CpuUse | None = None
+    repeat: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class BenchResults:
     """Everything one benchmark produced."""
 
     config: BenchConfig
+    repeats: int
     routers: tuple[str, ...]
     workloads: tuple[WorkloadInfo, ...]
     runs: tuple[RunOutcome, ...]
@@ -140,6 +143,14 @@ class TokenCache:
         return tokens
 
 
+def rotated(items: Sequence[RouterSpec], shift: int) -> list[RouterSpec]:
+    """`items` starting at index `shift` (modulo their number), wrapping around."""
+    if not items:
+        return []
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -153,6 +164,7 @@ async def _run_one(
     tokens: TokenCache,
     http: aiohttp.ClientSession,
     progress: Progress,
+    repeat: int,
 ) -> RunOutcome:
     started = _now()
     router = RouterProcess(router_spec, ctx)
@@ -162,7 +174,7 @@ async def _run_one(
         await router.wait_ready(http)
         await fleet.reset_prefix_caches(http)
         before = await fleet.counters(http)
-        cpu_before = router.cpu_seconds()
+        cpu_before = cpu.sample(fleet.pgids, router.pid)
         trace = await run_workload(
             router.url,
             workload,
@@ -170,15 +182,15 @@ async def _run_one(
             request_timeout_s=config.request_timeout_s,
             on_record=progress.request,
         )
+        cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pid))
         await fleet.wait_idle(http)
         await asyncio.sleep(0.5)  # the engines' counters trail the last answer by a step
         after = await fleet.counters(http)
-        cpu_after = router.cpu_seconds()
         router_metrics = await router.scrape(http)
-        if cpu_before is not None and cpu_after is not None:
-            router_metrics[ROUTER_CPU_METRIC] = cpu_after - cpu_before
     except RouterError as exc:
-        return RunOutcome(router=router_spec.name, workload=workload.name, started_at=started, error=str(exc))
+        return RunOutcome(
+            router=router_spec.name, workload=workload.name, started_at=started, error=str(exc), repeat=repeat
+        )
     finally:
         router.stop()
     summary = summarize(
@@ -190,7 +202,13 @@ async def _run_one(
         router_metrics=router_metrics,
     )
     return RunOutcome(
-        router=router_spec.name, workload=workload.name, started_at=started, summary=summary, records=trace.records
+        router=router_spec.name,
+        workload=workload.name,
+        started_at=started,
+        summary=summary,
+        records=trace.records,
+        cpu=cpu_use,
+        repeat=repeat,
     )
 
 
@@ -220,6 +238,7 @@ async def run_bench(
     log_dir: Path,
     kvgate_args: Sequence[str] = (),
     kvgate_kv_events: bool = True,
+    repeats: int = 1,
     progress: Progress | None = None,
     on_engines: Callable[[list[str]], None] | None = None,
 ) -> BenchResults:
@@ -236,6 +255,9 @@ async def run_bench(
         kvgate_args: extra `kvgate serve` arguments.
         kvgate_kv_events: feed kvgate the engines' KV events (the engines
             then publish them; they also do when vllm-router's `kv_aware` runs).
+        repeats: times every router replays every workload; each repeat
+            starts one router further down the list (`rotated`), so no router
+            always runs first.
         progress: progress display.
         on_engines: called with the engine URLs once they are ready.
 
@@ -253,7 +275,7 @@ async def run_bench(
     infos = tuple(_info(w, tokens, config.block_size) for w in workloads)
     runs: list[RunOutcome] = []
     ready: list[float] = []
-    engine_steps = len(workloads) * len(routers) if routers else 0
+    engine_steps = repeats * len(workloads) * len(routers) if routers else 0
     overhead_steps = len(overhead_routers) + 1 if overhead_routers else 0
     progress.start(engine_steps + overhead_steps)
     try:
@@ -287,13 +309,17 @@ async def run_bench(
                 timeout = aiohttp.ClientTimeout(total=60)
                 async with aiohttp.ClientSession(timeout=timeout) as http:
                     await fleet.warm_up(http, _WARMUP_PROMPT)
-                    for workload in workloads:
-                        for router_spec in routers:
-                            progress.step(f"{workload.name} / {router_spec.name}")
-                            runs.append(
-                                await _run_one(fleet, router_spec, workload, config, ctx, tokens, http, progress)
-                            )
-                            progress.advance()
+                    for repeat in range(repeats):
+                        for workload in workloads:
+                            for router_spec in rotated(routers, repeat):
+                                label = f"{workload.name} / {router_spec.name}"
+                                progress.step(label if repeats == 1 else f"{label} ({repeat + 1}/{repeats})")
+                                runs.append(
+                                    await _run_one(
+                                        fleet, router_spec, workload, config, ctx, tokens, http, progress, repeat
+                                    )
+                                )
+                                progress.advance()
             finally:
                 fleet.stop()
         overhead = overhead_error = None
@@ -322,6 +348,7 @@ async def run_bench(
         progress.close()
     return BenchResults(
         config=config,
+        repeats=repeats,
         routers=tuple(r.name for r in routers),
         workloads=infos,
         runs=tuple(runs),

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from kvgate.bench import config
+from kvgate.bench.cpu import CpuUse
 from kvgate.bench.load import RequestRecord, RunTrace
 from kvgate.bench.overhead import GatewayOverhead, OverheadReport, RatePoint
 from kvgate.bench.report import (
@@ -19,7 +20,7 @@ from kvgate.bench.report import (
     write_plots,
     write_records,
 )
-from kvgate.bench.runner import ROUTER_CPU_METRIC, BenchResults, RunOutcome, WorkloadInfo
+from kvgate.bench.runner import BenchResults, RunOutcome, WorkloadInfo
 from kvgate.bench.summary import summarize
 from kvgate.bench.workloads import BenchRequest, Session, Workload
 
@@ -40,12 +41,16 @@ def _results(*, failed_run: bool = False) -> BenchResults:
             'kvgate_predicted_prefix_hit_tokens_total{pod="b"}': 10.0,
             'kvgate_prompt_tokens_total{pod="a"}': 100.0,
             'kvgate_prompt_tokens_total{pod="b"}': 60.0,
-            ROUTER_CPU_METRIC: 0.05,
         },
     )
     runs = [
         RunOutcome(
-            router="kvgate:kv-aware", workload="skewed-users", started_at="t", summary=summary, records=TRACE.records
+            router="kvgate:kv-aware",
+            workload="skewed-users",
+            started_at="t",
+            summary=summary,
+            records=TRACE.records,
+            cpu=CpuUse(wall_s=10.0, router_s=0.05, engines_s=12.0, others_share=0.25, load_average=3.0),
         ),
         RunOutcome(router="sglang:cache_aware", workload="skewed-users", started_at="t", summary=summary),
     ]
@@ -61,6 +66,7 @@ def _results(*, failed_run: bool = False) -> BenchResults:
     sglang = replace(gateway, router="sglang:cache_aware", max_rps=5000.0, client_bound=True)
     return BenchResults(
         config=config.quick(),
+        repeats=1,
         routers=tuple(dict.fromkeys(r.router for r in runs)),
         workloads=(
             WorkloadInfo(
@@ -123,7 +129,7 @@ def test_markdown_has_a_row_per_run_and_the_overhead_ratio():
     assert "| 5000 (client-bound) | 64 | 1.00 |" in text
     assert "| 2500 | 64 | 0.50 |" in text
     assert "| 0.250 |" in text  # kvgate's predicted hit rate, 40 / 160
-    assert "| 10.0 | n/a | 0.250 |" in text  # 50 ms of router CPU over 5 requests; no pod header
+    assert "| 10.0 | 25 | n/a | 0.250 |" in text  # 50 ms of router CPU over 5 requests, others took 25%
 
 
 def test_incomplete_results_say_so():

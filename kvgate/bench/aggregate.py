@@ -1,0 +1,123 @@
+"""One row per router and workload: the median over repeated runs.
+
+With `--repeat N` every router replays every workload N times. On a small
+shared machine one run's TTFT can move by half between repeats, so the tables
+and plots show, per router, the median of each figure over its successful
+repeats (request counts and failures are summed) with the range of the two
+figures most compared, hit rate and TTFT p50. With one repeat a row is that
+run.
+
+Called by `kvgate.bench.report`; pure.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from kvgate.bench.runner import BenchResults, RunOutcome
+from kvgate.bench.summary import RunSummary
+
+#: RunSummary fields that count things over a run: summed over repeats, not medianed.
+SUMMED = frozenset(
+    {
+        "requests_sent",
+        "requests_ok",
+        "requests_failed",
+        "engine_prefix_queries",
+        "engine_prefix_hits",
+        "bound_hit_tokens",
+        "bound_prompt_tokens",
+        "preemptions",
+        "exhausted_sessions",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterRow:
+    """A router's figures on one workload.
+
+    Attributes:
+        router: `family:policy`.
+        summary: medians over the successful repeats; None if none succeeded.
+        repeats_ok: successful repeats.
+        errors: why the other repeats failed.
+        hit_rate_range: (min, max) over repeats.
+        ttft_p50_range: (min, max) TTFT p50 over repeats, ms.
+        router_cpu_ms: median CPU milliseconds of the router process per request.
+        others_cpu_share: median share of the cores used outside the benchmark.
+    """
+
+    router: str
+    summary: RunSummary | None
+    repeats_ok: int
+    errors: tuple[str, ...]
+    hit_rate_range: tuple[float, float] | None
+    ttft_p50_range: tuple[float, float] | None
+    router_cpu_ms: float | None
+    others_cpu_share: float | None
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def combine(summaries: Sequence[RunSummary]) -> RunSummary:
+    """Medians of several runs' summaries (counts summed; other fields from the median-TTFT run).
+
+    Raises:
+        ValueError: no summaries.
+    """
+    if not summaries:
+        raise ValueError("nothing to combine")
+    if len(summaries) == 1:
+        return summaries[0]
+    by_ttft = sorted(summaries, key=lambda s: s.ttft_ms_p50)
+    middle = by_ttft[(len(by_ttft) - 1) // 2]
+    values = {}
+    for f in fields(RunSummary):
+        column = [getattr(s, f.name) for s in summaries]
+        if f.name in SUMMED:
+            values[f.name] = sum(column)
+        elif all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in column):
+            values[f.name] = _median(column)
+        else:
+            values[f.name] = getattr(middle, f.name)
+    return RunSummary(**values)
+
+
+def _cpu_ms(run: RunOutcome) -> float | None:
+    if run.cpu is None or run.cpu.router_s is None or run.summary is None or not run.summary.requests_sent:
+        return None
+    return run.cpu.router_s / run.summary.requests_sent * 1000.0
+
+
+def rows(results: BenchResults, workload: str) -> list[RouterRow]:
+    """One row per router that ran `workload`, in the order routers were given."""
+    out = []
+    for router in results.routers:
+        runs = [r for r in results.runs if r.workload == workload and r.router == router]
+        if not runs:
+            continue
+        ok = [r for r in runs if r.summary is not None]
+        summaries = [r.summary for r in ok if r.summary is not None]
+        out.append(
+            RouterRow(
+                router=router,
+                summary=combine(summaries) if summaries else None,
+                repeats_ok=len(ok),
+                errors=tuple(r.error or "" for r in runs if r.summary is None),
+                hit_rate_range=(min(s.hit_rate for s in summaries), max(s.hit_rate for s in summaries))
+                if summaries
+                else None,
+                ttft_p50_range=(min(s.ttft_ms_p50 for s in summaries), max(s.ttft_ms_p50 for s in summaries))
+                if summaries
+                else None,
+                router_cpu_ms=_median([_cpu_ms(r) for r in ok]),
+                others_cpu_share=_median([r.cpu.others_share if r.cpu else None for r in ok]),
+            )
+        )
+    return out

@@ -1,0 +1,138 @@
+"""CPU accounting from /proc: who used the machine's cores while a run was replayed.
+
+On a small shared machine a run is only as good as the CPU it got. Sampling,
+before and after each replay, the machine's busy time (`/proc/stat`), the
+engines' process groups, the router process and this process tells how much
+of the cores went to the router and how much to work outside the benchmark
+altogether (`CpuUse.others_share`): a run where others took a large share is
+noise, not a result.
+
+Linux only; elsewhere every figure is None. Called by `kvgate.bench.runner`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: /proc/stat columns counted as busy: user, nice, system, irq, softirq, steal.
+_BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)
+
+
+def _ticks_per_second() -> float:
+    return float(os.sysconf("SC_CLK_TCK"))
+
+
+def machine_busy_seconds() -> float | None:
+    """Busy CPU seconds of all cores since boot, or None without /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return sum(int(first[1 + i]) for i in _BUSY_COLUMNS) / _ticks_per_second()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()  # fields from `state` on (the name may hold spaces)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of one process (all its threads), or None if unknown."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    try:
+        return (int(fields[11]) + int(fields[12])) / _ticks_per_second()
+    except (ValueError, IndexError):
+        return None
+
+
+def group_cpu_seconds(pgids: Iterable[int]) -> float | None:
+    """CPU seconds of the live processes of the given process groups, or None without /proc."""
+    wanted = set(pgids)
+    if not wanted:
+        return 0.0
+    try:
+        entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        return None
+    total = 0.0
+    for entry in entries:
+        fields = _stat_fields(int(entry.name))
+        try:
+            if fields is not None and int(fields[2]) in wanted:
+                total += (int(fields[11]) + int(fields[12])) / _ticks_per_second()
+        except (ValueError, IndexError):
+            continue
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """Cumulative CPU seconds at one moment."""
+
+    at: float
+    machine: float | None
+    engines: float | None
+    router: float | None
+    bench: float
+
+
+def sample(engine_pgids: Iterable[int], router_pid: int | None) -> CpuSample:
+    """Sample the machine, the engines' process groups, the router and this process."""
+    times = os.times()
+    return CpuSample(
+        at=time.monotonic(),
+        machine=machine_busy_seconds(),
+        engines=group_cpu_seconds(engine_pgids),
+        router=None if router_pid is None else process_cpu_seconds(router_pid),
+        bench=times.user + times.system,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    """CPU used between two samples.
+
+    Attributes:
+        wall_s: seconds between the samples.
+        router_s: CPU seconds of the router process.
+        engines_s: CPU seconds of the engines' processes.
+        others_share: share of all cores' time that went to processes outside
+            the benchmark (not the engines, the router or this process).
+        load_average: the 1-minute load average at the end.
+    """
+
+    wall_s: float
+    router_s: float | None
+    engines_s: float | None
+    others_share: float | None
+    load_average: float | None
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def between(before: CpuSample, after: CpuSample) -> CpuUse:
+    """What was used from `before` to `after`."""
+    wall = after.at - before.at
+    machine = _delta(after.machine, before.machine)
+    engines = _delta(after.engines, before.engines)
+    router = _delta(after.router, before.router)
+    others = None
+    if machine is not None and engines is not None and wall > 0:
+        ours = engines + (router or 0.0) + (after.bench - before.bench)
+        others = max(machine - ours, 0.0) / (wall * (os.cpu_count() or 1))
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return CpuUse(wall_s=wall, router_s=router, engines_s=engines, others_share=others, load_average=load)
