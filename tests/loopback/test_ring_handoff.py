@@ -36,7 +36,7 @@ async def held(nodes: list[CacheNode]) -> int:
 async def test_a_graceful_leave_loses_no_block(replicas: int) -> None:
     labels = [{"host": f"h{i}"} for i in range(4)]
     async with run_nodes(4, labels=labels, replicas=replicas) as (nodes, membership):
-        client = PeerTier(membership, replicas=replicas, read_fallback=0, metrics=StoreMetrics(CollectorRegistry()))
+        client = PeerTier(membership, replicas=replicas, read_fallback=0, timeout_s=10.0, metrics=StoreMetrics(CollectorRegistry()))
         await client.start()
         try:
             await client.put([(key(i), frame(i, 4096)) for i in range(BLOCKS)])
@@ -78,7 +78,7 @@ async def test_a_leaving_node_refuses_writes_and_still_serves_reads() -> None:
 
 async def test_after_a_join_reads_fall_back_to_the_previous_owner() -> None:
     async with run_nodes(3) as (nodes, membership):
-        client = PeerTier(membership, read_fallback=1)
+        client = PeerTier(membership, read_fallback=1, timeout_s=10.0)
         await client.start()
         newcomer = None
         try:
@@ -138,6 +138,11 @@ async def test_sigterm_hands_off_every_block_before_exit(tmp_path: Path, redis_s
     client = PeerTier(RedisMembership(redis_server.url, cluster="t"), read_fallback=0)
     try:
         await client.start()
+        for _ in range(100):  # a busy machine may delay a heartbeat past a short TTL
+            if len(client.ring) == 3:
+                break
+            await asyncio.sleep(0.1)
+            await client.refresh()
         assert len(client.ring) == 3
         await client.put([(key(i), frame(i, 8192)) for i in range(BLOCKS)])
         usage = await client.usage()
