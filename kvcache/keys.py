@@ -103,6 +103,31 @@ def chain_hashes(
     return hashes
 
 
+def request_extra(cache_salt: str | None = None, lora_name: str | None = None) -> bytes:
+    """The extra keys of a request's first block: its cache salt and LoRA adapter.
+
+    vLLM folds the salt into the first block's hash and the adapter's name
+    into every block's; with chained hashes, folding both into the first block
+    is enough to keep two salts (or adapters) from sharing any block. The
+    gateway's prefix index and the KV connector both key requests with this,
+    so a prefix the router matches is one the connector can find.
+
+    Args:
+        cache_salt: the request's `cache_salt`, or None.
+        lora_name: the LoRA adapter the request runs under, or None for the
+            base model.
+
+    Returns:
+        Bytes for `chain_hashes(first_extra=...)`; empty when neither is set.
+    """
+    parts = []
+    if cache_salt:
+        parts.append(f"salt={cache_salt}")
+    if lora_name:
+        parts.append(f"lora={lora_name}")
+    return "\x00".join(parts).encode()
+
+
 _NAMESPACE_DIGEST_SIZE = 16
 #: Length of every `BlockKey` made by `Namespace.key`.
 KEY_SIZE = _NAMESPACE_DIGEST_SIZE + _DIGEST_SIZE

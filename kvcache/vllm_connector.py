@@ -50,7 +50,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvcache.errors import ConfigError
 from kvcache.framing import new_frame, payload_of, seal
-from kvcache.keys import BlockHash, BlockKey, Namespace
+from kvcache.keys import BlockHash, BlockKey, Namespace, request_extra
 from kvcache.loop import LoopThread
 from kvcache.metrics import StoreMetrics
 from kvcache.settings import CacheSettings, L1Settings
@@ -190,13 +190,8 @@ class TieredKVConnector(KVConnectorBase_V1):
 
     @staticmethod
     def _salt(request: Request) -> bytes:
-        parts = []
-        if getattr(request, "cache_salt", None):
-            parts.append(f"salt={request.cache_salt}")
         lora = getattr(request, "lora_request", None)
-        if lora is not None:
-            parts.append(f"lora={lora.lora_name}")
-        return "\x00".join(parts).encode()
+        return request_extra(getattr(request, "cache_salt", None), None if lora is None else lora.lora_name)
 
     def _lookup(self, hashes: Sequence[BlockHash]) -> list[str | None]:
         """Tier holding each block (all TP ranks' shards), or None."""

@@ -35,7 +35,7 @@ SERVED_MODEL_NAME = "tiny-llama"
 
 #: Bumped whenever the files written here change; recorded in the directory so
 #: a stale build is rebuilt instead of silently reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 _STAMP_FILE = "kvgate-model.json"
 
@@ -49,14 +49,35 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)
 
 #: ChatML-like template. It starts with the BOS token, so chat prompts are
-#: tokenised without adding special tokens (as vLLM does for chat).
+#: tokenised without adding special tokens (as vLLM does for chat). Like the
+#: templates of real tool-calling models, it renders the request's `tools`
+#: and `documents` in a system turn up front, assistant `tool_calls` after
+#: their message, and reads a template kwarg (`enable_thinking`, which
+#: `reasoning_effort` also sets): each of them changes the prompt's tokens.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n# Tools\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if documents %}"
+    "{{ '<|im_start|>system\n# Documents\n' }}"
+    "{% for document in documents %}{{ document | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% if message['tool_calls'] is defined %}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>' }}{{ call['function'] | tojson }}{{ '</tool_call>' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think></think>\n' }}{% endif %}"
     "{% endif %}"
 )
 

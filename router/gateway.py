@@ -173,7 +173,10 @@ class Gateway:
         user = self._user(call.user, request)
 
         block_size = self.block_size
-        prompt = await tokenize(self.encoder, call, block_size)
+        adapter = call.model if any(call.model in pod.adapters for pod in self.pods) else None
+        prompt = await tokenize(self.encoder, call, block_size, lora_name=adapter)
+        if prompt.unkeyed is not None:
+            self.metrics.unkeyed_prompts.labels(prompt.unkeyed).inc()
         route = RouteRequest(
             user=user,
             model=call.model,

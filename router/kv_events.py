@@ -8,8 +8,10 @@ ids, the block size), `BlockRemoved` (hashes evicted) and `AllBlocksCleared`.
 `EngineBlocks` turns them into prefix-index updates for one pod. The engine's
 hashes are its own (sha256 of a pickle, or a 64-bit digest); the index speaks
 `kvcache.keys` chains, so for every stored block it recomputes our hash from
-its parent's and its token ids, and remembers engine hash -> path. A block
-whose parent it never saw cannot be placed and is skipped. A gap in the
+its parent's and its token ids (the first block of a chain also with its
+cache salt and LoRA adapter, from the event's extra keys, as the gateway and
+the connector key requests), and remembers engine hash -> path. A block whose
+parent it never saw, or that carries multimodal keys, is skipped. A gap in the
 sequence numbers means events were lost: the pod's entries are dropped and
 rebuilt from the events that follow (and from routing predictions).
 
@@ -31,7 +33,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from kvcache.keys import ROOT_HASH, BlockHash, hash_block
+from kvcache.keys import ROOT_HASH, BlockHash, hash_block, request_extra
 from router.index import PrefixIndex
 from router.pods import PodId
 
@@ -118,7 +120,8 @@ class EngineBlocks:
         size = event.get("block_size")
         hashes = event.get("block_hashes") or []
         tokens = event.get("token_ids") or []
-        if size != self.block_size or len(tokens) != size * len(hashes) or event.get("lora_id") is not None:
+        lora = event.get("lora_name")
+        if size != self.block_size or len(tokens) != size * len(hashes) or (event.get("lora_id") is not None and lora is None):
             self.skipped += len(hashes)
             return
         parent = event.get("parent_block_hash")
@@ -131,11 +134,40 @@ class EngineBlocks:
                 return
             path = known
         for i, engine_hash in enumerate(hashes):
-            ours = hash_block(path[-1] if path else ROOT_HASH, tokens[i * size : (i + 1) * size])
+            extra = block_extra(event, i)
+            if extra is None:
+                self.skipped += len(hashes) - i
+                break
+            # As the connector keys it: salt and adapter on the first block only.
+            ours = hash_block(path[-1] if path else ROOT_HASH, tokens[i * size : (i + 1) * size], b"" if path else extra)
             path = path + (ours,)
             self._paths[_hashable(engine_hash)] = path
-        self.index.insert(self.pod, path)
-        self.stored += len(hashes)
+            self.stored += 1
+        if path:
+            self.index.insert(self.pod, path)
+
+
+def block_extra(event: Mapping[str, Any], index: int) -> bytes | None:
+    """Our extra keys (`kvcache.keys.request_extra`) for block `index` of a `BlockStored` event.
+
+    vLLM publishes each block's extra keys untagged, in this order: the LoRA
+    name (when `lora_name` is set), `(mm_identifier, offset)` pairs, the cache
+    salt (first block of a request only), prompt-embedding digests.
+
+    Returns:
+        The bytes to fold into the block (used for a chain's first block), or
+        None when the block carries multimodal or embedding keys, whose
+        prompts the gateway never keys.
+    """
+    lora = event.get("lora_name")
+    per_block = event.get("extra_keys")
+    entry = per_block[index] if isinstance(per_block, list) and index < len(per_block) else None
+    keys = list(entry) if isinstance(entry, (list, tuple)) else []
+    if isinstance(lora, str) and keys and keys[0] == lora:
+        keys.pop(0)
+    if len(keys) > 1 or (keys and not isinstance(keys[0], str)):
+        return None
+    return request_extra(keys[0] if keys else None, lora if isinstance(lora, str) else None)
 
 
 def _hashable(value: Any) -> Hashable:

@@ -83,6 +83,13 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens routed.", ["pod"], registry=r)
         self.in_flight = Gauge("kvgate_pod_in_flight", "Requests the gateway has in flight on each pod.", ["pod"], registry=r)
         self.queue_length = Gauge("kvgate_admission_queue_length", "Requests waiting for a free slot.", registry=r)
+        self.unkeyed_prompts = Counter(
+            "kvgate_prompt_unkeyed",
+            "Requests routed without a prefix match because the engine's prompt tokens cannot be known "
+            "here (a chat template sent with the request, multimodal content, prompt embeddings, ...).",
+            ["reason"],
+            registry=r,
+        )
         self.retries = Counter("kvgate_upstream_retries", "Requests re-sent to another pod after a failure.", ["pod"], registry=r)
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended with an error event after the pod broke off.", ["pod"], registry=r

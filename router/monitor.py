@@ -20,7 +20,7 @@ from collections.abc import Callable
 import aiohttp
 
 from router.index import PrefixIndex
-from router.pods import Pod, PodId, PodSet
+from router.pods import Pod, PodId, PodSet, lora_adapters
 from router.scrape import parse_engine_metrics
 from router.settings import DiscoverySettings, ScrapeSettings
 
@@ -114,6 +114,7 @@ class Monitor:
                         payload = await response.json()
                         data = payload.get("data") or []
                         pod.models = frozenset(m["id"] for m in data if isinstance(m, dict) and "id" in m)
+                        pod.adapters = lora_adapters(data)
                         lens = [m.get("max_model_len") for m in data if isinstance(m, dict)]
                         pod.max_model_len = next((n for n in lens if isinstance(n, int)), None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:

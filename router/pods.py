@@ -49,9 +49,34 @@ class Pod:
     decoding: int = 0
     """Requests on the pod past their first output token."""
     models: frozenset[str] = frozenset()
+    adapters: frozenset[str] = frozenset()
+    """The models that are LoRA adapters on a base model (their blocks are keyed by name)."""
     max_model_len: int | None = None
     stats: EngineStats = field(default_factory=EngineStats)
     changed_at: float = field(default_factory=time.monotonic)
+
+
+def lora_adapters(served: Iterable[object]) -> frozenset[str]:
+    """The LoRA adapters among a pod's `/v1/models` entries.
+
+    vLLM lists an adapter with its base model as `parent`; a base model has
+    no parent. (`root` does not tell them apart: a base model's root is its
+    path, which differs from a served model name too.)
+
+    Args:
+        served: the `data` entries of a `/v1/models` answer.
+
+    Returns:
+        The adapters' model ids.
+    """
+    return frozenset(
+        m["id"]
+        for m in served
+        if isinstance(m, dict)
+        and isinstance(m.get("id"), str)
+        and isinstance(m.get("parent"), str)
+        and m["parent"] != m["id"]
+    )
 
 
 class PodSet:

@@ -6,6 +6,12 @@ blocks are the engine's blocks. Without one, `ByteEncoder` treats UTF-8 bytes
 as tokens (blocks of `bytes_per_token x block_size` bytes): prefix matching
 still works for shared text, only less precisely.
 
+Every request field that changes the engine's tokens is applied
+(`router.prompt_options`), and the cache salt and LoRA adapter go into the
+first block's key (`kvcache.keys.request_extra`), as the KV connector keys
+them. A request whose tokens the gateway cannot know gets no block hashes, so
+it is routed without a prefix match rather than with a wrong one.
+
 Long prompts are tokenised off the event loop.
 """
 
@@ -15,12 +21,14 @@ import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from kvcache.keys import BlockHash, chain_hashes
+from kvcache.keys import BlockHash, chain_hashes, request_extra
 from router.errors import InvalidRequest
+from router.prompt_options import PromptOptions, Unkeyed, prompt_options
 from router.schema import Call
-from router.tokenize.errors import BadPromptError
+from router.tokenize.errors import BadPromptError, UnsupportedContentError
+from router.tokenize.tokenizer import truncate_ids
 
 #: Prompts longer than this (characters) are tokenised in a worker thread.
 _OFFLOAD_CHARS = 16_384
@@ -36,20 +44,40 @@ class PromptEncoder(Protocol):
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        reasoning_effort: str | None = None,
+        add_special_tokens: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: Literal["left", "right"] | None = None,
     ) -> list[int]: ...
 
-    def encode_prompt(self, text: str) -> list[int]: ...
+    def encode_prompt(
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool = True,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: Literal["left", "right"] | None = None,
+    ) -> list[int]: ...
 
 
 class ByteEncoder:
-    """Fallback without a tokenizer: one "token" per UTF-8 byte, about 4 per engine token."""
+    """Fallback without a tokenizer: one "token" per UTF-8 byte, about 4 per engine token.
+
+    What a template would render before the messages (tools, documents,
+    kwargs) leads the bytes, so requests that differ there share no prefix.
+    Truncation is left out: it counts tokens, which bytes cannot.
+    """
 
     units_per_token = 4
 
-    def encode_chat(self, messages: list[dict[str, Any]], **_: Any) -> list[int]:
-        return list(json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode())
+    def encode_chat(self, messages: list[dict[str, Any]], **options: Any) -> list[int]:
+        extras = {k: options[k] for k in ("tools", "documents", "chat_template_kwargs") if options.get(k)}
+        shown: Any = [extras, messages] if extras else messages
+        return list(json.dumps(shown, ensure_ascii=False, separators=(",", ":")).encode())
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, **_: Any) -> list[int]:
         return list(text.encode())
 
 
@@ -61,26 +89,49 @@ class PromptTokens:
     block_hashes: tuple[BlockHash, ...]
     total_tokens: int
     """Engine tokens over every prompt of a batch (completions may send several)."""
+    unkeyed: Unkeyed | None = None
+    """Why the prompt has no block hashes although it has tokens: the gateway
+    cannot know the engine's tokens, so it routes without a prefix match."""
 
 
-def _encode(encoder: PromptEncoder, call: Call) -> tuple[list[int], int]:
+def _encode(encoder: PromptEncoder, call: Call, options: PromptOptions) -> tuple[list[int], int]:
     body = call.body
+    if options.reused_ids is not None and getattr(encoder, "units_per_token", 1) == 1:
+        return list(options.reused_ids), len(options.reused_ids)
+    truncation: dict[str, Any] = {}
+    if options.truncate_prompt_tokens is not None:
+        truncation = {
+            "truncate_prompt_tokens": options.truncate_prompt_tokens,
+            "truncation_side": options.truncation_side,
+        }
     if call.kind == "chat":
         ids = encoder.encode_chat(
             body["messages"],
-            add_generation_prompt=body.get("add_generation_prompt", True),
-            continue_final_message=body.get("continue_final_message", False),
-            chat_template_kwargs=body.get("chat_template_kwargs"),
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
+            chat_template_kwargs=options.chat_template_kwargs,
+            tools=options.tools,
+            documents=options.documents,
+            reasoning_effort=options.reasoning_effort,
+            add_special_tokens=options.add_special_tokens,
+            **truncation,
         )
         return ids, len(ids)
+
+    def one(prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return encoder.encode_prompt(prompt, add_special_tokens=options.add_special_tokens, **truncation)
+        # Token ids reach the engine as they are: no special tokens added, only the cut.
+        ids = list(prompt)
+        keep = options.truncate_prompt_tokens
+        return ids if keep is None else truncate_ids(ids, keep, options.truncation_side)
+
     prompt = body["prompt"]
-    if isinstance(prompt, str):
-        ids = encoder.encode_prompt(prompt)
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        ids = one(prompt)
         return ids, len(ids)
-    if isinstance(prompt[0], int):
-        return list(prompt), len(prompt)
     # A batch: route by the first prompt, count the work of all of them.
-    batch = [encoder.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt]
+    batch = [one(p) for p in prompt]
     return batch[0], sum(len(ids) for ids in batch)
 
 
@@ -92,19 +143,41 @@ def _size(call: Call) -> int:
     return len(prompt) if isinstance(prompt, str) else sum(len(p) if isinstance(p, str) else 0 for p in prompt)
 
 
-async def tokenize(encoder: PromptEncoder, call: Call, block_size: int) -> PromptTokens:
+async def tokenize(encoder: PromptEncoder, call: Call, block_size: int, *, lora_name: str | None = None) -> PromptTokens:
     """Token ids and block hashes of `call`'s prompt.
+
+    Args:
+        encoder: the model's tokenizer, or `ByteEncoder`.
+        call: the checked request.
+        block_size: engine tokens per block.
+        lora_name: the LoRA adapter `call.model` names, or None for a base model.
+
+    Returns:
+        The prompt's ids and its block hashes, keyed by the request's cache
+        salt and adapter. No hashes (and `unkeyed` set) when the engine's
+        tokens cannot be known here.
 
     Raises:
         InvalidRequest: the messages do not fit the chat template, or a chat
             template argument is malformed.
     """
+    options = prompt_options(call.kind, call.body)
+    units = getattr(encoder, "units_per_token", 1)
+    if options.unkeyed is not None:
+        return _unkeyed(call, options.unkeyed)
     try:
         if _size(call) > _OFFLOAD_CHARS:
-            ids, total = await asyncio.to_thread(_encode, encoder, call)
+            ids, total = await asyncio.to_thread(_encode, encoder, call, options)
         else:
-            ids, total = _encode(encoder, call)
+            ids, total = _encode(encoder, call, options)
+    except UnsupportedContentError:
+        return _unkeyed(call, "multimodal")
     except BadPromptError as exc:
         raise InvalidRequest(str(exc), param="messages" if call.kind == "chat" else "prompt") from exc
-    units = getattr(encoder, "units_per_token", 1)
-    return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units)), total // units)
+    extra = request_extra(options.cache_salt, lora_name)
+    return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units, first_extra=extra)), total // units)
+
+
+def _unkeyed(call: Call, reason: Unkeyed) -> PromptTokens:
+    """No ids, no hashes; the prompt's size guessed from its characters (about 4 per token)."""
+    return PromptTokens((), (), max(1, _size(call) // 4), unkeyed=reason)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from router.errors import InvalidRequest
+from router.prompt_options import prompt_options
 
 Kind = Literal["chat", "completion"]
 
@@ -144,4 +145,6 @@ def parse_call(kind: Kind, raw: bytes, *, max_tokens_limit: int) -> Call:
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string", param="user")
 
+    # The fields that shape the prompt's tokens and keys (tools, salt, ...).
+    prompt_options(kind, body)
     return Call(kind, body, model, stream, wants_usage, user, max_tokens)

@@ -16,6 +16,7 @@ from router.tokenize.errors import (
     TemplateRenderError,
     TokenizeError,
     TokenizerLoadError,
+    UnsupportedContentError,
 )
 from router.tokenize.tokenizer import PromptTokenizer
 
@@ -28,4 +29,5 @@ __all__ = [
     "TemplateRenderError",
     "TokenizeError",
     "TokenizerLoadError",
+    "UnsupportedContentError",
 ]

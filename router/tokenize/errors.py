@@ -5,6 +5,7 @@ The hierarchy says who is at fault, so the gateway can answer correctly::
     TokenizeError
     ├── BadPromptError          the request is at fault: answer HTTP 400
     │   ├── MessageFormatError  malformed messages, content parts or kwargs
+    │   │   └── UnsupportedContentError  well-formed, but not text (images, audio, ...)
     │   └── TemplateRenderError the chat template refused the conversation
     └── TokenizerLoadError      the model directory is unusable (start-up)
 
@@ -24,6 +25,15 @@ class BadPromptError(TokenizeError, ValueError):
 
 class MessageFormatError(BadPromptError):
     """`messages` (or a chat template argument) does not have the OpenAI shape."""
+
+
+class UnsupportedContentError(MessageFormatError):
+    """A content part the gateway cannot tokenise: an image, audio or video.
+
+    Its tokens depend on the model's multimodal processor, which the gateway
+    does not have. For a text-only model the engine refuses the request too;
+    for a multimodal one, the gateway routes it without a prefix match.
+    """
 
 
 class TemplateRenderError(BadPromptError):

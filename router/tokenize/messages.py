@@ -17,8 +17,8 @@ schema's order, and keeps other keys after them. A template that prints them
 with `tojson` therefore prints that order; `_ordered` reproduces it.
 
 The gateway tokenises text only: image, audio and video parts raise
-`MessageFormatError` (the tiny model is text-only, and multimodal placeholders
-would need the model's processor).
+`UnsupportedContentError` (the tiny model is text-only, and multimodal
+placeholders would need the model's processor).
 
 Called by `router.tokenize.tokenizer.PromptTokenizer`.
 """
@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from router.tokenize.chat_template import ContentFormat
-from router.tokenize.errors import MessageFormatError
+from router.tokenize.errors import MessageFormatError, UnsupportedContentError
 
 #: Content part types that carry text, and the field holding it.
 _TEXT_FIELDS: Mapping[str, str] = {
@@ -81,7 +81,7 @@ def _part_text(part: Any, index: int) -> str:
         raise MessageFormatError(f"content part {index} has an invalid 'type' field")
     field = _TEXT_FIELDS.get(kind)
     if field is None or part.get("uuid") is not None:
-        raise MessageFormatError(
+        raise UnsupportedContentError(
             f"content part {index} of type {kind!r} is not supported: the gateway routes text-only prompts"
         )
     text = part.get(field)

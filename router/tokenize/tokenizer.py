@@ -55,6 +55,61 @@ _DEFAULT_TEMPLATE = "default"
 _TOOL_TEMPLATE = "tool_use"
 
 
+#: The side vLLM's tokenizer truncates from for generation models.
+DEFAULT_TRUNCATION_SIDE: Literal["left"] = "left"
+
+
+def truncate_ids(ids: Sequence[int], keep: int, side: Literal["left", "right"] | None) -> list[int]:
+    """`ids` cut to `keep` tokens as vLLM cuts prompts: "left" (the default) keeps the last ones.
+
+    Args:
+        ids: the prompt's token ids (text prompts tokenised, or given as ids).
+        keep: tokens to keep, non-negative.
+        side: "left", "right", or None for vLLM's default ("left").
+
+    Returns:
+        The kept ids (all of them when there are at most `keep`).
+    """
+    if keep >= len(ids):
+        return list(ids)
+    if keep == 0:
+        return []
+    if (side or DEFAULT_TRUNCATION_SIDE) == "left":
+        return list(ids[-keep:])
+    return list(ids[:keep])
+
+
+#: Values vLLM treats as "not set" when merging template kwargs.
+_UNSET = (None, "auto")
+
+
+def _template_kwargs(
+    requested: Mapping[str, Any],
+    *,
+    documents: Sequence[Mapping[str, Any]] | None,
+    reasoning_effort: str | None,
+) -> dict[str, Any]:
+    """The request's template kwargs merged with its own fields, as vLLM merges them.
+
+    Unset values (None, "auto") of the request's kwargs are dropped; the
+    request's `documents` and `reasoning_effort` override the kwargs of the
+    same name; a reasoning effort also sets `enable_thinking` unless the
+    kwargs do.
+    """
+    kwargs = {k: v for k, v in requested.items() if not _is_unset(v)}
+    if documents is not None:
+        kwargs["documents"] = documents
+    if not _is_unset(reasoning_effort):
+        kwargs["reasoning_effort"] = reasoning_effort
+    if reasoning_effort is not None and "enable_thinking" not in requested:
+        kwargs["enable_thinking"] = reasoning_effort != "none"
+    return kwargs
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value == "auto")
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as written in a config: a string or a serialised AddedToken."""
     if isinstance(value, str):
@@ -211,6 +266,8 @@ class PromptTokenizer:
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        reasoning_effort: str | None = None,
     ) -> str:
         """Render `messages` to the prompt text vLLM would tokenise.
 
@@ -221,7 +278,9 @@ class PromptTokenizer:
         """
         if add_generation_prompt and continue_final_message:
             raise MessageFormatError("cannot set both `continue_final_message` and `add_generation_prompt` to true")
-        kwargs = dict(chat_template_kwargs or {})
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise MessageFormatError("'chat_template_kwargs' must be an object")
+        kwargs = _template_kwargs(chat_template_kwargs or {}, documents=documents, reasoning_effort=reasoning_effort)
         if kwargs.get("chat_template") is not None:
             raise MessageFormatError("chat_template_kwargs may not carry 'chat_template'")
         # As in vLLM: the request's tools are schema-checked; tools given in
@@ -266,7 +325,11 @@ class PromptTokenizer:
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        reasoning_effort: str | None = None,
         add_special_tokens: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: Literal["left", "right"] | None = None,
     ) -> list[int]:
         """Token ids of a chat request, as vLLM's `/v1/chat/completions` computes them.
 
@@ -278,8 +341,18 @@ class PromptTokenizer:
             chat_template_kwargs: the request's `chat_template_kwargs`; only
                 those the template reads take effect.
             tools: the request's tool schemas, visible to the template.
+            documents: the request's `documents` (RAG), visible to the template.
+            reasoning_effort: the request's `reasoning_effort`; the template
+                sees it, and `enable_thinking` (unless the kwargs set that).
             add_special_tokens: also let the tokenizer add its special tokens
                 (BOS) on top of the template's (vLLM's request field; default False).
+            truncate_prompt_tokens: keep only this many tokens (non-negative;
+                the request's -1 needs the engine's context length, which
+                the caller resolves).
+            truncation_side: which end to keep tokens from: "left" keeps the
+                last ones; None is the tokenizer's default as vLLM sets it
+                for generation ("left", truncating before special tokens
+                are added).
 
         Returns:
             The prompt's token ids.
@@ -296,18 +369,29 @@ class PromptTokenizer:
             continue_final_message=continue_final_message,
             chat_template_kwargs=chat_template_kwargs,
             tools=tools,
+            documents=documents,
+            reasoning_effort=reasoning_effort,
         )
-        if self._segments is not None and not add_special_tokens:
-            return self._segments.encode(text)
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_text(
+            text, add_special_tokens, truncate_prompt_tokens, truncation_side, use_segments=True
+        )
 
-    def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def encode_prompt(
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool = True,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: Literal["left", "right"] | None = None,
+    ) -> list[int]:
         """Token ids of a completion prompt, as vLLM's `/v1/completions` computes them.
 
         Args:
             text: the prompt.
             add_special_tokens: add the tokenizer's special tokens (BOS); the
                 request field of the same name, True by default as in vLLM.
+            truncate_prompt_tokens: as in `encode_chat`.
+            truncation_side: as in `encode_chat`.
 
         Returns:
             The prompt's token ids.
@@ -317,7 +401,33 @@ class PromptTokenizer:
         """
         if not isinstance(text, str):
             raise MessageFormatError("'prompt' must be a string")
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_text(text, add_special_tokens, truncate_prompt_tokens, truncation_side)
+
+    def _encode_text(
+        self,
+        text: str,
+        add_special_tokens: bool,
+        keep: int | None,
+        side: Literal["left", "right"] | None,
+        *,
+        use_segments: bool = False,
+    ) -> list[int]:
+        if keep is None or side is not None or not add_special_tokens:
+            # An explicit side (or no special tokens to add): vLLM encodes the
+            # whole text, then slices.
+            if use_segments and self._segments is not None and not add_special_tokens:
+                ids = self._segments.encode(text)
+            else:
+                ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+            return ids if keep is None else truncate_ids(ids, keep, side)
+        # The tokenizer truncates: the text's own tokens are cut so that they
+        # and the special tokens added around them fit, as transformers does.
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        processor = self._tokenizer.post_processor
+        added = processor.num_special_tokens_to_add(False) if processor is not None else 0
+        if len(encoding.ids) + added > keep:
+            encoding.truncate(max(keep - added, 0), direction=DEFAULT_TRUNCATION_SIDE)
+        return truncate_ids(self._tokenizer.post_process(encoding, add_special_tokens=True).ids, keep, None)
 
     def encode_prompts(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
         """`encode_prompt` for many prompts at once, tokenised in parallel (Rust threads)."""
