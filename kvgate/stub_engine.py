@@ -37,6 +37,8 @@ class StubBehaviour:
 @dataclass
 class StubEngine:
     model: str = "tiny-llama"
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters served on top of `model` (listed with it as their `parent`)."""
     block_size: int = 16
     num_gpu_blocks: int = 64
     behaviour: StubBehaviour = field(default_factory=StubBehaviour)
@@ -58,9 +60,9 @@ class StubEngine:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"object": "list", "data": [{"id": self.model, "object": "model", "max_model_len": 4096}]}
-        )
+        base = {"id": self.model, "object": "model", "root": self.model, "parent": None, "max_model_len": 4096}
+        loras = [{"id": name, "object": "model", "root": f"/adapters/{name}", "parent": self.model} for name in self.adapters]
+        return web.json_response({"object": "list", "data": [base, *loras]})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         lines = [
