@@ -17,6 +17,13 @@ prompt embeddings, a fill-in-the-middle `suffix`, truncation to the engine's
 own context length (`-1`). For those the router routes without a prefix
 match rather than with a wrong one (`router.prompts`), counted by reason.
 
+`echo`, `tool_choice`, `n` and the sampling fields leave the prompt alone.
+
+NOTE: engine flags the gateway cannot see change the prompt too
+(`--chat-template`, `--default-chat-template-kwargs`,
+`--exclude-tools-when-tool-choice-none`); the gateway assumes vLLM's defaults
+and the model directory's own template.
+
 Not here: rendering and tokenising (`router.tokenize`), block hashing
 (`kvcache.keys`).
 """

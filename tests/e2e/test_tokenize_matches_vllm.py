@@ -2,13 +2,17 @@
 
 If one id differed, the gateway would hash different blocks than the engine
 caches and every prefix-aware decision would be wrong from that block on. So
-every conversation must match exactly, token for token.
+every conversation must match exactly, token for token: with the request's
+tools, template kwargs, documents, truncation and forwarded ids too (through
+the gateway's own request path, `router.prompts.tokenize`), and with the
+cache salt keying blocks as the engine's KV events say it does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +20,16 @@ from typing import Any
 import aiohttp
 import pytest
 
+from kvcache.keys import chain_hashes, request_extra
 from kvgate.engines import Engine
 from kvgate.model import SERVED_MODEL_NAME
+from router.index import PrefixIndex
+from router.kv_events import KVEventListener, parse_event_sources
+from router.pods import PodId
+from router.prompts import tokenize
+from router.schema import parse_call
 from router.tokenize import BadPromptError, PromptTokenizer
+from tests.e2e.conftest import E2E_BLOCK_SIZE
 
 pytestmark = pytest.mark.e2e
 
@@ -209,3 +220,138 @@ async def test_chat_completions_see_the_same_prompt(vllm_engines: list[Engine], 
                 payload = await response.json()
                 assert response.status == 200, payload
             assert payload["usage"]["prompt_tokens"] == len(tok.encode_chat(messages))
+
+
+# --------------------------------------------------------------------------
+# Request fields besides the messages, through the gateway's request path
+# --------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city — «quoted», 日本語",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+SEARCH = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}, "strict": True}}
+ASK = [{"role": "system", "content": "You help with the weather."}, {"role": "user", "content": "Weather in Paris?"}]
+TOOL_HISTORY = ASK + [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+]
+
+
+async def gateway_ids(tok: PromptTokenizer, kind: str, body: dict[str, Any], *, block_size: int = E2E_BLOCK_SIZE):
+    """The prompt as the gateway routes it: parse, then `router.prompts.tokenize`."""
+    call = parse_call(kind, json.dumps({"model": SERVED_MODEL_NAME, **body}).encode(), max_tokens_limit=4096)  # type: ignore[arg-type]
+    prompt = await tokenize(tok, call, block_size)
+    assert prompt.unkeyed is None
+    return prompt
+
+
+TOKENIZE_FIELDS = [
+    pytest.param({"messages": ASK, "tools": [WEATHER]}, id="tools"),
+    pytest.param({"messages": ASK, "tools": [WEATHER, SEARCH]}, id="two-tools-one-strict"),
+    pytest.param({"messages": TOOL_HISTORY, "tools": [WEATHER]}, id="tool-call-history"),
+    pytest.param({"messages": TOOL_HISTORY, "tools": [WEATHER], "add_generation_prompt": False}, id="tool-history-no-generation-prompt"),
+    pytest.param({"messages": ASK, "tools": [WEATHER], "chat_template_kwargs": {"enable_thinking": False}}, id="tools-and-kwargs"),
+    pytest.param({"messages": ASK, "chat_template_kwargs": {"enable_thinking": False, "unused": "auto"}}, id="kwargs-thinking-off"),
+    pytest.param({"messages": ASK, "chat_template_kwargs": {"tools": [{"anything": "goes"}]}}, id="tools-in-kwargs"),
+    pytest.param({"messages": ASK, "tools": [WEATHER], "add_special_tokens": True}, id="tools-and-add-special-tokens"),
+    pytest.param(
+        {"messages": ASK + [{"role": "assistant", "content": "Let me check"}], "tools": [WEATHER], "add_generation_prompt": False, "continue_final_message": True},
+        id="tools-continue-final-message",
+    ),
+]
+
+
+@pytest.mark.parametrize("body", TOKENIZE_FIELDS)
+async def test_chat_request_fields_tokenise_identically(vllm_engines: list[Engine], tok: PromptTokenizer, body: dict[str, Any]) -> None:
+    ours = list((await gateway_ids(tok, "chat", body)).token_ids)
+    assert ours != tok.encode_chat(ASK), "the case must change the tokens, or it tests nothing"
+    assert await compare_all(vllm_engines, [(body, ours)]) == []
+
+
+async def test_unset_template_kwargs_are_dropped_as_the_engine_drops_them(vllm_engines: list[Engine], tok: PromptTokenizer) -> None:
+    body = {"messages": ASK, "chat_template_kwargs": {"enable_thinking": None}}
+    ours = list((await gateway_ids(tok, "chat", body)).token_ids)
+    assert ours == tok.encode_chat(ASK)
+    assert await compare_all(vllm_engines, [(body, ours)]) == []
+
+
+GENERATION_FIELDS = [
+    pytest.param("chat", {"messages": ASK, "documents": [{"title": "Paris", "text": "Often mild."}]}, id="documents"),
+    pytest.param("chat", {"messages": ASK, "reasoning_effort": "none"}, id="reasoning-effort"),
+    pytest.param("chat", {"messages": ASK, "tools": [WEATHER], "tool_choice": "none", "cache_salt": "tenant-a"}, id="tools-and-salt"),
+    pytest.param("chat", {"messages": TOOL_HISTORY, "tools": [WEATHER], "tool_choice": "none", "truncate_prompt_tokens": 40}, id="chat-truncated"),
+    pytest.param("chat", {"messages": TOOL_HISTORY, "truncate_prompt_tokens": 40, "truncation_side": "right"}, id="chat-truncated-right"),
+    pytest.param("chat", {"messages": ASK, "echo": True}, id="chat-echo"),
+    pytest.param("chat", {"messages": ASK, "kv_transfer_params": {"prompt_token_ids": [0, 3, 300, 301, 302, 4, 3]}}, id="forwarded-ids"),
+    pytest.param("completion", {"prompt": "Once upon a time " * 30, "echo": True}, id="completion-echo"),
+    pytest.param("completion", {"prompt": "Once upon a time " * 30, "truncate_prompt_tokens": 25}, id="completion-truncated"),
+    pytest.param("completion", {"prompt": "Once upon a time " * 30, "truncate_prompt_tokens": 25, "truncation_side": "left"}, id="completion-truncated-left"),
+    pytest.param("completion", {"prompt": "Once upon a time " * 30, "truncate_prompt_tokens": 25, "truncation_side": "right"}, id="completion-truncated-right"),
+    pytest.param("completion", {"prompt": list(range(10, 90)), "truncate_prompt_tokens": 30}, id="token-ids-truncated"),
+    pytest.param("completion", {"prompt": list(range(10, 90)), "add_special_tokens": True}, id="token-ids-no-bos"),
+    pytest.param("completion", {"prompt": "Once upon a time", "add_special_tokens": False, "cache_salt": "s"}, id="completion-no-bos"),
+]
+
+
+@pytest.mark.parametrize(("kind", "body"), GENERATION_FIELDS)
+async def test_generation_requests_see_the_gateways_prompt(vllm_engines: list[Engine], tok: PromptTokenizer, kind: str, body: dict[str, Any]) -> None:
+    """Fields `/tokenize` does not take, checked on the generation path (`return_token_ids`).
+
+    The engines run without a tool-call parser, so tool chats say `tool_choice: "none"`
+    (vLLM still renders the tools then).
+    """
+    ours = list((await gateway_ids(tok, kind, body)).token_ids)
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    request = {"model": SERVED_MODEL_NAME, "max_tokens": 1, "return_token_ids": True, **body}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async with session.post(vllm_engines[0].url + path, json=request) as response:
+            payload = await response.json()
+            assert response.status == 200, payload
+    theirs = payload["prompt_token_ids"] if kind == "chat" else payload["choices"][0]["prompt_token_ids"]
+    assert ours == theirs, first_difference(ours, theirs)
+
+
+async def test_salted_blocks_are_keyed_as_the_engine_publishes_them(
+    vllm_engines: list[Engine], vllm_event_sources: list[str], tok: PromptTokenizer
+) -> None:
+    """The engine's KV events for a salted tool chat land under the gateway's salted keys, and only there."""
+    pod = PodId(vllm_engines[0].url)
+    index = PrefixIndex(10_000)
+    listener = KVEventListener(index, parse_event_sources(vllm_event_sources[:1]), E2E_BLOCK_SIZE)
+    listener.start()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            # A subscriber misses what is published before it has joined:
+            # retry with fresh salts (fresh blocks) until the events arrive.
+            for _ in range(20):
+                salt = f"tenant-{uuid.uuid4().hex[:12]}"
+                body = {"messages": [{"role": "user", "content": "Plan my week in detail. " * 120}], "tools": [WEATHER], "tool_choice": "none", "cache_salt": salt}
+                prompt = await gateway_ids(tok, "chat", body)
+                assert len(prompt.block_hashes) >= 3
+                request = {"model": SERVED_MODEL_NAME, "max_tokens": 1, **body}
+                async with session.post(f"{pod}/v1/chat/completions", json=request) as response:
+                    assert response.status == 200, await response.text()
+                deadline = asyncio.get_running_loop().time() + 3
+                while not index.match(prompt.block_hashes) and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.05)
+                if index.match(prompt.block_hashes):
+                    break
+            assert index.match(prompt.block_hashes) == {pod: len(prompt.block_hashes)}
+            ids = list(prompt.token_ids)
+            assert index.match(chain_hashes(ids, E2E_BLOCK_SIZE)) == {}
+            assert index.match(chain_hashes(ids, E2E_BLOCK_SIZE, first_extra=request_extra("another-tenant"))) == {}
+    finally:
+        await listener.stop()
