@@ -67,7 +67,7 @@ class ByteEncoder:
 
     What a template would render before the messages (tools, documents,
     kwargs) leads the bytes, so requests that differ there share no prefix.
-    Truncation is left out: it counts tokens, which bytes cannot.
+    Truncation counts tokens, which bytes cannot: such requests go unkeyed.
     """
 
     units_per_token = 4
@@ -165,6 +165,9 @@ async def tokenize(encoder: PromptEncoder, call: Call, block_size: int, *, lora_
     units = getattr(encoder, "units_per_token", 1)
     if options.unkeyed is not None:
         return _unkeyed(call, options.unkeyed)
+    if units != 1 and options.truncate_prompt_tokens is not None:
+        # Bytes cannot be cut where the engine cuts tokens (from the left, by default).
+        return _unkeyed(call, "truncation")
     try:
         if _size(call) > _OFFLOAD_CHARS:
             ids, total = await asyncio.to_thread(_encode, encoder, call, options)

@@ -153,6 +153,11 @@ async def test_byte_encoder_sees_tools_too() -> None:
     assert plain.block_hashes and not set(plain.block_hashes) & set(with_tools.block_hashes)
 
 
+async def test_byte_encoder_cannot_truncate_so_it_does_not_key() -> None:
+    prompt = await keys(ByteEncoder(), "completion", truncate_prompt_tokens=8)
+    assert prompt.block_hashes == () and prompt.unkeyed == "truncation"
+
+
 # --------------------------------------------------------------------------
 # Keys: salt and adapter
 # --------------------------------------------------------------------------
