@@ -79,10 +79,6 @@ def truncate_ids(ids: Sequence[int], keep: int, side: Literal["left", "right"] |
     return list(ids[:keep])
 
 
-#: Values vLLM treats as "not set" when merging template kwargs.
-_UNSET = (None, "auto")
-
-
 def _template_kwargs(
     requested: Mapping[str, Any],
     *,
@@ -107,6 +103,7 @@ def _template_kwargs(
 
 
 def _is_unset(value: Any) -> bool:
+    """Whether vLLM treats a template kwarg as not set when merging (None or "auto")."""
     return value is None or (isinstance(value, str) and value == "auto")
 
 
