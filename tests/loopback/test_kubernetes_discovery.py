@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -304,3 +307,47 @@ def test_a_bad_selector_is_refused_at_start_up(selector) -> None:
     settings.discovery.kubernetes_api_url = "http://127.0.0.1:1"
     with pytest.raises(ValueError, match="selector"):
         make_discovery(settings.discovery)
+
+
+async def test_kvgate_serve_with_service_discovery_as_a_process(tmp_path) -> None:
+    async with kube_api() as api, run_stub(StubEngine()) as engine, aiohttp.ClientSession() as http:
+        u = uid()
+        await api.create_pod(engine_pod("a", engine, u))
+        config = tmp_path / "gateway.yaml"
+        config.write_text(f"discovery: {{kubernetes_api_url: '{api.url}', health_interval_s: 0.1}}\n")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvgate", "serve", "--port", "0", "--config", str(config),
+            "--service-discovery", "--selector", "app=engine", "--service-discovery-namespace", NAMESPACE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            assert process.stdout is not None
+            line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
+            assert line.startswith("gateway: http://"), line
+            url = line.split(" ", 1)[1].strip()
+
+            async def ready() -> int:
+                async with http.get(url + "/ready") as response:
+                    return response.status
+
+            deadline = asyncio.get_running_loop().time() + 30
+            while await ready() != 200:
+                assert asyncio.get_running_loop().time() < deadline, "the gateway never became ready"
+                await asyncio.sleep(0.05)
+            payload = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 2}
+            async with http.post(url + "/v1/completions", json=payload) as response:
+                assert response.status == 200
+                assert response.headers["x-kvgate-pod"] == pod_id(engine, u)
+            await api.delete_pod("a")
+            deadline = asyncio.get_running_loop().time() + 10
+            while await ready() != 503:
+                assert asyncio.get_running_loop().time() < deadline, "the deleted pod was never dropped"
+                await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
