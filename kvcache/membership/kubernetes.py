@@ -154,7 +154,7 @@ class KubernetesMembership:
             try:
                 nodes = await asyncio.to_thread(self._read)
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                raise TierUnavailable("membership", f"kubernetes: {exc}") from exc
+                raise TierUnavailable("membership", f"kubernetes: {_describe(exc)}") from exc
             self._cached = (now, nodes)
         return [node for node in nodes if node.node_id not in self._withdrawn]
 
@@ -170,7 +170,7 @@ class KubernetesMembership:
         try:
             return await asyncio.to_thread(self._labels_of, pod_name)
         except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise TierUnavailable("membership", f"kubernetes: {exc}") from exc
+            raise TierUnavailable("membership", f"kubernetes: {_describe(exc)}") from exc
 
     async def register(self, node: NodeInfo) -> None:
         """Nothing to announce (the pod's readiness does); undoes a local `deregister`."""
@@ -254,6 +254,10 @@ class KubernetesMembership:
                     raise
         self._zones[node_name] = zone
         return zone
+
+
+def _describe(exc: Exception) -> str:
+    return f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
 
 
 def from_options(

@@ -231,7 +231,8 @@ class KubernetesDiscovery:
                 log.info("pod watch expired (410 Gone); listing again")
                 self.resource_version = None
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                log.warning("pod discovery in %s failed: %s; retrying in %.1fs", self.namespace, exc, backoff)
+                why = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
+                log.warning("pod discovery in %s failed: %s; retrying in %.1fs", self.namespace, why, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
@@ -303,8 +304,13 @@ class KubernetesDiscovery:
                 self._apply(item)
                 self._publish(on_change)
         finally:
-            stream.stop()  # shuts the socket down, so a blocked read returns at once
-            await asyncio.to_thread(thread.join, 5.0)
+            # stop() shuts the socket down, so a blocked read returns at once;
+            # it is repeated because the thread may still be connecting.
+            for _ in range(25):
+                stream.stop()
+                await asyncio.to_thread(thread.join, 0.2)
+                if not thread.is_alive():
+                    break
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")

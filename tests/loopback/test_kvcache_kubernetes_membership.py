@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kvcache.errors import ConfigError
+from kvcache.errors import ConfigError, TierUnavailable
 from kvcache.membership import make_membership
 from kvcache.membership.kubernetes import KubernetesMembership, api_client, parse_selector
 from kvcache.metrics import NodeMetrics, StoreMetrics
@@ -156,3 +156,12 @@ async def test_make_membership_picks_kubernetes_by_selector() -> None:
         assert chosen.selector == SELECTOR
     finally:
         await chosen.aclose()
+
+
+async def test_an_unreachable_api_server_is_a_tier_unavailable() -> None:
+    view = KubernetesMembership(api_client(f"http://127.0.0.1:{free_port()}"), namespace=NAMESPACE, selector=SELECTOR)
+    try:
+        with pytest.raises(TierUnavailable, match="kubernetes"):
+            await view.members()
+    finally:
+        await view.aclose()
