@@ -38,7 +38,6 @@ from tests.support.kube import NAMESPACE, PODS, KubeAPI, kube_api, pod, ready_co
 
 #: The issue's bound: a pod stops receiving new requests within a second of the change.
 DROP_WITHIN_S = 1.0
-GONE = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired", "message": "too old"}}
 
 
 @dataclass
@@ -184,14 +183,8 @@ async def test_a_pod_replaced_while_the_watch_was_away_is_told_apart_by_its_uid(
     async with kube_api() as api, run_stub(StubEngine()) as engine:
         first, second = uid(), uid()
         await api.create_pod(engine_pod("a", engine, first))
-        release = asyncio.Event()
-
-        async def hold() -> None:
-            await release.wait()
-
-        watches = api.emulator[kmock.action.WATCH, kmock.resource(PODS)]
-        watches[0:1] << (b"", hold)  # ends when released
-        watches[1:2] << (GONE,)  # the resume is refused: too old
+        release = api.end_first_watch()
+        api.expire_second_watch()  # the resume is refused: too old
         async with start_gateway(api) as fleet:
             await wait_until(lambda: fleet.routable() == {pod_id(engine, first)})
             for _ in range(3):
@@ -213,12 +206,7 @@ async def test_a_dropped_watch_resumes_from_its_resource_version() -> None:
         await api.create_pod(engine_pod("a", a, ua))
         added_b = engine_pod("b", b, ub)
         # The first watch delivers one event, then its connection ends.
-        release = asyncio.Event()
-
-        async def hold() -> None:
-            await release.wait()
-
-        api.emulator[kmock.action.WATCH, kmock.resource(PODS)][0:1] << (b"", hold, {"type": "ADDED", "object": added_b})
+        release = api.end_first_watch({"type": "ADDED", "object": added_b})
         async with start_gateway(api) as fleet:
             await wait_until(lambda: fleet.routable() == {pod_id(a, ua)})
             release.set()
@@ -239,14 +227,8 @@ async def test_410_gone_lists_again_and_replaces_what_the_watch_missed() -> None
         ua, ub, uc = uid(), uid(), uid()
         await api.create_pod(engine_pod("a", a, ua))
         await api.create_pod(engine_pod("b", b, ub))
-        release = asyncio.Event()
-
-        async def hold() -> None:
-            await release.wait()
-
-        watches = api.emulator[kmock.action.WATCH, kmock.resource(PODS)]
-        watches[0:1] << (b"", hold)  # ends when released
-        watches[1:2] << (GONE,)  # the resume is refused: too old
+        release = api.end_first_watch()
+        api.expire_second_watch()  # the resume is refused: too old
         async with start_gateway(api) as fleet:
             await wait_until(lambda: fleet.routable() == {pod_id(a, ua), pod_id(b, ub)})
             # Changes no watch reports (as if they happened while disconnected

@@ -8,6 +8,7 @@ carry their own and the code under test must filter labels itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Mapping
@@ -21,6 +22,7 @@ NAMESPACE = "llm"
 PODS = "v1/pods"
 NODES = "v1/nodes"
 _versions = itertools.count(100)
+GONE = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired", "message": "too old"}}
 
 
 def next_version() -> str:
@@ -97,6 +99,20 @@ class KubeAPI:
 
     async def create_node(self, obj: Mapping[str, Any]) -> None:
         await self._check(await self.http.post(f"{self.url}/api/v1/nodes", json=obj))
+
+    def end_first_watch(self, *events: dict[str, Any]) -> asyncio.Event:
+        """The first pod watch stays silent until the returned event is set, sends `events`, then its connection ends."""
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            await release.wait()
+
+        self.emulator[kmock.action.WATCH, kmock.resource(PODS)][0:1] << (b"", hold, *events)
+        return release
+
+    def expire_second_watch(self) -> None:
+        """The second pod watch is refused with 410 Gone, as for a resourceVersion too old to resume from."""
+        self.emulator[kmock.action.WATCH, kmock.resource(PODS)][1:2] << (GONE,)
 
     def requests(self, action: kmock.action) -> list[kmock.Request]:
         """The pod requests of one kind (list, watch, ...) the API has served, oldest first."""
