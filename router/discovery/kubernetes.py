@@ -235,6 +235,15 @@ class KubernetesDiscovery:
                 log.warning("pod discovery in %s failed: %s; retrying in %.1fs", self.namespace, why, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            except Exception:
+                # NOTE: a watch that died for good would freeze the pod set
+                # while the gateway looked healthy; anything unforeseen (an
+                # odd object, a client bug) is logged with its stack and the
+                # watch starts over from a fresh list.
+                log.exception("pod discovery in %s broke; listing again in %.1fs", self.namespace, backoff)
+                self.resource_version = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     async def _list(self, on_change: OnChange) -> None:
         def fetch() -> dict[str, Any]:

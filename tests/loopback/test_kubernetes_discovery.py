@@ -333,3 +333,16 @@ async def test_kvgate_serve_with_service_discovery_as_a_process(tmp_path) -> Non
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_a_malformed_event_does_not_stop_discovery() -> None:
+    async with kube_api() as api, run_stub(StubEngine()) as a, run_stub(StubEngine()) as b:
+        ua, ub = uid(), uid()
+        await api.create_pod(engine_pod("a", a, ua))
+        release = api.end_first_watch({"type": "MODIFIED", "object": "not a pod"})
+        async with start_gateway(api) as fleet:
+            await wait_until(lambda: fleet.routable() == {pod_id(a, ua)})
+            release.set()
+            await wait_until(lambda: fleet.discovery.lists == 2)  # started over
+            await api.create_pod(engine_pod("b", b, ub))
+            await wait_until(lambda: fleet.routable() == {pod_id(a, ua), pod_id(b, ub)})
