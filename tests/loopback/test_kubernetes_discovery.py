@@ -241,18 +241,18 @@ async def test_410_gone_lists_again_and_replaces_what_the_watch_missed() -> None
             assert fleet.discovery.lists == 2
 
 
-async def test_kv_events_of_discovered_pods_reach_the_prefix_index() -> None:
+async def test_every_gateway_replica_follows_the_kv_events_of_discovered_pods() -> None:
     context = zmq.asyncio.Context()
-    publisher = context.socket(zmq.PUB)
+    publisher = context.socket(zmq.PUB)  # the engine binds its publisher, as vLLM's `tcp://*:PORT`
     publisher.setsockopt(zmq.LINGER, 0)
     events_port = publisher.bind_to_random_port("tcp://127.0.0.1")
     try:
         async with kube_api() as api, run_stub(StubEngine()) as engine:
             u = uid()
             await api.create_pod(engine_pod("a", engine, u, annotations={"kvgate.io/kv-events-port": str(events_port)}))
-            async with start_gateway(api, block_size=4) as fleet:
+            async with start_gateway(api, block_size=4) as one, start_gateway(api, block_size=4) as two:
                 me = pod_id(engine, u)
-                await wait_until(lambda: fleet.routable() == {me})
+                await wait_until(lambda: one.routable() == two.routable() == {me})
                 tokens = [1, 2, 3, 4]
                 block = hash_block(ROOT_HASH, tokens)
                 stored = {"type": "BlockStored", "block_hashes": [77], "parent_block_hash": None,
@@ -260,19 +260,20 @@ async def test_kv_events_of_discovered_pods_reach_the_prefix_index() -> None:
                 seq = 0
 
                 def confirmed() -> bool:
-                    return fleet.gateway.index.match([block]).get(me, 0) == 1
+                    return all(fleet.gateway.index.match([block]).get(me, 0) == 1 for fleet in (one, two))
 
                 deadline = asyncio.get_running_loop().time() + 5.0
                 while not confirmed():  # re-publish: a SUB socket joins late
-                    assert asyncio.get_running_loop().time() < deadline, "KV event never reached the index"
+                    assert asyncio.get_running_loop().time() < deadline, "KV event never reached both indexes"
                     await publisher.send_multipart([b"kv", seq.to_bytes(8, "big"), msgpack.packb([0.0, [stored], 0])])
                     seq += 1
                     await asyncio.sleep(0.05)
 
                 await api.delete_pod("a")
-                await wait_until(lambda: not fleet.gateway.pods)
-                assert fleet.gateway.kv_events is not None and me not in fleet.gateway.kv_events.sources
-                assert fleet.gateway.index.match([block]).get(me, 0) == 0
+                for fleet in (one, two):
+                    await wait_until(lambda: not fleet.gateway.pods)
+                    assert fleet.gateway.kv_events is not None and me not in fleet.gateway.kv_events.sources
+                    assert fleet.gateway.index.match([block]).get(me, 0) == 0
     finally:
         publisher.close()
         context.term()
