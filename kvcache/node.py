@@ -84,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--redis-url", default=None, help="register in this Redis (heartbeat + expiry) instead")
     parser.add_argument("--selector", default="", help="kubernetes: labels of the cache-node pods, K=V[,K=V]")
-    parser.add_argument("--namespace", default="", help="kubernetes: the cache nodes' namespace (default: this pod's own, else 'default')")
-    parser.add_argument("--kubernetes-api-url", default="", help="kubernetes: API server URL (else in-cluster, else kubeconfig)")
-    parser.add_argument("--cluster", default="default", help="ring name within the Redis (default: this pod's own, else 'default')")
+    parser.add_argument(
+        "--namespace", default="", help="kubernetes: the cache nodes' namespace (default: this pod's own, else 'default')"
+    )
+    parser.add_argument(
+        "--kubernetes-api-url", default="", help="kubernetes: API server URL (else in-cluster, else kubeconfig)"
+    )
+    parser.add_argument("--cluster", default="default", help="ring name within the Redis (default 'default')")
     parser.add_argument("--ttl-s", type=float, default=10.0, help="registration lifetime without heartbeat")
     parser.add_argument("--heartbeat-s", type=float, default=2.0, help="registration renewal period")
     parser.add_argument("--max-message-bytes", type=parse_bytes, default=DEFAULT_MAX_MESSAGE_BYTES)

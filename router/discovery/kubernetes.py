@@ -175,6 +175,7 @@ class KubernetesDiscovery:
         watch_timeout_s: float = 300.0,
         retry_backoff_s: float = 1.0,
     ) -> None:
+        self._api = api
         self._core = client.CoreV1Api(api)
         self.namespace = namespace
         self.selector = dict(selector)
@@ -188,7 +189,7 @@ class KubernetesDiscovery:
         self.synced = asyncio.Event()
         """Set once the first list has been applied."""
         self.lists = 0
-        """Lists made so far (the first, then one per 410 Gone)."""
+        """Lists made so far (the first, then one after each 410 Gone or breakage)."""
 
     @classmethod
     def from_settings(cls, settings: DiscoverySettings) -> KubernetesDiscovery:
@@ -212,6 +213,12 @@ class KubernetesDiscovery:
         )
 
     async def run(self, on_change: OnChange) -> None:
+        try:
+            await self._follow(on_change)
+        finally:
+            await asyncio.to_thread(self._api.close)
+
+    async def _follow(self, on_change: OnChange) -> None:
         loop = asyncio.get_running_loop()
         backoff = self.retry_backoff_s
         while True:
