@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 
 from kvcache.client import DEFAULT_MAX_MESSAGE_BYTES
-from kvcache.errors import ConfigError
+from kvcache.errors import ConfigError, TierUnavailable
 from kvcache.eviction import DEFAULT_POLICY, POLICIES
 from kvcache.membership import make_membership
 from kvcache.metrics import NodeMetrics
@@ -78,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--peers", action="append", default=[],
         help="static members [ID=]HOST:PORT[?host=H&zone=Z], comma-separated or repeated",
     )
+    parser.add_argument(
+        "--membership", choices=("static", "redis", "kubernetes"), default=None,
+        help="where members are found (default: redis with --redis-url, else static)",
+    )
     parser.add_argument("--redis-url", default=None, help="register in this Redis (heartbeat + expiry) instead")
+    parser.add_argument("--selector", default="", help="kubernetes: labels of the cache-node pods, K=V[,K=V]")
+    parser.add_argument(
+        "--namespace", default="", help="kubernetes: the cache nodes' namespace (default: this pod's own, else 'default')"
+    )
+    parser.add_argument(
+        "--kubernetes-api-url", default="", help="kubernetes: API server URL (else in-cluster, else kubeconfig)"
+    )
     parser.add_argument("--cluster", default="default", help="ring name within the Redis (default 'default')")
     parser.add_argument("--ttl-s", type=float, default=10.0, help="registration lifetime without heartbeat")
     parser.add_argument("--heartbeat-s", type=float, default=2.0, help="registration renewal period")
@@ -97,12 +108,39 @@ def _write_ready(path: Path, info: NodeInfo) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    kind = args.membership or ("redis" if args.redis_url else "static")
+    if kind == "kubernetes" and not (args.selector and args.node_id):
+        raise ConfigError("--membership kubernetes needs --selector and --node-id (the pod's name)")
+    if kind == "redis" and not args.redis_url:
+        raise ConfigError("--membership redis needs --redis-url")
+    peers = [NodeInfo.parse(spec) for item in args.peers for spec in item.split(",") if spec.strip()]
+    membership = make_membership(
+        peers=peers if kind == "static" else (),
+        redis_url=args.redis_url if kind == "redis" else None,
+        cluster=args.cluster,
+        ttl_s=args.ttl_s,
+        heartbeat_s=args.heartbeat_s,
+        kubernetes_selector=args.selector if kind == "kubernetes" else "",
+        kubernetes_namespace=args.namespace,
+        kubernetes_port=args.port,
+        kubernetes_api_url=args.kubernetes_api_url,
+    )
+    labels = args.labels
+    if kind == "kubernetes" and not labels:
+        from kvcache.membership.kubernetes import KubernetesMembership
+
+        assert isinstance(membership, KubernetesMembership)
+        # Place this node as its peers and clients see its pod (host = its Kubernetes node, zone).
+        try:
+            labels = await membership.labels_of(args.node_id)
+        except TierUnavailable as exc:
+            raise ConfigError(f"cannot read this node's pod {args.node_id!r}: {exc}") from exc
     settings = NodeSettings(
         node_id=args.node_id,
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,
-        labels=args.labels,
+        labels=labels,
         capacity_bytes=args.capacity_bytes,
         policy=args.policy,
         replicas=args.replicas,
@@ -110,17 +148,9 @@ async def _run(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         handoff_timeout_s=args.handoff_timeout_s,
     )
-    peers = [NodeInfo.parse(spec) for item in args.peers for spec in item.split(",") if spec.strip()]
     registry = CollectorRegistry()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=registry)
-    membership = make_membership(
-        peers=peers,
-        redis_url=args.redis_url,
-        cluster=args.cluster,
-        ttl_s=args.ttl_s,
-        heartbeat_s=args.heartbeat_s,
-    )
     node = CacheNode(settings, membership=membership, metrics=NodeMetrics(registry))
     info = await node.start()
     print(f"kvgate cache-node {info.node_id} serving on {info.address}", flush=True)

@@ -62,6 +62,11 @@ class L2Settings:
         max_message_bytes: gRPC message cap (default 64 MiB).
         refresh_s: member list re-read period (default 2 s).
         suspect_s: how long a failed node is left out (default 2 s).
+        kubernetes_selector: ``K=V[,K=V]`` labels of the cache-node pods; when
+            set, members are those pods (overrides `membership_url` and `peers`).
+        kubernetes_namespace: their namespace (default: this pod's own, else ``default``).
+        kubernetes_port: their gRPC port when a pod has no ``kvgate.io/port``
+            annotation (default 0: the annotation is required).
     """
 
     peers: tuple[str, ...] = ()
@@ -74,11 +79,14 @@ class L2Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     refresh_s: float = 2.0
     suspect_s: float = 2.0
+    kubernetes_selector: str = ""
+    kubernetes_namespace: str = ""
+    kubernetes_port: int = 0
 
     @property
     def enabled(self) -> bool:
         """Whether any member source is configured."""
-        return bool(self.peers or self.membership_url)
+        return bool(self.peers or self.membership_url or self.kubernetes_selector)
 
     def nodes(self) -> list[NodeInfo]:
         """The static members, parsed.

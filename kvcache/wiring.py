@@ -60,7 +60,14 @@ def build_tiers(
         )
     l2 = settings.l2
     if l2.enabled:
-        membership = make_membership(peers=l2.nodes(), redis_url=l2.membership_url, cluster=l2.cluster)
+        membership = make_membership(
+            peers=l2.nodes(),
+            redis_url=l2.membership_url,
+            cluster=l2.cluster,
+            kubernetes_selector=l2.kubernetes_selector,
+            kubernetes_namespace=l2.kubernetes_namespace,
+            kubernetes_port=l2.kubernetes_port,
+        )
         tiers.append(
             PeerTier(
                 membership,

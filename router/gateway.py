@@ -33,7 +33,7 @@ from router.index import PrefixIndex
 from router.kv_events import KVEventListener, parse_event_sources
 from router.metrics import GatewayMetrics
 from router.monitor import Monitor
-from router.pods import PodId, PodSet, UserId
+from router.pods import PodEndpoint, PodId, PodSet, UserId
 from router.policies import PolicyBook, PolicyDeps, RouteRequest
 from router.prompts import ByteEncoder, PromptEncoder, tokenize
 from router.proxy import Outcome, Proxy
@@ -88,6 +88,7 @@ class Gateway:
         self.proxy: Proxy | None = None
         self.kv_events: KVEventListener | None = None
         self._discovery_task: asyncio.Task | None = None
+        self._discovered_events: dict[PodId, str] = {}
         self.draining = False
 
     async def start(self) -> None:
@@ -104,11 +105,26 @@ class Gateway:
             on_pod_up=self.router.dispatch_waiting,
         )
         self.proxy = Proxy(self.session, self.settings.upstream)
-        self._discovery_task = asyncio.create_task(self.discovery.run(self.monitor.set_pods), name="discovery")
+        self._discovery_task = asyncio.create_task(self.discovery.run(self._pods_changed), name="discovery")
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
         if sources:
             self.kv_events = KVEventListener(self.index, sources, self.settings.routing.block_size)
             self.kv_events.start()
+
+    def _pods_changed(self, endpoints: frozenset[PodEndpoint]) -> None:
+        """Discovery's news: update the pod table and follow the KV events of the pods that publish them."""
+        assert self.monitor is not None
+        self.monitor.set_pods(endpoints)
+        publishing = {endpoint.id: endpoint.kv_events for endpoint in endpoints if endpoint.kv_events}
+        if publishing and self.kv_events is None:
+            self.kv_events = KVEventListener(self.index, {}, self.settings.routing.block_size)
+            self.kv_events.start()
+        if self.kv_events is not None:
+            for pod in self._discovered_events.keys() - publishing.keys():
+                self.kv_events.remove(pod)
+            for pod, endpoint in publishing.items():
+                self.kv_events.add(pod, endpoint)
+        self._discovered_events = publishing
 
     async def stop(self) -> None:
         if self._discovery_task is not None:

@@ -189,17 +189,46 @@ class KVEventListener:
         self.block_size = block_size
         self.engines = {pod: EngineBlocks(pod, index, block_size) for pod in self.sources}
         self._context: zmq.asyncio.Context | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[PodId, asyncio.Task] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._context = zmq.asyncio.Context()
-        for pod, endpoint in self.sources.items():
-            self._tasks.append(asyncio.create_task(self._listen(pod, endpoint), name=f"kv-events {pod}"))
+        for pod in self.sources:
+            self._spawn(pod)
+
+    def add(self, pod: PodId, endpoint: str) -> None:
+        """Subscribe to `pod`'s events at `endpoint`, with an empty block map.
+
+        Idempotent for the same endpoint; another endpoint replaces the old
+        subscription. Before `start` it only records the source.
+        """
+        if self.sources.get(pod) == endpoint:
+            return
+        self.remove(pod)
+        self.sources[pod] = endpoint
+        self.engines[pod] = EngineBlocks(pod, self.index, self.block_size)
+        if self._context is not None:
+            self._spawn(pod)
+
+    def remove(self, pod: PodId) -> None:
+        """Stop listening to `pod` (idempotent). Its index entries are the caller's business."""
+        self.sources.pop(pod, None)
+        self.engines.pop(pod, None)
+        task = self._tasks.pop(pod, None)
+        if task is not None:
+            task.cancel()
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def _spawn(self, pod: PodId) -> None:
+        self._tasks[pod] = asyncio.create_task(self._listen(pod, self.sources[pod]), name=f"kv-events {pod}")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks.values(), *self._closing]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()

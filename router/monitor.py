@@ -20,7 +20,7 @@ from collections.abc import Callable
 import aiohttp
 
 from router.index import PrefixIndex
-from router.pods import Pod, PodId, PodSet, lora_adapters
+from router.pods import Pod, PodEndpoint, PodId, PodSet, lora_adapters
 from router.scrape import parse_engine_metrics
 from router.settings import DiscoverySettings, ScrapeSettings
 
@@ -58,18 +58,22 @@ class Monitor:
         self._tasks: dict[PodId, asyncio.Task] = {}
         self.block_size: int | None = None
 
-    def set_pods(self, urls: frozenset[str]) -> None:
-        """Make the pod table match `urls`: start watching new pods, forget gone ones."""
-        wanted = {url.rstrip("/") for url in urls}
+    def set_pods(self, endpoints: frozenset[PodEndpoint]) -> None:
+        """Make the pod table match `endpoints`: start watching new pods, forget gone ones.
+
+        Pods are keyed by `PodEndpoint.id`, so a new pod at an old address
+        (another UID) replaces the old one and starts with an empty index entry.
+        """
+        wanted = {endpoint.id: endpoint for endpoint in endpoints}
         for pod in list(self.pods):
-            if pod.url not in wanted:
+            if pod.id not in wanted:
                 self._forget(pod)
-        for url in wanted:
-            pod = self.pods.get(PodId(url))
+        for pod_id, endpoint in wanted.items():
+            pod = self.pods.get(pod_id)
             if pod is None:
-                pod = self.pods.add(url)
+                pod = self.pods.add(endpoint.url, pod_id=pod_id)
                 pod.healthy = False  # until the first good probe
-                self._tasks[pod.id] = asyncio.create_task(self._watch(pod), name=f"monitor {url}")
+                self._tasks[pod.id] = asyncio.create_task(self._watch(pod), name=f"monitor {pod_id}")
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

@@ -18,6 +18,40 @@ PodId = NewType("PodId", str)
 UserId = NewType("UserId", str)
 
 
+@dataclass(frozen=True, slots=True)
+class PodEndpoint:
+    """Where discovery found a pod: its base URL, identity and KV event endpoint.
+
+    Attributes:
+        url: the engine's base URL, e.g. ``http://10.0.0.7:8000``.
+        uid: the pod's identity when the source has one (a Kubernetes UID); a
+            new pod that reuses an address is then a different pod, with an
+            empty prefix-index entry.
+        kv_events: the engine's ZMQ endpoint for KV events, if it publishes.
+        name: a readable name for logs (the Kubernetes pod name).
+    """
+
+    url: str
+    uid: str | None = None
+    kv_events: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def of(cls, url: str) -> PodEndpoint:
+        """A pod known only by its URL (static discovery)."""
+        return cls(url.rstrip("/"))
+
+    @property
+    def id(self) -> PodId:
+        """The pod's key: its URL, tagged with the start of its UID when it has one.
+
+        NOTE: the URL stays in front so metric labels and logs read as
+        addresses; eight hex digits of the UID tell apart pods that reused an
+        address, which is all the tag must do.
+        """
+        return PodId(self.url if self.uid is None else f"{self.url}#{self.uid[:8]}")
+
+
 @dataclass(slots=True)
 class EngineStats:
     """The pod's own figures, from its last /metrics scrape."""
@@ -80,17 +114,22 @@ def lora_adapters(served: Iterable[object]) -> frozenset[str]:
 
 
 class PodSet:
-    """The pods the gateway routes to, keyed by id (the base URL)."""
+    """The pods the gateway routes to, keyed by id (`PodEndpoint.id`: the base URL, tagged with the UID when known)."""
 
     def __init__(self, urls: Iterable[str] = ()) -> None:
         self._pods: dict[PodId, Pod] = {}
         for url in urls:
             self.add(url)
 
-    def add(self, url: str) -> Pod:
-        """Add a pod (idempotent). Returns the pod."""
+    def add(self, url: str, *, pod_id: PodId | None = None) -> Pod:
+        """Add a pod (idempotent). Returns the pod.
+
+        Args:
+            url: the pod's base URL.
+            pod_id: its key; the URL when None.
+        """
         url = url.rstrip("/")
-        pod_id = PodId(url)
+        pod_id = pod_id or PodId(url)
         pod = self._pods.get(pod_id)
         if pod is None:
             pod = self._pods[pod_id] = Pod(id=pod_id, url=url)

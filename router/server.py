@@ -24,7 +24,7 @@ from aiohttp import web
 
 from router import settings as settings_module
 from router.app import GATEWAY, IN_FLIGHT, RUNNER_OPTIONS, create_app
-from router.discovery import Discovery, StaticDiscovery
+from router.discovery import Discovery, make_discovery
 from router.kv_events import parse_event_sources
 from router.policies import REGISTRY
 from router.prompts import PromptEncoder
@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL=ENDPOINT",
         help="a pod's vLLM KV event endpoint (ZMQ), confirming the prefix index (repeatable)",
     )
+    parser.add_argument(
+        "--service-discovery", action="store_true", default=None, help="find the pods on Kubernetes by label selector"
+    )
+    parser.add_argument(
+        "--selector", nargs="+", metavar="KEY=VAL[,KEY=VAL]", help="labels the engine pods carry (service discovery)"
+    )
+    parser.add_argument("--service-discovery-namespace", metavar="NS", help="namespace to watch (default: our own)")
+    parser.add_argument(
+        "--service-discovery-port", type=int, metavar="P", help="engine port without a kvgate.io/port annotation (8000)"
+    )
     parser.add_argument("--max-inflight-per-pod", type=int, help="requests in flight per pod before requests queue")
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait before 429")
     parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)")
@@ -68,6 +78,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
     put("discovery", "worker_urls", args.worker_urls)
     put("discovery", "kv_event_sources", args.kv_events)
+    put("discovery", "kind", "kubernetes" if args.service_discovery else None)
+    put("discovery", "selector", args.selector)
+    put("discovery", "namespace", args.service_discovery_namespace)
+    put("discovery", "pod_port", args.service_discovery_port)
     put("routing", "policy", args.policy)
     put("routing", "tokenizer", args.tokenizer)
     put("server", "host", args.host)
@@ -163,9 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return 2
-    if not settings.discovery.worker_urls:
-        print("kvgate serve: no pods: give --worker-urls or discovery.worker_urls in --config", file=sys.stderr)
+    try:
+        discovery = make_discovery(settings.discovery)
+    except ValueError as exc:
+        print(f"kvgate serve: {exc}", file=sys.stderr)
         return 2
     encoder = load_encoder(settings)
     _install_uvloop()
-    return asyncio.run(serve(settings, discovery=StaticDiscovery(settings.discovery.worker_urls), encoder=encoder))
+    return asyncio.run(serve(settings, discovery=discovery, encoder=encoder))

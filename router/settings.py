@@ -8,6 +8,7 @@ YAML shape (every key optional)::
     server:    {host: 0.0.0.0, port: 8000, api_keys: [...], drain_grace_s: 30}
     discovery: {worker_urls: [http://pod-a:8000, ...], health_interval_s: 2,
                 kv_event_sources: ["http://pod-a:8000=tcp://pod-a:5557"]}
+               or {kind: kubernetes, selector: [app=vllm], namespace: llm, pod_port: 8000}
     routing:   {policy: kv-aware, tokenizer: ./model, block_size: 128}
     admission: {max_inflight_per_pod: 32, max_queue: 1024}
     upstream:  {connect_timeout_s: 2, retries: 2}
@@ -51,6 +52,20 @@ class DiscoverySettings:
     """Timeout of one probe, in seconds."""
     kv_event_sources: tuple[str, ...] = ()
     """`POD_URL=ZMQ_ENDPOINT` pairs: pods whose vLLM KV events confirm the prefix index."""
+    kind: str = "static"
+    """Where pods come from: `static` (`worker_urls`) or `kubernetes` (a pod watch; `--service-discovery`)."""
+    selector: tuple[str, ...] = ()
+    """kubernetes: `KEY=VALUE` labels a pod must carry (all of them; `a=b,c=d` also works in one item)."""
+    namespace: str = ""
+    """kubernetes: namespace whose pods are watched; empty means the gateway's own (in a pod), else `default`."""
+    pod_port: int = 8000
+    """kubernetes: engine port of pods without a `kvgate.io/port` annotation (vLLM's default, 8000)."""
+    kubernetes_api_url: str = ""
+    """kubernetes: API server URL to use as is (tests, `kubectl proxy`); empty means in-cluster config, else KUBECONFIG."""
+    watch_timeout_s: float = 300.0
+    """kubernetes: seconds before a pod watch is re-opened from its resourceVersion (the API server caps them too)."""
+    retry_backoff_s: float = 1.0
+    """kubernetes: seconds to wait after a failed list or watch; doubles on each failure, up to 30."""
 
 
 @dataclass(slots=True)

@@ -1,8 +1,8 @@
-"""Who is in the L2 ring: a static list, or nodes registered in Redis.
+"""Who is in the L2 ring: a static list, nodes registered in Redis, or pods on Kubernetes.
 
-`make_membership(peers=..., redis_url=...)` picks the implementation: a Redis
-URL means registration with heartbeats and expiry; otherwise the static list.
-Kubernetes endpoints would be a third implementation of the same protocol.
+`make_membership(...)` picks the implementation: a Kubernetes selector means
+the serving pods that carry those labels (`kubernetes`); a Redis URL means
+registration with heartbeats and expiry (`redis`); otherwise the static list.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ def make_membership(
     cluster: str = "default",
     ttl_s: float = 10.0,
     heartbeat_s: float = 2.0,
+    kubernetes_selector: str = "",
+    kubernetes_namespace: str = "",
+    kubernetes_port: int = 0,
+    kubernetes_api_url: str = "",
 ) -> Membership:
     """Build the membership source described by the settings.
 
@@ -31,10 +35,28 @@ def make_membership(
         cluster: name separating several rings in one Redis.
         ttl_s: a registered node not heard from for this long is dropped.
         heartbeat_s: how often a registered node renews its entry.
+        kubernetes_selector: ``K=V[,K=V]`` labels of the cache-node pods.
+        kubernetes_namespace: their namespace (default: this pod's own, else ``default``).
+        kubernetes_port: their port when a pod has no ``kvgate.io/port`` annotation.
+        kubernetes_api_url: an API server URL to use as is (else in-cluster
+            config, else the kubeconfig).
     Returns:
-        Redis registration when `redis_url` is set, else the static list
-        (possibly empty: a lone node registers only itself).
+        The Kubernetes pods when a selector is given, else Redis registration
+        when `redis_url` is set, else the static list (possibly empty: a lone
+        node registers only itself).
+
+    Raises:
+        ConfigError: a bad selector, or no Kubernetes API server configured.
     """
+    if kubernetes_selector:
+        from kvcache.membership.kubernetes import from_options  # only then load the Kubernetes client
+
+        return from_options(
+            selector=kubernetes_selector,
+            namespace=kubernetes_namespace,
+            port=kubernetes_port,
+            api_url=kubernetes_api_url,
+        )
     if redis_url:
         return RedisMembership(redis_url, cluster=cluster, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
     return StaticMembership(peers)
