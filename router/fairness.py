@@ -13,8 +13,17 @@ Not here: the queue itself (`router.admission`).
 from __future__ import annotations
 
 from collections import Counter
+from typing import Protocol
 
 from router.pods import UserId
+
+
+class CounterObserver(Protocol):
+    """Hears what this replica's counters did, to tell other replicas."""
+
+    def charged(self, user: UserId, cost: float) -> None: ...
+
+    def activity(self, user: UserId, active: int) -> None: ...
 
 
 class VirtualTokenCounters:
@@ -30,6 +39,9 @@ class VirtualTokenCounters:
         self.output_weight = output_weight
         self._counters: dict[UserId, float] = {}
         self._active: Counter[UserId] = Counter()
+        self._peer_active: dict[UserId, int] = {}
+        self.observer: CounterObserver | None = None
+        """Told of every charge and activity change (the shared state, with gateway replicas)."""
 
     def get(self, user: UserId) -> float:
         return self._counters.get(user, 0.0)
@@ -39,13 +51,19 @@ class VirtualTokenCounters:
 
     def arrive(self, user: UserId) -> None:
         """Mark one more request of `user` as active, lifting its counter first if it was idle."""
-        if self._active[user] == 0:
-            floor = min((self._counters.get(u, 0.0) for u, n in self._active.items() if n > 0), default=None)
-            if floor is not None:
-                self._counters[user] = max(self._counters.get(user, 0.0), floor)
+        if self._active[user] == 0 and not self._peer_active.get(user):
+            busy = [u for u, n in self._active.items() if n > 0] + list(self._peer_active)
+            floor = min((self._counters.get(u, 0.0) for u in busy), default=None)
+            current = self._counters.get(user, 0.0)
+            if floor is not None and floor > current:
+                self._counters[user] = floor
+                if self.observer is not None:
+                    self.observer.charged(user, floor - current)
             else:
                 self._counters.setdefault(user, 0.0)
         self._active[user] += 1
+        if self.observer is not None:
+            self.observer.activity(user, self._active[user])
 
     def leave(self, user: UserId) -> None:
         """Mark one request of `user` as finished (served, failed or abandoned)."""
@@ -54,12 +72,28 @@ class VirtualTokenCounters:
             self._active[user] = left
         else:
             del self._active[user]
+        if self.observer is not None:
+            self.observer.activity(user, max(left, 0))
 
     def charge(self, user: UserId, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add service received by `user`."""
         cost = self.input_weight * input_tokens + self.output_weight * output_tokens
         if cost:
             self._counters[user] = self._counters.get(user, 0.0) + cost
+            if self.observer is not None:
+                self.observer.charged(user, cost)
+
+    def add(self, user: UserId, cost: float) -> None:
+        """Add `cost` another replica charged (no notification: it is the peer's news)."""
+        if cost:
+            self._counters[user] = self._counters.get(user, 0.0) + cost
+
+    def set_peer_active(self, user: UserId, count: int) -> None:
+        """Requests of `user` active on other replicas (they count for the lift on arrival)."""
+        if count > 0:
+            self._peer_active[user] = count
+        else:
+            self._peer_active.pop(user, None)
 
     def active_users(self) -> int:
         return len(self._active)

@@ -40,6 +40,7 @@ from router.proxy import Outcome, Proxy
 from router.routing import Router
 from router.schema import Kind, parse_call
 from router.settings import Settings
+from router.state import FleetView, RoutingState, open_state
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Gateway:
         discovery: where pods come from.
         encoder: the model's tokenizer; bytes stand in when None.
         rng: randomness for tie-breaks and random policies (seeded in tests).
+        state: routing state shared with other replicas; from `settings.state` when None.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Gateway:
         discovery: Discovery,
         encoder: PromptEncoder | None = None,
         rng: random.Random | None = None,
+        state: RoutingState | None = None,
     ) -> None:
         self.settings = settings
         self.discovery = discovery
@@ -80,7 +83,9 @@ class Gateway:
         self.index = PrefixIndex(settings.routing.default_capacity_blocks)
         self.counters = VirtualTokenCounters(settings.admission.input_weight, settings.admission.output_weight)
         self.metrics = GatewayMetrics(pods=lambda: list(self.pods))
-        self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng)
+        self.state: RoutingState = state or open_state(settings.state, self.metrics.registry)
+        self.counters.observer = self.state
+        self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng, self.state)
         self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
         self.policies.get(settings.routing.policy)  # fail at start-up on a bad default
         self.session: aiohttp.ClientSession | None = None
@@ -106,6 +111,7 @@ class Gateway:
         )
         self.proxy = Proxy(self.session, self.settings.upstream)
         self._discovery_task = asyncio.create_task(self.discovery.run(self._pods_changed), name="discovery")
+        await self.state.start(FleetView(self.pods, self.index, self.counters, self.router.dispatch_waiting))
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
         if sources:
             self.kv_events = KVEventListener(self.index, sources, self.settings.routing.block_size)
@@ -115,6 +121,8 @@ class Gateway:
         """Discovery's news: update the pod table and follow the KV events of the pods that publish them."""
         assert self.monitor is not None
         self.monitor.set_pods(endpoints)
+        for pod in self.pods:
+            self.state.attach(pod)
         publishing = {endpoint.id: endpoint.kv_events for endpoint in endpoints if endpoint.kv_events}
         if publishing and self.kv_events is None:
             self.kv_events = KVEventListener(self.index, {}, self.settings.routing.block_size)
@@ -127,6 +135,7 @@ class Gateway:
         self._discovered_events = publishing
 
     async def stop(self) -> None:
+        await self.state.stop()
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -144,7 +153,7 @@ class Gateway:
         return learned or self.settings.routing.block_size
 
     def ready(self) -> bool:
-        return not self.draining and bool(self.pods.healthy())
+        return not self.draining and self.state.synced and bool(self.pods.healthy())
 
     def models(self) -> list[dict[str, Any]]:
         served = self.pods.models()
@@ -214,6 +223,8 @@ class Gateway:
                 pod = lease.pod
                 outcome: Outcome | None = None
                 try:
+                    # Other replicas hear of the reservation before the pod sees the request.
+                    await self.state.flush()
                     upstream = await self.proxy.open(lease, call, raw, request.headers)
                     if upstream.status in _RETRY_STATUSES:
                         upstream.release()

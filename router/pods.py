@@ -68,6 +68,15 @@ class EngineStats:
     scraped_at: float = 0.0
 
 
+@dataclass(slots=True)
+class PeerLoad:
+    """Work other gateway replicas have on a pod (their own counts, summed; see `router.state`)."""
+
+    in_flight: int = 0
+    pending_prefill: int = 0
+    decoding: int = 0
+
+
 @dataclass(slots=True, eq=False)
 class Pod:
     """One engine. Mutable; only the event loop touches it."""
@@ -82,12 +91,29 @@ class Pod:
     """Uncached prompt tokens sent to the pod whose first output has not come back."""
     decoding: int = 0
     """Requests on the pod past their first output token."""
+    peer: PeerLoad = field(default_factory=PeerLoad)
+    """Other replicas' counts on this pod; all zero for a gateway without peers."""
     models: frozenset[str] = frozenset()
     adapters: frozenset[str] = frozenset()
     """The models that are LoRA adapters on a base model (their blocks are keyed by name)."""
     max_model_len: int | None = None
     stats: EngineStats = field(default_factory=EngineStats)
     changed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def fleet_in_flight(self) -> int:
+        """Requests in flight on the pod from every gateway replica."""
+        return self.in_flight + self.peer.in_flight
+
+    @property
+    def fleet_pending_prefill(self) -> int:
+        """Uncached prompt tokens queued on the pod by every gateway replica."""
+        return self.pending_prefill + self.peer.pending_prefill
+
+    @property
+    def fleet_decoding(self) -> int:
+        """Requests past their first token on the pod, from every gateway replica."""
+        return self.decoding + self.peer.decoding
 
 
 def lora_adapters(served: Iterable[object]) -> frozenset[str]:

@@ -26,6 +26,8 @@ from router.pods import Pod, PodId, PodSet
 from router.policies import Policy
 from router.policies.base import RouteRequest
 from router.settings import AdmissionSettings
+from router.state.base import RoutingState
+from router.state.local import LocalState
 
 
 @dataclass(slots=True, eq=False)
@@ -48,6 +50,7 @@ class Lease:
         self.decoding = True
         self.pod.pending_prefill -= self.uncached_tokens
         self.pod.decoding += 1
+        self.router.state.first_token(self.pod.id, self.uncached_tokens)
 
     def release(self) -> None:
         """Give the slot back (idempotent) and let the next waiter in."""
@@ -59,6 +62,7 @@ class Lease:
         else:
             self.pod.pending_prefill -= self.uncached_tokens
         self.pod.in_flight -= 1
+        self.router.state.released(self.pod.id, self.uncached_tokens, self.decoding)
         self.router.metrics.record_release(self.pod.id, self.pod.in_flight)
         self.router.dispatch_waiting()
 
@@ -81,6 +85,7 @@ class Router:
         settings: admission limits.
         metrics: where decisions are counted.
         rng: tie-breaks.
+        state: where other gateway replicas hear of each reservation (none by default).
     """
 
     def __init__(
@@ -91,8 +96,10 @@ class Router:
         settings: AdmissionSettings,
         metrics: GatewayMetrics,
         rng: random.Random | None = None,
+        state: RoutingState | None = None,
     ) -> None:
         self.pods = pods
+        self.state: RoutingState = state or LocalState()
         self.index = index
         self.counters = counters
         self.settings = settings
@@ -119,7 +126,7 @@ class Router:
         """
         started = time.perf_counter()
         limit = self.settings.max_inflight_per_pod
-        pods = [pod for pod in self.candidates(request.model, exclude) if pod.in_flight < limit]
+        pods = [pod for pod in self.candidates(request.model, exclude) if pod.fleet_in_flight < limit]
         if not pods:
             return None
         costs = policy.costs(request, pods)
@@ -131,6 +138,7 @@ class Router:
         pod.pending_prefill += uncached
         if request.block_hashes:
             self.index.insert(pod.id, request.block_hashes)
+        self.state.reserved(pod.id, request.block_hashes, uncached)
         self.counters.charge(request.user, input_tokens=request.prompt_tokens)
         self.metrics.record_decision(
             pod=pod.id,

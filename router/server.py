@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait before 429")
     parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)")
     parser.add_argument("--drain-grace", type=float, help="seconds in-flight requests get after SIGTERM")
+    parser.add_argument(
+        "--state-url",
+        metavar="URL",
+        help="redis://HOST:PORT/DB shared by gateway replicas so they route as one (default: this replica alone)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
@@ -90,6 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("server", "drain_grace_s", args.drain_grace)
     put("admission", "max_inflight_per_pod", args.max_inflight_per_pod)
     put("admission", "max_queue", args.max_queue)
+    put("state", "url", args.state_url)
     return settings_module.load(args.config, overrides)
 
 

@@ -12,6 +12,7 @@ YAML shape (every key optional)::
     routing:   {policy: kv-aware, tokenizer: ./model, block_size: 128}
     admission: {max_inflight_per_pod: 32, max_queue: 1024}
     upstream:  {connect_timeout_s: 2, retries: 2}
+    state:     {url: redis://127.0.0.1:6379/0, lease_s: 3}
 """
 
 from __future__ import annotations
@@ -121,6 +122,24 @@ class UpstreamSettings:
 
 
 @dataclass(slots=True)
+class StateSettings:
+    url: str | None = None
+    """`redis://HOST:PORT/DB` shared by gateway replicas so they route as one; None: this replica alone."""
+    cluster: str = "default"
+    """Name of the replica group in the store; replicas with the same name share state."""
+    lease_s: float = 3.0
+    """Seconds a replica's load outlives it: a replica that stops renewing is dropped by the others after this."""
+    flush_timeout_s: float = 0.05
+    """Seconds a request waits for its reservation to reach the store before going on without (slow store)."""
+    warmup_timeout_s: float = 5.0
+    """Seconds a starting replica waits for the store before routing on its own state."""
+    warmup_entries: int = 20_000
+    """Recent stream entries a starting replica reads back to learn the peers' placements."""
+    stream_max_entries: int = 100_000
+    """Entries the shared stream keeps (approximate trim); bounds the store's memory."""
+
+
+@dataclass(slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
@@ -128,6 +147,7 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    state: StateSettings = field(default_factory=StateSettings)
 
 
 class SettingsError(ValueError):
@@ -144,6 +164,8 @@ def _coerce(group: Any, name: str, value: Any) -> Any:
         return tuple(str(v) for v in value)
     if name == "tokenizer":
         return None if value is None else Path(value)
+    if name == "url" and (value is None or isinstance(value, str)):
+        return value
     if isinstance(current, bool) or current is None:
         return value
     if isinstance(value, bool) or (isinstance(current, int) and isinstance(value, float) and not value.is_integer()):

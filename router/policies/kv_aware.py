@@ -49,7 +49,7 @@ class KVAwarePolicy:
                 matched = 0
             miss = max(request.prompt_tokens - matched * request.block_size, 0)
             engine_load = pod.stats.running + pod.stats.waiting
-            decoding = max(pod.decoding, engine_load - (pod.in_flight - pod.decoding))
+            decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
             evicts = miss * request.occupancy.get(pod.id, 0.0)
-            costs.append(miss + evicts + pod.pending_prefill + self._decode_cost * max(decoding, 0))
+            costs.append(miss + evicts + pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
         return costs

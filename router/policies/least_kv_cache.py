@@ -22,6 +22,6 @@ class LeastKVCachePolicy:
         costs = []
         for pod in pods:
             capacity_tokens = (pod.stats.num_gpu_blocks or self._settings.default_capacity_blocks) * request.block_size
-            unscraped = pod.pending_prefill / capacity_tokens if capacity_tokens else 0.0
+            unscraped = pod.fleet_pending_prefill / capacity_tokens if capacity_tokens else 0.0
             costs.append(pod.stats.kv_usage + unscraped)
         return costs
