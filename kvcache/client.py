@@ -225,7 +225,11 @@ class NodeClient:
             for key, frame in items:
                 length = memoryview(frame).nbytes
                 if length > self._batch_bytes:
-                    result = await self.put_stream([(key, frame)])
+                    try:
+                        result = await self.put_stream([(key, frame)])
+                    except TierRejected:
+                        rejected += 1  # this frame is over the node's limit; the rest of the batch goes on
+                        continue
                     stored, rejected = stored + result.stored, rejected + result.rejected
                     continue
                 if batch and size + length > self._batch_bytes:

@@ -449,7 +449,8 @@ class CacheNode:
             if frame is not None:
                 items.append((key, frame))
         try:
-            result = await client.put_stream(items, timeout_s=self.settings.handoff_timeout_s)
+            # The whole hand-off's deadline (in `leave`) comes first; this one only backs it up.
+            result = await client.put_stream(items, timeout_s=self.settings.handoff_timeout_s + 5.0)
         except TierError as exc:
             log.warning("hand-off to %s failed: %s", target.node_id, exc)
             return False
