@@ -44,7 +44,7 @@ def parse_bytes(text: str) -> int:
     number = value[: len(value) - len(unit)] if unit else value
     try:
         result = int(float(number) * _UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e999"
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
     if result <= 0:
         raise argparse.ArgumentTypeError(f"byte count must be positive: {text!r}")
