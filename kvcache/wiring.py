@@ -22,6 +22,7 @@ def _redis(settings: L3Settings, metrics: StoreMetrics) -> Tier:
         settings.url,
         prefix=settings.prefix.encode(),
         ttl_s=settings.ttl_s,
+        unbounded=settings.unbounded,
         timeout_s=settings.timeout_s,
         metrics=metrics,
     )
