@@ -6,13 +6,19 @@ the environment: everything arrives through these values.
 
 JSON shape (every key optional)::
 
-    {"namespace": {"model": "tiny-llama"},
-     "l1": {"capacity_bytes": 536870912, "policy": "lru"},
+    {"l1": {"capacity_bytes": 536870912, "policy": "lru"},
      "l2": {"peers": ["a=127.0.0.1:7001?host=h1"], "membership_url": null,
-            "cluster": "default", "replicas": 1, "timeout_s": 1.0},
-     "l3": {"kind": "redis", "url": "redis://127.0.0.1:6379/0"},
+            "cluster": "default", "replicas": 1, "timeout_s": 1.0,
+            "token_file": "/etc/kvgate/cache.token", "tls_ca_file": ""},
+     "l3": {"kind": "redis", "url": "redis://127.0.0.1:6379/0", "ttl_s": 86400,
+            "unbounded": "warn"},
      "store": {"write_queue_bytes": 268435456},
-     "connector": {"lookup_timeout_s": 0.5}}
+     "connector": {"model": "tiny-llama", "lookup_timeout_s": 0.5}}
+
+Values are parsed by the field's type: numbers and flags may come as strings
+(``"0.5"``, ``"false"``, ``"off"``), lists as comma-separated strings;
+anything else of the wrong type, negative or not finite is a `ConfigError`
+naming the key, never a ValueError or a silently wrong value.
 """
 
 from __future__ import annotations

@@ -222,7 +222,8 @@ class RedisTier:
             try:
                 await self._client.delete(*bad)
             except (RedisError, OSError) as exc:
-                raise self._error(exc) from exc
+                # The good frames are still good: a failed clean-up costs no read.
+                log.warning("could not delete %d corrupt L3 blocks: %s", len(bad), exc)
         return frames
 
     async def put(self, items: Sequence[tuple[BlockKey, Buffer]]) -> None:
