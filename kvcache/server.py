@@ -10,8 +10,8 @@ leaving, the node refuses writes (UNAVAILABLE, so clients move on) and still
 serves reads.
 
 Callers are authenticated by token and each tenant's keys are scoped
-(`kvcache.auth`); streamed uploads are reassembled within a memory budget
-(`kvcache.uploads`); every count and size a caller sends is checked before it
+(`kvcache.auth`); the handlers (`kvcache.service`) reassemble streamed uploads
+within a memory budget (`kvcache.uploads`); every count and size a caller sends is checked before it
 decides an allocation.
 
 Not here: placement logic (`kvcache.ring`), the multi-node client
@@ -22,24 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import grpc.aio
 
-from kvcache._pb import kvcache_pb2 as pb
-from kvcache.auth import AuthInterceptor, Authenticator, Caller
-from kvcache.client import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    MAX_KEYS_PER_CALL,
-    MIN_CHUNK_BYTES,
-    NodeClient,
-    channel_options,
-)
-from kvcache.errors import ConfigError, InvalidRequest, OverBudget, RequestRejected, TierError
+from kvcache.auth import AuthInterceptor, Authenticator
+from kvcache.client import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, NodeClient, channel_options
+from kvcache.errors import ConfigError, TierError
 from kvcache.eviction import DEFAULT_POLICY
 from kvcache.framing import Buffer
 from kvcache.handoff import Handoff, HandoffReport
@@ -47,9 +38,9 @@ from kvcache.keys import BlockKey
 from kvcache.membership.base import Membership
 from kvcache.metrics import NodeMetrics
 from kvcache.ring import DEFAULT_VNODES, NodeId, NodeInfo
+from kvcache.service import service_handlers
 from kvcache.tiers.local import LocalTier
-from kvcache.uploads import StreamAssembler, UploadBudget
-from kvcache.wire import WireError, decode_put_request, encode_get_response
+from kvcache.uploads import UploadBudget
 
 log = logging.getLogger(__name__)
 
@@ -121,197 +112,6 @@ class NodeSettings:
     tls_ca_file: str = ""
 
 
-class _Service:
-    """The RPC handlers over a node's storage.
-
-    `Put` and `Get` take and return raw bytes in protobuf wire format
-    (`kvcache.wire`); the other methods use the generated classes. Every
-    handler names stored keys through the caller's `Caller.stored_key`
-    (tenant scoping) and refuses requests beyond the node's limits with
-    INVALID_ARGUMENT or RESOURCE_EXHAUSTED.
-    """
-
-    def __init__(self, node: CacheNode) -> None:
-        self._node = node
-
-    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
-        caller = self._node.auth.caller(context.invocation_metadata())
-        # The interceptor let the call in, so the token is known.
-        assert caller is not None
-        return caller
-
-    async def _refuse(self, context: grpc.aio.ServicerContext, method: str, exc: RequestRejected) -> None:
-        self._node.metrics.rejected.labels(method, exc.reason).inc()
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, OverBudget) else grpc.StatusCode.INVALID_ARGUMENT
-        await context.abort(code, str(exc))
-
-    def _stored_keys(self, caller: Caller, keys: Sequence[bytes]) -> list[BlockKey]:
-        if len(keys) > MAX_KEYS_PER_CALL:
-            raise InvalidRequest("keys", f"{len(keys)} keys in one call; at most {MAX_KEYS_PER_CALL}")
-        return [BlockKey(caller.stored_key(key)) for key in keys]
-
-    async def Exists(self, request: pb.KeysRequest, context: grpc.aio.ServicerContext) -> pb.ExistsResponse:
-        self._node.metrics.requests.labels("Exists").inc()
-        try:
-            keys = self._stored_keys(self._caller(context), request.keys)
-        except RequestRejected as exc:
-            await self._refuse(context, "Exists", exc)
-        store = self._node.store
-        return pb.ExistsResponse(present=[key in store for key in keys])
-
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> bytes:
-        node = self._node
-        node.metrics.requests.labels("Get").inc()
-        try:
-            keys = self._stored_keys(self._caller(context), request.keys)
-        except RequestRejected as exc:
-            await self._refuse(context, "Get", exc)
-        limit = node.batch_bytes
-        if request.max_bytes:
-            limit = min(limit, request.max_bytes)
-        frames: list[Buffer | None] = []
-        size = hits = 0
-        for key in keys:
-            frame = node.store.get_frame(key)
-            length = 0 if frame is None else len(frame)
-            if frames and size + length > limit or not frames and length > limit:
-                break
-            frames.append(frame)
-            size += length
-            hits += frame is not None
-        node.metrics.blocks.labels("Get", "hit").inc(hits)
-        node.metrics.blocks.labels("Get", "miss").inc(len(frames) - hits)
-        return encode_get_response(frames, len(frames))
-
-    async def Put(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
-        node = self._node
-        node.metrics.requests.labels("Put").inc()
-        if node.leaving:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is leaving the ring")
-        try:
-            caller = self._caller(context)
-            blocks = [(caller.stored_key(key), frame) for key, frame in decode_put_request(request)]
-        except WireError as exc:
-            node.metrics.rejected.labels("Put", "wire").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed PutRequest: {exc}")
-        except RequestRejected as exc:
-            await self._refuse(context, "Put", exc)
-        stored = rejected = 0
-        for key, frame in blocks:
-            if len(frame) <= node.max_block_bytes and node.store.put_frame(BlockKey(key), frame):
-                stored += 1
-            else:
-                rejected += 1
-        node.metrics.blocks.labels("Put", "stored").inc(stored)
-        node.metrics.blocks.labels("Put", "rejected").inc(rejected)
-        return pb.PutResponse(stored=stored, rejected=rejected)
-
-    async def GetStream(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
-        node = self._node
-        node.metrics.requests.labels("GetStream").inc()
-        try:
-            keys = self._stored_keys(self._caller(context), request.keys)
-        except RequestRejected as exc:
-            await self._refuse(context, "GetStream", exc)
-        chunk = max(MIN_CHUNK_BYTES, min(request.max_bytes or node.settings.chunk_bytes, node.batch_bytes))
-        for asked, key in zip(request.keys, keys):
-            frame = node.store.get_frame(key)
-            if frame is None:
-                yield pb.Chunk(key=asked, total=0)
-                continue
-            view = memoryview(frame)
-            for offset in range(0, view.nbytes, chunk):
-                yield pb.Chunk(key=asked, total=view.nbytes, offset=offset, data=bytes(view[offset : offset + chunk]))
-
-    async def PutStream(
-        self, request_iterator: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
-    ) -> pb.PutResponse:
-        node = self._node
-        node.metrics.requests.labels("PutStream").inc()
-        if node.leaving:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is leaving the ring")
-        caller = self._caller(context)
-        stored = rejected = 0
-        assembler = StreamAssembler(node.uploads, node.max_block_bytes)
-        chunks = aiter(request_iterator)
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(node.settings.upload_idle_timeout_s):
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    node.metrics.rejected.labels("PutStream", "idle").inc()
-                    await context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"no chunk for {node.settings.upload_idle_timeout_s}s",
-                    )
-                try:
-                    done = assembler.add(caller.stored_key(chunk.key), chunk.total, chunk.offset, chunk.data)
-                except RequestRejected as exc:
-                    await self._refuse(context, "PutStream", exc)
-                node.metrics.pending_upload_bytes.set(node.uploads.used_bytes)
-                if done is None:
-                    continue
-                key, frame = done
-                if node.store.put_frame(BlockKey(key), frame):
-                    stored += 1
-                else:
-                    rejected += 1
-        finally:
-            rejected += assembler.close()
-            node.metrics.pending_upload_bytes.set(node.uploads.used_bytes)
-        node.metrics.blocks.labels("PutStream", "stored").inc(stored)
-        node.metrics.blocks.labels("PutStream", "rejected").inc(rejected)
-        return pb.PutResponse(stored=stored, rejected=rejected)
-
-    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        node = self._node
-        return pb.StatsResponse(
-            node_id=node.info.node_id,
-            blocks=len(node.store),
-            bytes_used=node.store.used_bytes,
-            capacity_bytes=node.store.capacity_bytes,
-        )
-
-
-def _handlers(service: _Service) -> grpc.GenericRpcHandler:
-    """The service's method table: raw wire bytes for Put and Get, generated classes otherwise."""
-    name = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
-    return grpc.method_handlers_generic_handler(
-        name,
-        {
-            "Exists": grpc.unary_unary_rpc_method_handler(
-                service.Exists,
-                request_deserializer=pb.KeysRequest.FromString,
-                response_serializer=pb.ExistsResponse.SerializeToString,
-            ),
-            "Get": grpc.unary_unary_rpc_method_handler(
-                service.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=None
-            ),
-            "Put": grpc.unary_unary_rpc_method_handler(
-                service.Put, request_deserializer=None, response_serializer=pb.PutResponse.SerializeToString
-            ),
-            "GetStream": grpc.unary_stream_rpc_method_handler(
-                service.GetStream,
-                request_deserializer=pb.GetRequest.FromString,
-                response_serializer=pb.Chunk.SerializeToString,
-            ),
-            "PutStream": grpc.stream_unary_rpc_method_handler(
-                service.PutStream,
-                request_deserializer=pb.Chunk.FromString,
-                response_serializer=pb.PutResponse.SerializeToString,
-            ),
-            "Stats": grpc.unary_unary_rpc_method_handler(
-                service.Stats,
-                request_deserializer=pb.StatsRequest.FromString,
-                response_serializer=pb.StatsResponse.SerializeToString,
-            ),
-        },
-    )
-
-
 class CacheNode:
     """One L2 cache node.
 
@@ -319,6 +119,9 @@ class CacheNode:
         settings: how to run.
         membership: where to register and find the other members.
         metrics: the node's metrics (on a registry its owner exposes).
+
+    Raises:
+        ConfigError: unusable tokens (`kvcache.auth.Authenticator`) or half a TLS setup.
     """
 
     def __init__(self, settings: NodeSettings, *, membership: Membership, metrics: NodeMetrics) -> None:
@@ -362,7 +165,7 @@ class CacheNode:
             interceptors=(AuthInterceptor(self.auth, lambda method: refused(method, "unauthenticated").inc()),),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        server.add_generic_rpc_handlers((_handlers(_Service(self)),))
+        server.add_generic_rpc_handlers((service_handlers(self),))
         bind = f"{settings.host}:{settings.port}"
         if settings.tls_cert_file:
             try:
