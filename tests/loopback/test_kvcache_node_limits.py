@@ -1,10 +1,11 @@
-"""A hostile client cannot make a cache node allocate what it claims.
+"""A hostile client cannot make a cache node allocate what it claims, nor a hostile node a client.
 
 A real node on 127.0.0.1 and a raw gRPC client that lies in its chunks: a
 ``total`` far beyond the node's budget, partial frames that never finish,
 chunks beyond their total. The node answers each lie with a clear status,
 allocates at most its upload budget (traced with tracemalloc) and frees what a
-broken stream held.
+broken stream held. The other way round, a real gRPC server that streams a
+frame claiming 2^62 bytes gets a refusal from the client, not an allocation.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from kvcache._pb import kvcache_pb2 as pb
 from kvcache._pb import kvcache_pb2_grpc as pb_grpc
 from kvcache.client import NodeClient
+from kvcache.errors import TierRejected
 from kvcache.server import CacheNode
 from tests.support.kvcache_blocks import frame, key
 from tests.support.kvcache_servers import run_nodes
@@ -161,3 +163,50 @@ async def test_a_get_of_too_many_keys_is_refused_and_the_client_splits_its_batch
             assert await client.get(keys) == [None] * len(keys)
         finally:
             await client.aclose()
+
+
+async def _lying_node(total: int) -> tuple[grpc.aio.Server, str]:
+    """A real gRPC server of the KVCache service that answers every Get with a streamed frame of `total` bytes."""
+
+    async def get(request: pb.GetRequest, context: grpc.aio.ServicerContext) -> bytes:
+        return b""  # served = 0: "too large for a message, stream it"
+
+    async def get_stream(request: pb.GetRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        yield pb.Chunk(key=request.keys[0], total=total, offset=0, data=b"x" * 1024)
+
+    service = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                service,
+                {
+                    "Get": grpc.unary_unary_rpc_method_handler(get, request_deserializer=pb.GetRequest.FromString),
+                    "GetStream": grpc.unary_stream_rpc_method_handler(
+                        get_stream,
+                        request_deserializer=pb.GetRequest.FromString,
+                        response_serializer=pb.Chunk.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("total", [pytest.param(1 << 62, id="2^62"), pytest.param(512 * MiB, id="512MiB")])
+async def test_a_client_refuses_a_streamed_frame_larger_than_it_accepts(total: int) -> None:
+    server, address = await _lying_node(total)
+    client = NodeClient(address, timeout_s=10, max_block_bytes=64 * MiB)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TierRejected):
+            await client.get([key(1)])
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak < 16 * MiB, f"the client allocated {peak} bytes for a lie"
+    finally:
+        tracemalloc.stop()
+        await client.aclose()
+        await server.stop(0)
