@@ -20,7 +20,8 @@ Hierarchy::
     └── TierError                a tier could not serve a call
         ├── TierUnavailable      retryable: connection refused or reset, node gone
         │   └── TierTimeout      retryable: no answer within the deadline
-        └── TierRejected         permanent: the tier refused the data (too large, bad request)
+        └── TierRejected         permanent: the tier refused this call (too large, bad request,
+                                 a node's budget full, Redis out of memory); the tier stays up
 
 Retryable errors mean "try later or elsewhere"; permanent ones mean "the same
 call will fail again".
