@@ -210,3 +210,15 @@ async def test_a_client_refuses_a_streamed_frame_larger_than_it_accepts(total: i
         tracemalloc.stop()
         await client.aclose()
         await server.stop(0)
+
+
+async def test_a_stalled_upload_is_cut_and_its_reservation_freed() -> None:
+    async with run_nodes(1, capacity_bytes=CAPACITY, upload_idle_timeout_s=0.5) as (nodes, _):
+        node = nodes[0]
+        hold = asyncio.Event()
+        started = time.monotonic()
+        code = await asyncio.wait_for(_held_upload(node.info.address, 6 * MiB, hold), 30)
+        hold.set()
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 10
+        await _wait_for(lambda: node.uploads.used_bytes == 0)
