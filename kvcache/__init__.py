@@ -8,7 +8,9 @@ engines apart. Everything else here is the store itself:
 - `tiers/` (`local`, `peer`, `redis`, `disk`) behind `tiers.base.Tier`, composed
   by `store.TieredStore`; `eviction/` (`lru`, `s3fifo`) for the byte budgets;
 - L2: `ring` (placement), `membership/` (`static`, `redis`), `client`, `wire`,
-  `server` (the cache node) and `node` (``kvgate cache-node``);
+  `server` (the cache node), `service` (its RPC handlers), `auth` (tokens,
+  tenants), `uploads` (bounded reassembly of streamed frames), `handoff`
+  (a leaving node's blocks) and `node` (``kvgate cache-node``);
 - the vLLM side: `vllm_connector.TieredKVConnector`, with `transfer_plan`,
   `kv_pages`, `vllm_metrics` and `loop`;
 - `settings`, `wiring` and `launch` for configuration and launchers.

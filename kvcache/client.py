@@ -8,6 +8,11 @@ batches are split to stay under the limit, `Get` is asked again for what a
 response could not hold, and frames larger than a message travel through the
 streams in chunks.
 
+Every call carries the caller's token (`kvcache.auth`); with a CA file the
+channel is TLS. A node's answers are bounded like a caller's requests: a
+streamed frame larger than `max_block_bytes`, or chunks that do not add up,
+are refused (`TierRejected`) before anything is allocated for them.
+
 Frames are returned unchecked; checking is the caller's duty.
 """
 
@@ -15,13 +20,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
 
 from kvcache._pb import kvcache_pb2 as pb
 from kvcache._pb import kvcache_pb2_grpc as pb_grpc
-from kvcache.errors import TierError, TierRejected, TierTimeout, TierUnavailable
+from kvcache.auth import call_metadata
+from kvcache.errors import ConfigError, TierError, TierRejected, TierTimeout, TierUnavailable
 from kvcache.framing import Buffer
 from kvcache.keys import BlockKey
 from kvcache.wire import WireError, decode_get_response, encode_put_request
@@ -32,6 +39,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 _ENVELOPE = 64 << 10
 #: Chunk size of streamed frames.
 DEFAULT_CHUNK_BYTES = 4 << 20
+#: Smallest chunk a node streams, whatever the caller asks.
+MIN_CHUNK_BYTES = 64 << 10
+#: Most keys in one call; nodes refuse more, the client splits its batches.
+MAX_KEYS_PER_CALL = 4096
+#: Largest frame a client reads from a stream (the nodes' default maximum).
+DEFAULT_MAX_BLOCK_BYTES = 256 << 20
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -59,6 +72,8 @@ def rpc_error(tier: str, address: str, exc: grpc.aio.AioRpcError) -> TierError:
     """Translate a gRPC failure into the kvcache error hierarchy."""
     code = exc.code()
     message = f"{address}: {code.name} {exc.details()}"
+    # NOTE: a refused token fails every call to that node alike, so it counts
+    # as the node being unusable (retryable elsewhere), not as one bad request.
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return TierTimeout(tier, message)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
@@ -75,6 +90,15 @@ class NodeClient:
         max_message_bytes: message cap; must not exceed the node's.
         chunk_bytes: chunk size when streaming frames.
         tier: label used in errors.
+        token: sent with every call (`kvcache.auth`); empty for an open node.
+        tls_ca_file: PEM roots to verify the node's certificate with; empty
+            for plain TCP.
+        tls_server_name: name to check the certificate against, when it is
+            not the host in `address`.
+        max_block_bytes: largest frame accepted from a stream.
+
+    Raises:
+        ConfigError: the CA file cannot be read.
     """
 
     def __init__(
@@ -85,6 +109,10 @@ class NodeClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         tier: str = "l2",
+        token: str = "",
+        tls_ca_file: str = "",
+        tls_server_name: str = "",
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         self.address = address
         self._timeout = timeout_s
@@ -92,7 +120,20 @@ class NodeClient:
         self._batch_bytes = max(1, max_message_bytes - _ENVELOPE)
         self._chunk = min(chunk_bytes, self._batch_bytes)
         self._tier = tier
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._metadata = call_metadata(token)
+        self._max_block = max_block_bytes
+        options: list[tuple[str, int | str]] = list(channel_options(max_message_bytes))
+        if tls_ca_file:
+            try:
+                roots = Path(tls_ca_file).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the TLS CA file: {exc}") from exc
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = pb_grpc.KVCacheStub(self._channel)
         # The bulk methods carry raw wire bytes (kvcache.wire), not generated messages.
         service = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
@@ -112,11 +153,17 @@ class NodeClient:
         Raises:
             TierError: the node did not answer.
         """
+        present: list[bool] = []
         try:
-            reply = await self._stub.Exists(pb.KeysRequest(keys=keys), timeout=self._timeout)
+            for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+                batch = keys[start : start + MAX_KEYS_PER_CALL]
+                reply = await self._stub.Exists(pb.KeysRequest(keys=batch), timeout=self._timeout, metadata=self._metadata)
+                if len(reply.present) != len(batch):
+                    raise TierRejected(self._tier, f"{self.address}: {len(reply.present)} answers for {len(batch)} keys")
+                present.extend(reply.present)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        return list(reply.present)
+        return present
 
     async def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         """The stored frame of each key, or None.
@@ -127,9 +174,13 @@ class NodeClient:
         frames: list[bytes | None] = []
         try:
             while len(frames) < len(keys):
-                rest = keys[len(frames) :]
-                raw = await self._get_raw(pb.GetRequest(keys=rest, max_bytes=self._batch_bytes), timeout=self._timeout)
+                rest = keys[len(frames) : len(frames) + MAX_KEYS_PER_CALL]
+                raw = await self._get_raw(
+                    pb.GetRequest(keys=rest, max_bytes=self._batch_bytes), timeout=self._timeout, metadata=self._metadata
+                )
                 got, served = decode_get_response(raw)
+                if served > len(rest) or len(got) < served:
+                    raise WireError(f"{served} served, {len(got)} frames, for {len(rest)} keys")
                 if served == 0:
                     # The next frame alone is larger than a message: stream it.
                     frames.extend(await self._get_streamed(rest[:1]))
@@ -143,11 +194,21 @@ class NodeClient:
 
     async def _get_streamed(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         found: dict[bytes, bytearray] = {}
-        call = self._stub.GetStream(pb.GetRequest(keys=keys, max_bytes=self._chunk), timeout=self._timeout)
+        call = self._stub.GetStream(
+            pb.GetRequest(keys=keys, max_bytes=self._chunk), timeout=self._timeout, metadata=self._metadata
+        )
         async for chunk in call:
             if chunk.total == 0:
                 continue
-            buffer = found.setdefault(chunk.key, bytearray(chunk.total))
+            buffer = found.get(chunk.key)
+            if buffer is None:
+                if chunk.key not in keys or chunk.total > self._max_block:
+                    call.cancel()
+                    raise TierRejected(self._tier, f"{self.address}: streamed a frame of {chunk.total} bytes for an unasked or oversized key")
+                buffer = found[chunk.key] = bytearray(chunk.total)
+            if chunk.total != len(buffer) or chunk.offset + len(chunk.data) > len(buffer):
+                call.cancel()
+                raise TierRejected(self._tier, f"{self.address}: streamed chunks beyond their frame")
             buffer[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
         return [bytes(found[key]) if key in found else None for key in keys]
 
@@ -164,17 +225,21 @@ class NodeClient:
             for key, frame in items:
                 length = memoryview(frame).nbytes
                 if length > self._batch_bytes:
-                    result = await self.put_stream([(key, frame)])
+                    try:
+                        result = await self.put_stream([(key, frame)])
+                    except TierRejected:
+                        rejected += 1  # this frame is over the node's limit; the rest of the batch goes on
+                        continue
                     stored, rejected = stored + result.stored, rejected + result.rejected
                     continue
                 if batch and size + length > self._batch_bytes:
-                    reply = await self._put_raw(encode_put_request(batch), timeout=self._timeout)
+                    reply = await self._put_raw(encode_put_request(batch), timeout=self._timeout, metadata=self._metadata)
                     stored, rejected = stored + reply.stored, rejected + reply.rejected
                     batch, size = [], 0
                 batch.append((key, frame))
                 size += length
             if batch:
-                reply = await self._put_raw(encode_put_request(batch), timeout=self._timeout)
+                reply = await self._put_raw(encode_put_request(batch), timeout=self._timeout, metadata=self._metadata)
                 stored, rejected = stored + reply.stored, rejected + reply.rejected
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
@@ -204,7 +269,7 @@ class NodeClient:
         total = sum(memoryview(frame).nbytes for _, frame in items)
         deadline = timeout_s if timeout_s is not None else self._timeout * (1 + total // chunk_size)
         try:
-            reply = await self._stub.PutStream(chunks(), timeout=deadline)
+            reply = await self._stub.PutStream(chunks(), timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return PutResult(reply.stored, reply.rejected)
@@ -216,7 +281,7 @@ class NodeClient:
             TierError: the node did not answer.
         """
         try:
-            return await self._stub.Stats(pb.StatsRequest(), timeout=self._timeout)
+            return await self._stub.Stats(pb.StatsRequest(), timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
 

@@ -5,9 +5,10 @@ pass every vLLM engine a ``--kv-transfer-config`` that loads
 `kvcache.vllm_connector.TieredKVConnector` with the same tiers. This module
 builds both, without importing vLLM or starting anything itself::
 
-    argv = cache_node_argv(node_id="n0", ready_file=tmp / "n0.json", labels={"host": "h0"})
+    token = write_token_file(tmp / "cache.token")
+    argv = cache_node_argv(node_id="n0", ready_file=tmp / "n0.json", labels={"host": "h0"}, token_file=token)
     ...start argv, then: spec = wait_ready(tmp / "n0.json").spec()
-    extra = connector_extra_config(peers=[spec], l3_redis_url=url_or_none, l3_directory=tmp / "l3")
+    extra = connector_extra_config(peers=[spec], l3_redis_url=url_or_none, l3_directory=tmp / "l3", token_file=token)
     engine_args = ["--kv-transfer-config", kv_transfer_config(extra)]
 
 Every engine that should share blocks gets the same `extra` (same peers, same
@@ -17,6 +18,8 @@ L3, same `model`).
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +43,7 @@ def cache_node_argv(
     peers: Sequence[str] = (),
     redis_url: str | None = None,
     replicas: int = 1,
+    token_file: Path | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """The command line of one ``kvgate cache-node``.
@@ -54,6 +58,8 @@ def cache_node_argv(
         peers: static member specs (for hand-off on SIGTERM); ignored with `redis_url`.
         redis_url: register in this Redis instead (heartbeat and expiry).
         replicas: replication factor, equal to the connectors' ``l2.replicas``.
+        token_file: file holding the cluster token (see `write_token_file`);
+            the same file goes to the engines (`connector_extra_config`).
         python: interpreter to run.
     """
     argv = [python, "-m", "kvgate", "cache-node", "--node-id", node_id, "--host", host, "--port", str(port),
@@ -64,7 +70,27 @@ def cache_node_argv(
         argv += ["--redis-url", redis_url]
     elif peers:
         argv += ["--peers", ",".join(peers)]
+    if token_file is not None:
+        argv += ["--token-file", str(token_file)]
     return argv
+
+
+def write_token_file(path: Path) -> Path:
+    """Write a new random cluster token to `path`, readable by its owner only.
+
+    The token is never put on a command line (where ``ps`` shows it): nodes
+    and engines are given the file's path.
+
+    Returns:
+        `path`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32))
+    os.replace(tmp, path)
+    return path
 
 
 def wait_ready(ready_file: Path, timeout_s: float = 60.0) -> NodeInfo:
@@ -90,6 +116,7 @@ def connector_extra_config(
     l3_directory: Path | None = None,
     l1_capacity_bytes: int = 512 << 20,
     model: str = "",
+    token_file: Path | None = None,
 ) -> dict[str, Any]:
     """``kv_connector_extra_config`` for engines sharing these tiers.
 
@@ -104,12 +131,15 @@ def connector_extra_config(
         l3_directory: directory for L3 when there is no Redis.
         l1_capacity_bytes: in-engine L1 budget.
         model: namespace model identity (default: the served model name).
+        token_file: file holding the token the L2 nodes accept.
     """
     extra: dict[str, Any] = {"l1": {"capacity_bytes": l1_capacity_bytes}}
     if peers or membership_url:
         extra["l2"] = {"peers": list(peers), "replicas": replicas}
         if membership_url:
             extra["l2"]["membership_url"] = membership_url
+        if token_file is not None:
+            extra["l2"]["token_file"] = str(token_file)
     if l3_redis_url:
         extra["l3"] = {"kind": "redis", "url": l3_redis_url}
     elif l3_directory is not None:

@@ -86,6 +86,12 @@ class StoreMetrics:
             ["tier", "op", "error"],
             registry=registry,
         )
+        self.rejections = Counter(
+            f"{PREFIX}_tier_rejections_total",
+            "Calls a tier (or an L2 node) refused for good; the tier stays in use.",
+            ["tier", "op"],
+            registry=registry,
+        )
         self.tier_up = Gauge(
             f"{PREFIX}_tier_up", "1 while the tier is in use, 0 while it is skipped.", ["tier"], registry=registry
         )
@@ -128,4 +134,15 @@ class NodeMetrics:
         )
         self.members = Gauge(
             f"{PREFIX}_node_ring_members", "Nodes in this node's view of the ring.", registry=registry
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_node_rejected_requests_total",
+            "Calls refused: no valid token, or a request beyond the node's limits, by method and reason.",
+            ["method", "reason"],
+            registry=registry,
+        )
+        self.pending_upload_bytes = Gauge(
+            f"{PREFIX}_node_pending_upload_bytes",
+            "Bytes reserved for frames still being streamed in (bounded by the upload budget).",
+            registry=registry,
         )

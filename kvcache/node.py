@@ -8,6 +8,12 @@ Start-up contract for launchers: with ``--ready-file F`` the node writes F
 (atomically) once it serves, as JSON ``{"node_id", "address", "spec"}``;
 ``spec`` is the string to put in clients' static peer lists. With ``--port 0``
 this is how a launcher learns the port.
+
+Access (`kvcache.auth`): ``--token-file`` (or the environment variable
+``KVGATE_CACHE_TOKEN``) gives the cluster token, ``--tenant-tokens-file`` the
+tenants' tokens, ``--tls-cert``/``--tls-key`` turn on TLS. A node bound to
+anything but loopback refuses to start without a token unless told
+``--allow-unauthenticated``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from kvcache.auth import read_tenant_tokens, read_token_file
 from kvcache.client import DEFAULT_MAX_MESSAGE_BYTES
 from kvcache.errors import ConfigError, TierUnavailable
 from kvcache.eviction import DEFAULT_POLICY, POLICIES
@@ -33,6 +40,10 @@ from kvcache.ring import DEFAULT_VNODES, NodeInfo
 from kvcache.server import CacheNode, NodeSettings
 
 log = logging.getLogger("kvcache.node")
+
+#: Environment variable holding the cluster token when ``--token-file`` is not given.
+TOKEN_ENV = "KVGATE_CACHE_TOKEN"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -44,7 +55,7 @@ def parse_bytes(text: str) -> int:
     number = value[: len(value) - len(unit)] if unit else value
     try:
         result = int(float(number) * _UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e999"
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
     if result <= 0:
         raise argparse.ArgumentTypeError(f"byte count must be positive: {text!r}")
@@ -95,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-s", type=float, default=2.0, help="registration renewal period")
     parser.add_argument("--max-message-bytes", type=parse_bytes, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("--handoff-timeout-s", type=float, default=60.0, help="deadline of the hand-off on leave")
+    parser.add_argument(
+        "--max-block-bytes", type=parse_bytes, default=256 << 20, help="largest frame accepted (default 256M)"
+    )
+    parser.add_argument(
+        "--upload-budget-bytes", type=parse_bytes, default=256 << 20,
+        help="memory for frames still being streamed in, over all callers (default 256M)",
+    )
+    parser.add_argument(
+        "--token-file", type=Path, default=None,
+        help=f"file holding the cluster token (default: ${TOKEN_ENV}; none leaves the node open)",
+    )
+    parser.add_argument(
+        "--tenant-tokens-file", type=Path, default=None,
+        help="file of 'TENANT TOKEN' lines: each tenant's blocks are kept apart (needs a cluster token)",
+    )
+    parser.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", default="", help="PEM roots to verify other nodes with (default: --tls-cert)")
+    parser.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="serve a non-loopback interface without a token (anyone reaching the port reads and writes every block)",
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics here (0: off)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write JSON here once serving")
     parser.add_argument("--log-level", default="INFO")
@@ -105,6 +138,23 @@ def _write_ready(path: Path, info: NodeInfo) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"node_id": info.node_id, "address": info.address, "spec": info.spec()}))
     os.replace(tmp, path)
+
+
+def _tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The cluster token and the tenant tokens the command line names.
+
+    Raises:
+        ConfigError: an unreadable file, or an open node on a non-loopback
+            interface without ``--allow-unauthenticated``.
+    """
+    token = read_token_file(args.token_file) if args.token_file else environ.get(TOKEN_ENV, "").strip()
+    tenants = read_tenant_tokens(args.tenant_tokens_file) if args.tenant_tokens_file else {}
+    if not token and args.host not in _LOOPBACK and not args.allow_unauthenticated:
+        raise ConfigError(
+            f"refusing to serve {args.host} without a token: give --token-file (or ${TOKEN_ENV}), "
+            "or --allow-unauthenticated if the network is trusted"
+        )
+    return token, tuple(sorted(tenants.items()))
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -135,6 +185,7 @@ async def _run(args: argparse.Namespace) -> int:
             labels = await membership.labels_of(args.node_id)
         except TierUnavailable as exc:
             raise ConfigError(f"cannot read this node's pod {args.node_id!r}: {exc}") from exc
+    token, tenants = _tokens(args, os.environ)
     settings = NodeSettings(
         node_id=args.node_id,
         host=args.host,
@@ -147,6 +198,13 @@ async def _run(args: argparse.Namespace) -> int:
         vnodes=args.vnodes,
         max_message_bytes=args.max_message_bytes,
         handoff_timeout_s=args.handoff_timeout_s,
+        max_block_bytes=args.max_block_bytes,
+        upload_budget_bytes=args.upload_budget_bytes,
+        cluster_token=token,
+        tenant_tokens=tenants,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_ca_file=args.tls_ca,
     )
     registry = CollectorRegistry()
     if args.metrics_port:
@@ -162,8 +220,10 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("leaving the ring")
-    report = await node.leave()
-    await node.stop()
+    try:
+        report = await node.leave()  # bounded by --handoff-timeout-s; never raises for a slow peer
+    finally:
+        await node.stop()
     print(
         f"kvgate cache-node {info.node_id} left: {report.sent} block copies handed off, "
         f"{report.failed} failed, {report.skipped} already placed",

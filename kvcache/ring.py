@@ -68,8 +68,8 @@ class NodeInfo:
         if not sep:
             node_id, address = head, head
         host, colon, port = address.rpartition(":")
-        if not colon or not host or not port.isdigit():
-            raise ConfigError(f"bad node spec {spec!r}: expected [ID=]HOST:PORT[?k=v&...]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"bad node spec {spec!r}: expected [ID=]HOST:PORT[?k=v&...], PORT 1 to 65535")
         return cls.make(node_id, address, dict(parse_qsl(query)))
 
     def spec(self) -> str:

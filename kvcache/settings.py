@@ -6,21 +6,30 @@ the environment: everything arrives through these values.
 
 JSON shape (every key optional)::
 
-    {"namespace": {"model": "tiny-llama"},
-     "l1": {"capacity_bytes": 536870912, "policy": "lru"},
+    {"l1": {"capacity_bytes": 536870912, "policy": "lru"},
      "l2": {"peers": ["a=127.0.0.1:7001?host=h1"], "membership_url": null,
-            "cluster": "default", "replicas": 1, "timeout_s": 1.0},
-     "l3": {"kind": "redis", "url": "redis://127.0.0.1:6379/0"},
+            "cluster": "default", "replicas": 1, "timeout_s": 1.0,
+            "token_file": "/etc/kvgate/cache.token", "tls_ca_file": ""},
+     "l3": {"kind": "redis", "url": "redis://127.0.0.1:6379/0", "ttl_s": 86400,
+            "unbounded": "warn"},
      "store": {"write_queue_bytes": 268435456},
-     "connector": {"lookup_timeout_s": 0.5}}
+     "connector": {"model": "tiny-llama", "lookup_timeout_s": 0.5}}
+
+Values are parsed by the field's type: numbers and flags may come as strings
+(``"0.5"``, ``"false"``, ``"off"``), lists as comma-separated strings;
+anything else of the wrong type, negative or not finite is a `ConfigError`
+naming the key, never a ValueError or a silently wrong value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from kvcache.client import DEFAULT_MAX_MESSAGE_BYTES
 from kvcache.errors import ConfigError
@@ -67,6 +76,14 @@ class L2Settings:
         kubernetes_namespace: their namespace (default: this pod's own, else ``default``).
         kubernetes_port: their gRPC port when a pod has no ``kvgate.io/port``
             annotation (default 0: the annotation is required).
+        token: the token sent to the nodes (`kvcache.auth`): the cluster's,
+            or a tenant's. Prefer `token_file`, which keeps it off command
+            lines. Default: none (the nodes must be open).
+        token_file: file holding the token (read at start-up); wins over `token`.
+        tls_ca_file: PEM roots to verify the nodes' TLS certificates with;
+            empty (default) speaks plain TCP.
+        tls_server_name: the name the nodes' certificates carry, when it is
+            not the host of their address.
     """
 
     peers: tuple[str, ...] = ()
@@ -82,6 +99,10 @@ class L2Settings:
     kubernetes_selector: str = ""
     kubernetes_namespace: str = ""
     kubernetes_port: int = 0
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    tls_ca_file: str = ""
+    tls_server_name: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -105,7 +126,15 @@ class L3Settings:
         kind: ``redis``, ``disk`` or ``none`` (default).
         url: Redis URL (kind ``redis``).
         prefix: Redis key prefix (default ``kvgate:kv:``).
-        ttl_s: Redis expiry per block, or None.
+        ttl_s: Redis expiry of each block in seconds (default 86400, one
+            day), renewed when the block is read; 0 or null: none. It keeps L3
+            from growing without end on a Redis without ``maxmemory``, and
+            lets ``volatile-*`` eviction policies evict blocks.
+        unbounded: what to do at start-up when the Redis could grow until it
+            runs out of memory or refuse writes when full (no ``maxmemory``,
+            the ``noeviction`` policy, or a ``volatile-*`` policy with no
+            TTL): ``warn`` (default, logged once) or ``refuse`` (the engine
+            does not start).
         path: directory (kind ``disk``).
         capacity_bytes: directory byte budget (default 8 GiB).
         fsync: sync each file before acknowledging (kind ``disk``).
@@ -115,7 +144,8 @@ class L3Settings:
     kind: L3Kind = "none"
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "kvgate:kv:"
-    ttl_s: int | None = None
+    ttl_s: float | None = 86400.0
+    unbounded: Literal["warn", "refuse"] = "warn"
     path: str = ""
     capacity_bytes: int = 8 << 30
     fsync: bool = False
@@ -156,13 +186,27 @@ class CacheSettings:
     connector: ConnectorSettings = field(default_factory=ConnectorSettings)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None) -> CacheSettings:
+    def from_mapping(cls, data: Mapping[str, Any] | str | bytes | None) -> CacheSettings:
         """Parse the JSON shape in this module's docstring.
 
+        Args:
+            data: the object, or its JSON text. Numbers and flags may be
+                given as strings (``"1024"``, ``"0.5"``, ``"false"``).
+
         Raises:
-            ConfigError: an unknown section or key, or a value of the wrong type.
+            ConfigError: not an object, an unknown section or key, or a
+                value of the wrong type or out of range.
         """
-        data = dict(data or {})
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise ConfigError(f"cache settings are not valid JSON: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"cache settings must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         built: dict[str, Any] = {}
         for name, value in data.items():
@@ -183,24 +227,91 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _integer(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    else:
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if number < 0:
+        raise ConfigError(f"{where} must not be negative, got {number}")
+    return number
+
+
+def _real(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{where} must be a finite number, not negative, got {value!r}")
+    return number
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    """`value` parsed as the field's type says (strings accepted for numbers and flags).
+
+    Raises:
+        ConfigError: a value that is not of that type.
+    """
+    if get_origin(hint) in (Union, types.UnionType):
+        options = [arg for arg in get_args(hint) if arg is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        hint = options[0]
+    if get_origin(hint) is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{where} must be one of {list(get_args(hint))}, got {value!r}")
+        return value
+    if hint is bool:
+        return _boolean(value, where)
+    if hint is int:
+        return _integer(value, where)
+    if hint is float:
+        return _real(value, where)
+    if get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where} must be a list of strings or a comma-separated string, got {value!r}")
+        return tuple(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover - a new field type
+
+
 def _section(kind: type, values: Mapping[str, Any], name: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(kind)}
+    hints = get_type_hints(kind)
+    known = {f.name for f in dataclasses.fields(kind)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown key {name}.{key}; known: {sorted(known)}")
-        default = known[key].default
-        if isinstance(default, tuple):
-            if isinstance(value, str):
-                value = [part for part in value.split(",") if part.strip()]
-            value = tuple(value)
-        elif isinstance(default, bool):
-            value = bool(value)
-        elif isinstance(default, int) and value is not None:
-            value = int(value)
-        elif isinstance(default, float):
-            value = float(value)
-        kwargs[key] = value
-    if name == "l3" and kwargs.get("kind", "none") not in ("none", "redis", "disk"):
-        raise ConfigError(f"l3.kind must be none, redis or disk, got {kwargs['kind']!r}")
+        kwargs[key] = _value(hints[key], value, f"{name}.{key}")
     return kind(**kwargs)

@@ -6,10 +6,14 @@ lower tier found into the tiers above it. Writes go inline to the first
 others, through one bounded queue per tier; what does not fit, or meets a tier
 that is down, is dropped and counted, never waited for.
 
-A tier that fails (any `TierError`, or no answer within `op_timeout_s`) is
-marked down and skipped (counted in ``kvgate_kvcache_tier_skipped_total``)
-for `retry_after_s`, doubling per consecutive failure up to
-`max_retry_after_s`; the first call after that probes it again. No tier
+A tier that fails (a retryable `TierError`, or no answer within
+`op_timeout_s`) is marked down and skipped (counted in
+``kvgate_kvcache_tier_skipped_total``) for `retry_after_s`, doubling per
+consecutive failure up to `max_retry_after_s`; the first call after that
+probes it again. A permanent refusal (`TierRejected`: a block too large, a
+request the tier will never take) costs only that call: its writes are
+dropped (reason ``rejected``) or its reads missed, it is counted in
+``kvgate_kvcache_tier_rejections_total``, and the tier stays in use. No tier
 failure ever reaches the caller as an exception: a down tier only costs hits.
 
 Who uses it: the vLLM connector (`kvcache.vllm_connector`), on an event loop of
@@ -26,7 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from kvcache.errors import TierError, TierTimeout
 from kvcache.framing import Buffer
@@ -37,6 +41,8 @@ from kvcache.tiers.base import HitSource, Tier
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+#: How one tier call went (see `TieredStore._call`).
+_Outcome = Literal["ok", "skipped", "failed", "rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,10 @@ class TieredStore:
         self.metrics.tier_up.labels(tier.name).set(0)
         log.warning("tier %s down for %.1fs after %s failed: %s", tier.name, pause, op, exc)
 
+    def _rejected(self, tier: Tier, op: str, exc: TierError) -> None:
+        self.metrics.rejections.labels(tier.name, op).inc()
+        log.warning("tier %s refused a %s (the tier stays in use): %s", tier.name, op, exc)
+
     def _succeeded(self, tier: Tier) -> None:
         health = self._health[tier.name]
         if health.failures:
@@ -163,7 +173,7 @@ class TieredStore:
             self.metrics.tier_up.labels(tier.name).set(1)
             log.info("tier %s is back", tier.name)
 
-    async def _call(self, tier: Tier, op: str, call: Callable[[], Awaitable[_R]]) -> tuple[bool, _R | None]:
+    async def _call(self, tier: Tier, op: str, call: Callable[[], Awaitable[_R]]) -> tuple[_Outcome, _R | None]:
         """Run one tier call with the deadline, timing and failure accounting.
 
         Args:
@@ -172,24 +182,29 @@ class TieredStore:
             call: makes the call's awaitable (not made when the tier is skipped).
 
         Returns:
-            (True, result), or (False, None) if the tier is skipped or failed.
+            ("ok", result), or (why not, None): "skipped" (the tier is
+            down), "failed" (it failed now and is marked down) or "rejected"
+            (it refused this call for good and stays up).
         """
         if not self.is_up(tier):
             self.metrics.skipped.labels(tier.name, op).inc()
-            return False, None
+            return "skipped", None
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.op_timeout_s):
                 result = await call()
         except TimeoutError:
             self._failed(tier, op, TierTimeout(tier.name, f"{op} took over {self.settings.op_timeout_s}s"))
-            return False, None
+            return "failed", None
         except TierError as exc:
+            if not exc.retryable:
+                self._rejected(tier, op, exc)
+                return "rejected", None
             self._failed(tier, op, exc)
-            return False, None
+            return "failed", None
         self.metrics.seconds.labels(tier.name, op).observe(time.perf_counter() - started)
         self._succeeded(tier)
-        return True, result
+        return "ok", result
 
     async def exists(self, keys: Sequence[BlockKey]) -> list[str | None]:
         """Which tier (first in order) holds each key, or None.
@@ -203,8 +218,8 @@ class TieredStore:
             if not pending:
                 break
             asked = [keys[i] for i in pending]
-            ok, found = await self._call(tier, "exists", partial(tier.exists, asked))
-            if not ok or found is None:
+            outcome, found = await self._call(tier, "exists", partial(tier.exists, asked))
+            if outcome != "ok" or found is None:
                 continue
             pending_next = []
             for index, present in zip(pending, found):
@@ -233,8 +248,8 @@ class TieredStore:
             if not pending:
                 break
             asked = [keys[i] for i in pending]
-            ok, frames = await self._call(tier, "get", partial(tier.get, asked))
-            if not ok or frames is None:
+            outcome, frames = await self._call(tier, "get", partial(tier.get, asked))
+            if outcome != "ok" or frames is None:
                 continue
             found: list[tuple[BlockKey, Buffer]] = []
             pending_next = []
@@ -265,12 +280,12 @@ class TieredStore:
     async def _write(self, items: Sequence[tuple[BlockKey, Buffer]], *, upto: int) -> None:
         inline = self.settings.inline_tiers
         for tier in self.tiers[: min(inline, upto)]:
-            ok, _ = await self._call(tier, "put", partial(tier.put, items))
+            outcome, _ = await self._call(tier, "put", partial(tier.put, items))
             size = sum(memoryview(f).nbytes for _, f in items)
-            if ok:
+            if outcome == "ok":
                 self.metrics.bytes.labels(tier.name, "put").inc(size)
             else:
-                self._drop(tier, "tier_down", len(items), size)
+                self._drop(tier, "rejected" if outcome == "rejected" else "tier_down", len(items), size)
         for tier in self.tiers[inline:upto]:
             self._enqueue(tier, items)
 
@@ -315,11 +330,11 @@ class TieredStore:
             if not self.is_up(tier):
                 self._drop(tier, "tier_down", len(batch), size)
                 continue
-            ok, _ = await self._call(tier, "put", partial(tier.put, batch))
-            if ok:
+            outcome, _ = await self._call(tier, "put", partial(tier.put, batch))
+            if outcome == "ok":
                 self.metrics.bytes.labels(tier.name, "put").inc(size)
             else:
-                self._drop(tier, "write_failed", len(batch), size)
+                self._drop(tier, "rejected" if outcome == "rejected" else "write_failed", len(batch), size)
 
     async def flush(self) -> None:
         """Wait until every write-behind queue is empty and its last batch done."""

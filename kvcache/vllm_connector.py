@@ -136,8 +136,7 @@ class TieredKVConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self._settings = CacheSettings.from_mapping(extra)
+        self._settings = CacheSettings.from_mapping(self._kv_transfer_config.kv_connector_extra_config)
         self._block_size = vllm_config.cache_config.block_size
         model = self._settings.connector.model or vllm_config.model_config.served_model_name or ""
         self._enabled = True

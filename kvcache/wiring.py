@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from kvcache.auth import read_token_file
 from kvcache.errors import ConfigError
 from kvcache.membership import make_membership
 from kvcache.metrics import StoreMetrics
@@ -22,6 +23,7 @@ def _redis(settings: L3Settings, metrics: StoreMetrics) -> Tier:
         settings.url,
         prefix=settings.prefix.encode(),
         ttl_s=settings.ttl_s,
+        unbounded=settings.unbounded,
         timeout_s=settings.timeout_s,
         metrics=metrics,
     )
@@ -60,6 +62,7 @@ def build_tiers(
         )
     l2 = settings.l2
     if l2.enabled:
+        token = read_token_file(l2.token_file) if l2.token_file else l2.token
         membership = make_membership(
             peers=l2.nodes(),
             redis_url=l2.membership_url,
@@ -78,6 +81,9 @@ def build_tiers(
                 max_message_bytes=l2.max_message_bytes,
                 refresh_s=l2.refresh_s,
                 suspect_s=l2.suspect_s,
+                token=token,
+                tls_ca_file=l2.tls_ca_file,
+                tls_server_name=l2.tls_server_name,
                 metrics=metrics,
             )
         )
@@ -88,8 +94,6 @@ def build_tiers(
             raise ConfigError(f"unknown l3.kind {settings.l3.kind!r}; known: {sorted(L3_KINDS)}") from None
         tiers.append(factory(settings.l3, metrics))
     return tiers
-
-
 
 
 def build_store(

@@ -6,7 +6,8 @@ apart), chooses L3 (Redis when one answers at the given URL, else a local
 directory), and gives every engine the same `--kv-transfer-config`, so a
 prefix computed by one engine is loaded, not recomputed, by another. On stop
 each node gets SIGTERM and hands its blocks to their new owners before it
-exits.
+exits. The nodes accept only callers holding the cluster's token, a random
+one made for each start and kept in `state_dir/cache.token` (mode 0600).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcache.launch import cache_node_argv, connector_extra_config, kv_transfer_config, redis_reachable, wait_ready
+from kvcache.launch import (
+    cache_node_argv,
+    connector_extra_config,
+    kv_transfer_config,
+    redis_reachable,
+    wait_ready,
+    write_token_file,
+)
 from kvcache.ring import NodeInfo
 from kvgate.engines import free_ports
 
@@ -59,6 +67,7 @@ class CacheTiers:
             for i, port in enumerate(free_ports(self.nodes))
         ]
         peers = [info.spec() for info in infos]
+        token_file = write_token_file(self.state_dir / "cache.token")
         try:
             for info in infos:
                 ready = self.state_dir / f"{info.node_id}.ready.json"
@@ -70,6 +79,7 @@ class CacheTiers:
                     labels=dict(info.labels),
                     capacity_bytes=self.node_capacity_bytes,
                     peers=peers,
+                    token_file=token_file,
                 )
                 with open(self.state_dir / f"{info.node_id}.log", "ab") as log:
                     self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -84,6 +94,7 @@ class CacheTiers:
             l3_redis_url=self.redis_url if use_redis else None,
             l3_directory=None if use_redis else self.state_dir / "l3",
             model=self.model,
+            token_file=token_file,
         )
         return ["--kv-transfer-config", kv_transfer_config(extra)]
 

@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from kvcache.errors import TierUnavailable
+from kvcache.errors import ConfigError, TierUnavailable
 from kvcache.ring import NodeId, NodeInfo
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,40 @@ class RedisMembership:
         return int(seconds) * 1000 + int(micros) // 1000
 
     async def members(self) -> list[NodeInfo]:
+        """The registered, unexpired members.
+
+        An entry that is not a valid registration (written by something
+        else) is skipped and logged, never fatal to the whole list.
+
+        Raises:
+            TierUnavailable: Redis cannot be read.
+        """
         try:
             now = await self._now_ms()
             fields = await self._client.hgetall(self._key)
-            expired = [name for name, raw in fields.items() if json.loads(raw)["expires_ms"] <= now]
-            if expired:
-                await self._client.hdel(self._key, *expired)
         except (RedisError, OSError) as exc:
             raise TierUnavailable("membership", f"redis: {exc}") from exc
-        return [NodeInfo.from_json(raw) for name, raw in fields.items() if name not in expired]
+        live: list[NodeInfo] = []
+        expired = []
+        for name, raw in fields.items():
+            try:
+                entry = json.loads(raw)
+                expires = int(entry["expires_ms"])
+                node = NodeInfo.from_json(raw)
+                NodeInfo.parse(node.address)  # HOST:PORT, or the entry is useless
+            except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+                log.warning("ignoring member entry %r of %s: %s", name, self._key, exc)
+                continue
+            if expires <= now:
+                expired.append(name)
+            else:
+                live.append(node)
+        if expired:
+            try:
+                await self._client.hdel(self._key, *expired)
+            except (RedisError, OSError) as exc:
+                raise TierUnavailable("membership", f"redis: {exc}") from exc
+        return live
 
     async def _announce(self, node: NodeInfo) -> None:
         entry = json.loads(node.to_json())

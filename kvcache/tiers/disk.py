@@ -5,7 +5,10 @@ directories. Writes are atomic: the frame goes to a temporary file in the same
 directory tree, optionally fsynced, then `os.replace`d into place, so a reader
 (this process or another engine sharing the directory) sees either the whole
 frame or no file. Reads check the frame; a bad file is a counted miss and is
-deleted.
+deleted. A file larger than the budget is never read, and an error that
+concerns one file (a directory in its place, a permission) costs that block
+only; errors of the directory as a whole (full, read-only, I/O) mark the tier
+unavailable.
 
 The byte budget is kept per process with an LRU index built from the files
 present at start-up (oldest modification first); engines sharing one
@@ -20,6 +23,8 @@ entry are synced before `put` returns).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import tempfile
 from collections import OrderedDict
@@ -36,6 +41,10 @@ from kvcache.tiers.base import HitSource, Usage
 
 _T = TypeVar("_T")
 _SUFFIX = ".kvb"
+#: Errors that mean the directory as a whole cannot serve (the tier is then
+#: skipped for a while); any other error concerns one block's file only and
+#: costs just that block.
+_TIER_WIDE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EMFILE, errno.ENFILE})
 
 
 class DiskTier:
@@ -131,14 +140,38 @@ class DiskTier:
                 self._index.move_to_end(key)
         return frames
 
+    def _read_bounded(self, path: Path) -> bytes | str | None:
+        """The file's bytes; None when absent; a reason label when it cannot be a block.
+
+        A file larger than the whole budget (written by another process
+        sharing the directory, or planted) is never read into memory.
+        """
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size > self._capacity:
+                    return "length"
+                return file.read(size + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in _TIER_WIDE_ERRNOS:
+                raise
+            return "unreadable"  # this one file: a directory in its place, no permission, ...
+
     def _get_sync(self, keys: list[BlockKey]) -> tuple[list[Buffer | None], list[str]]:
         frames: list[Buffer | None] = []
         corrupt: list[str] = []
         for key in keys:
             path = self.path_of(key)
-            try:
-                frame = path.read_bytes()
-            except FileNotFoundError:
+            frame = self._read_bounded(path)
+            if frame is None:
+                frames.append(None)
+                continue
+            if isinstance(frame, str):
+                corrupt.append(frame)
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
                 frames.append(None)
                 continue
             try:
@@ -179,8 +212,13 @@ class DiskTier:
             if size > self._capacity:
                 continue
             path = self.path_of(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._tmp, suffix=".part")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self._tmp, suffix=".part")
+            except OSError as exc:
+                if exc.errno in _TIER_WIDE_ERRNOS:
+                    raise
+                continue  # this block's directory is unusable; the others go on
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(frame)
@@ -188,8 +226,10 @@ class DiskTier:
                         out.flush()
                         os.fsync(out.fileno())
                 os.replace(tmp, path)
-            except BaseException:
+            except BaseException as exc:
                 Path(tmp).unlink(missing_ok=True)
+                if isinstance(exc, OSError) and exc.errno not in _TIER_WIDE_ERRNOS:
+                    continue  # e.g. a directory where this block's file goes
                 raise
             dirs.add(path.parent)
             written.append((key, size))

@@ -8,10 +8,14 @@ nodes, which still hold a block for a while after a node joins and takes over
 its keys; the first good frame wins, a corrupt one is a counted miss at that
 node.
 
-Failures: a node that fails a call is suspected for `suspect_s` and left out of
-the ring meanwhile, so its keys fall to the next nodes (its share of reads
-become misses, nothing else). Only when every node is suspected does a call
-raise `TierUnavailable`; the tiered store then skips L2 for a while.
+Failures: a node that fails a call (a retryable error: unreachable, timed
+out, leaving) is suspected for `suspect_s` and left out of the ring meanwhile,
+so its keys fall to the next nodes (its share of reads become misses, nothing
+else). Only when every node is suspected does a call raise `TierUnavailable`;
+the tiered store then skips L2 for a while. A node that refuses a request for
+good (`TierRejected`: a block over its limit, a malformed answer) is not
+suspected: that request's blocks are dropped or missed and counted, and when
+refusals are all a call got it raises `TierRejected`, which leaves L2 in use.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from kvcache.client import DEFAULT_MAX_MESSAGE_BYTES, NodeClient
-from kvcache.errors import CorruptBlock, TierError, TierUnavailable
+from kvcache.errors import CorruptBlock, TierError, TierRejected, TierUnavailable
 from kvcache.framing import Buffer, corruption_reason, open_frame
 from kvcache.keys import BlockKey
 from kvcache.membership.base import Membership
@@ -47,6 +51,11 @@ class PeerTier:
         max_message_bytes: gRPC message cap (must not exceed the nodes').
         refresh_s: how often the member list is re-read.
         suspect_s: how long a failed node is left out of the ring.
+        token: sent to the nodes with every call (`kvcache.auth`).
+        tls_ca_file: PEM roots to verify the nodes' certificates (empty:
+            plain TCP).
+        tls_server_name: name the nodes' certificates carry, when it is not
+            the host of their address.
         name: metric label.
         metrics: where to count corrupt frames and node failures.
         clock: monotonic clock (tests pass a fake one).
@@ -63,6 +72,9 @@ class PeerTier:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         refresh_s: float = 2.0,
         suspect_s: float = 2.0,
+        token: str = "",
+        tls_ca_file: str = "",
+        tls_server_name: str = "",
         name: str = "l2",
         metrics: StoreMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -75,6 +87,9 @@ class PeerTier:
         self._max_message = max_message_bytes
         self._refresh_s = refresh_s
         self._suspect_s = suspect_s
+        self._token = token
+        self._tls_ca_file = tls_ca_file
+        self._tls_server_name = tls_server_name
         self._name = name
         self._metrics = metrics
         self._clock = clock
@@ -148,7 +163,13 @@ class PeerTier:
         client = self._clients.get(node.address)
         if client is None:
             client = NodeClient(
-                node.address, timeout_s=self._timeout, max_message_bytes=self._max_message, tier=self._name
+                node.address,
+                timeout_s=self._timeout,
+                max_message_bytes=self._max_message,
+                tier=self._name,
+                token=self._token,
+                tls_ca_file=self._tls_ca_file,
+                tls_server_name=self._tls_server_name,
             )
             self._clients[node.address] = client
         return client
@@ -167,6 +188,11 @@ class PeerTier:
         return order
 
     def _failed(self, node: NodeInfo, exc: TierError) -> None:
+        if not exc.retryable:
+            log.warning("%s node %s refused a request: %s", self._name, node.node_id, exc)
+            if self._metrics is not None:
+                self._metrics.rejections.labels(self._name, "node").inc()
+            return
         log.warning("%s node %s failed: %s", self._name, node.node_id, exc)
         if self._metrics is not None:
             self._metrics.failures.labels(self._name, "node", type(exc).__name__).inc()
@@ -180,6 +206,7 @@ class PeerTier:
         pending = list(range(len(keys)))
         step = 0
         answered = False
+        refused: TierRejected | None = None
         while pending:
             groups: dict[NodeId, list[int]] = defaultdict(list)
             for index in pending:
@@ -192,6 +219,9 @@ class PeerTier:
             )
             pending = []
             for (_node, indices), reply in zip(groups.items(), replies):
+                if isinstance(reply, TierRejected):
+                    refused = reply
+                    reply = None
                 answered = answered or reply is not None
                 for position, index in enumerate(indices):
                     answer = None if reply is None else reply[position]
@@ -201,10 +231,12 @@ class PeerTier:
                         pending.append(index)
             step += 1
         if keys and not answered:
+            if refused is not None:
+                raise refused
             raise TierUnavailable(self._name, "no cache node answered")
         return results
 
-    async def _ask(self, node: NodeInfo, keys: list[BlockKey], call: str) -> list[object] | None:
+    async def _ask(self, node: NodeInfo, keys: list[BlockKey], call: str) -> list[object] | TierRejected | None:
         client = self._client(node)
         try:
             if call == "exists":
@@ -212,7 +244,7 @@ class PeerTier:
             frames = await client.get(keys)
         except TierError as exc:
             self._failed(node, exc)
-            return None
+            return exc if isinstance(exc, TierRejected) else None
         checked: list[object] = []
         for key, frame in zip(keys, frames):
             if frame is not None:
@@ -236,12 +268,15 @@ class PeerTier:
 
         A node that fails is suspected, and its batch is sent once more to the
         placement the ring gives without it, so a leaving or dead node costs
-        no write while other nodes answer.
+        no write while other nodes answer. Blocks a node refuses (too large
+        for it) are dropped and counted, never placed again.
 
         Raises:
-            TierUnavailable: no node took any write.
+            TierRejected: every node asked refused its batch.
+            TierUnavailable: no node took any write, and some failed.
         """
         stored = False
+        refused: TierRejected | None = None
         pending = list(items)
         for _attempt in range(2):
             ring = self._require_ring()
@@ -252,23 +287,36 @@ class PeerTier:
             outcomes = await asyncio.gather(
                 *(self._put_one(ring.nodes[node], batch) for node, batch in groups.items())
             )
-            stored = stored or any(outcomes)
-            failed = [batch for batch, ok in zip(groups.values(), outcomes) if not ok]
-            pending = [item for batch in failed for item in batch]
+            stored = stored or any(outcome is None for outcome in outcomes)
+            pending = []
+            for batch, outcome in zip(groups.values(), outcomes):
+                if isinstance(outcome, TierRejected):
+                    refused = outcome
+                    self._count_dropped("rejected", len(batch))
+                elif outcome is not None:
+                    pending.extend(batch)
             if not pending or not len(self.ring):
                 break
-        if pending and self._metrics is not None:
-            self._metrics.dropped_writes.labels(self._name, "node_down").inc(len(pending))
+        self._count_dropped("node_down", len(pending))
         if not stored:
+            if refused is not None and not pending:
+                raise refused
             raise TierUnavailable(self._name, "no cache node took the writes")
 
-    async def _put_one(self, node: NodeInfo, batch: list[tuple[BlockKey, Buffer]]) -> bool:
+    def _count_dropped(self, reason: str, blocks: int) -> None:
+        if blocks and self._metrics is not None:
+            self._metrics.dropped_writes.labels(self._name, reason).inc(blocks)
+
+    async def _put_one(self, node: NodeInfo, batch: list[tuple[BlockKey, Buffer]]) -> TierError | None:
+        """Write one node's batch; None when it took the batch, else the error."""
         try:
-            await self._client(node).put(batch)
+            result = await self._client(node).put(batch)
         except TierError as exc:
             self._failed(node, exc)
-            return False
-        return True
+            return exc
+        # Blocks the node refused one by one (larger than it takes) are dropped, not retried.
+        self._count_dropped("rejected", result.rejected)
+        return None
 
     async def usage(self) -> Usage:
         nodes = list(self._require_ring().nodes.values())

@@ -91,7 +91,9 @@ class RedisServer:
         directory: data directory (AOF files live here).
         appendonly: run with AOF.
         appendfsync: ``always``, ``everysec`` or ``no``.
-        maxmemory: byte cap with ``allkeys-lru`` eviction, or None.
+        maxmemory: byte cap, or None.
+        maxmemory_policy: eviction policy with `maxmemory` (default ``allkeys-lru``).
+        extra_args: more ``--name value`` arguments, e.g. to rename CONFIG away.
     """
 
     def __init__(
@@ -101,6 +103,8 @@ class RedisServer:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         maxmemory: int | None = None,
+        maxmemory_policy: str = "allkeys-lru",
+        extra_args: Sequence[str] = (),
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -120,7 +124,8 @@ class RedisServer:
             "--logfile", str(directory / "redis.log"),
         ]
         if maxmemory is not None:
-            self.args += ["--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru"]
+            self.args += ["--maxmemory", str(maxmemory), "--maxmemory-policy", maxmemory_policy]
+        self.args += list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
