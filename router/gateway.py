@@ -107,7 +107,7 @@ class Gateway:
         self._discovery_task = asyncio.create_task(self.discovery.run(self.monitor.set_pods), name="discovery")
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
         if sources:
-            self.kv_events = KVEventListener(self.index, sources, self.settings.routing.block_size)
+            self.kv_events = KVEventListener(self.index, sources, lambda: self.block_size)
             self.kv_events.start()
 
     async def stop(self) -> None:
