@@ -39,6 +39,7 @@ class StubEngine:
     model: str = "tiny-llama"
     block_size: int = 16
     num_gpu_blocks: int = 64
+    max_model_len: int = 4096
     behaviour: StubBehaviour = field(default_factory=StubBehaviour)
     calls: list[dict[str, Any]] = field(default_factory=list)
     running: int = 0
@@ -59,7 +60,7 @@ class StubEngine:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": self.model, "object": "model", "max_model_len": 4096}]}
+            {"object": "list", "data": [{"id": self.model, "object": "model", "max_model_len": self.max_model_len}]}
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -154,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--tokens", type=int, default=4, help="completion tokens per answer")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="context length /v1/models reports")
+    parser.add_argument("--block-size", type=int, default=16, help="block size /metrics reports")
     args = parser.parse_args(argv)
-    engine = StubEngine(model=args.model, behaviour=StubBehaviour(tokens=args.tokens))
+    engine = StubEngine(
+        model=args.model,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        behaviour=StubBehaviour(tokens=args.tokens),
+    )
 
     async def serve() -> None:
         runner = web.AppRunner(engine.app(), access_log=None)

@@ -157,6 +157,11 @@ class Gateway:
             raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(sorted(known))}", param="model")
         raise NoCapacity("no pod is up yet; retry shortly")
 
+    def _max_model_len(self, model: str) -> int | None:
+        """The context length `/v1/models` advertises for `model`: the smallest its healthy pods report."""
+        lens = [p.max_model_len for p in self.pods if p.healthy and model in p.models and p.max_model_len]
+        return min(lens) if lens else None
+
     async def complete(self, kind: Kind, request: web.Request) -> web.StreamResponse:
         """Serve one completion or chat completion call. Raises `GatewayError` for the app to render."""
         arrived = time.perf_counter()
@@ -173,7 +178,7 @@ class Gateway:
         user = self._user(call.user, request)
 
         block_size = self.block_size
-        prompt = await tokenize(self.encoder, call, block_size)
+        prompt = await tokenize(self.encoder, call, block_size, max_model_len=self._max_model_len(call.model))
         route = RouteRequest(
             user=user,
             model=call.model,

@@ -6,24 +6,32 @@ blocks are the engine's blocks. Without one, `ByteEncoder` treats UTF-8 bytes
 as tokens (blocks of `bytes_per_token x block_size` bytes): prefix matching
 still works for shared text, only less precisely.
 
-Long prompts are tokenised off the event loop.
+Every step grows with the prompt, so each is bounded and, when long, off the
+event loop: prompts that cannot fit the pods' context are refused first
+(`router.context_limit`: from the body alone, then from the rendered text's
+length, then from the token count), and long prompts are tokenised and hashed
+in a worker thread, the tokenizer releasing the GIL while it works.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvcache.keys import BlockHash, chain_hashes
+from router.context_limit import ContextLimit
 from router.errors import InvalidRequest
 from router.schema import Call
-from router.tokenize.errors import BadPromptError
+from router.tokenize.errors import BadPromptError, PromptTooLongError
 
-#: Prompts longer than this (characters) are tokenised in a worker thread.
+#: Prompts longer than this (characters) are tokenised and hashed in a worker thread.
 _OFFLOAD_CHARS = 16_384
+#: Characters a chat message counts for besides its text (role, template markers).
+_MESSAGE_CHARS = 16
 
 
 class PromptEncoder(Protocol):
@@ -84,27 +92,77 @@ def _encode(encoder: PromptEncoder, call: Call) -> tuple[list[int], int]:
     return batch[0], sum(len(ids) for ids in batch)
 
 
+def _content_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) if isinstance(p, dict) and isinstance(p.get("text"), str) else 256 for p in content)
+    return 0
+
+
 def _size(call: Call) -> int:
     body = call.body
     if call.kind == "chat":
-        return sum(len(m["content"]) if isinstance(m.get("content"), str) else 256 for m in body["messages"])
+        return sum(_content_chars(m.get("content")) + _MESSAGE_CHARS for m in body["messages"])
     prompt = body["prompt"]
-    return len(prompt) if isinstance(prompt, str) else sum(len(p) if isinstance(p, str) else 0 for p in prompt)
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
 
 
-async def tokenize(encoder: PromptEncoder, call: Call, block_size: int) -> PromptTokens:
+class _Bounded:
+    """An encoder that refuses texts longer than `max_chars` before tokenising them."""
+
+    def __init__(self, encoder: PromptEncoder, max_chars: int) -> None:
+        self._encoder = encoder
+        self._max_chars = max_chars
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        return self._encoder.encode_chat(messages, max_chars=self._max_chars, **kwargs)  # type: ignore[call-arg]
+
+    def encode_prompt(self, text: str, **kwargs: Any) -> list[int]:
+        if len(text) > self._max_chars:
+            raise PromptTooLongError(len(text), self._max_chars)
+        return self._encoder.encode_prompt(text, **kwargs)
+
+
+def _prompt_tokens(encoder: PromptEncoder, call: Call, block_size: int, limit: ContextLimit | None) -> PromptTokens:
+    units = getattr(encoder, "units_per_token", 1)
+    if limit is not None and limit.max_chars is not None:
+        encoder = _Bounded(encoder, limit.max_chars)
+    ids, total = _encode(encoder, call)
+    if limit is not None and units == 1:  # byte stand-ins only estimate the engine's tokens
+        limit.check_tokens(len(ids), "messages" if call.kind == "chat" else "prompt")
+    return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units)), total // units)
+
+
+async def tokenize(
+    encoder: PromptEncoder, call: Call, block_size: int, *, max_model_len: int | None = None
+) -> PromptTokens:
     """Token ids and block hashes of `call`'s prompt.
 
+    Args:
+        encoder: the model's tokenizer, or the byte stand-in.
+        call: the checked request.
+        block_size: tokens per KV block on the pods.
+        max_model_len: the pods' context length, if known: longer prompts are
+            refused, before tokenising where the body shows it.
+
     Raises:
-        InvalidRequest: the messages do not fit the chat template, or a chat
-            template argument is malformed.
+        InvalidRequest: the messages do not fit the chat template, a chat
+            template argument is malformed, or the prompt cannot fit
+            `max_model_len` (code `context_length_exceeded`).
     """
+    param = "messages" if call.kind == "chat" else "prompt"
+    limit = None
+    if max_model_len:
+        limit = ContextLimit(max_model_len, getattr(encoder, "max_token_chars", None))
+        limit.check_call(call)
+    work = functools.partial(_prompt_tokens, encoder, call, block_size, limit)
     try:
-        if _size(call) > _OFFLOAD_CHARS:
-            ids, total = await asyncio.to_thread(_encode, encoder, call)
-        else:
-            ids, total = _encode(encoder, call)
+        return await asyncio.to_thread(work) if _size(call) > _OFFLOAD_CHARS else work()
+    except PromptTooLongError as exc:
+        assert limit is not None  # only a limit makes the encoder refuse a text
+        raise limit.too_many_chars(exc.chars, param) from exc
     except BadPromptError as exc:
-        raise InvalidRequest(str(exc), param="messages" if call.kind == "chat" else "prompt") from exc
-    units = getattr(encoder, "units_per_token", 1)
-    return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units)), total // units)
+        raise InvalidRequest(str(exc), param=param) from exc
