@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 5.0
 
+#: Largest event message accepted, in bytes: a step's batch is kilobytes; a
+#: larger message closes the connection instead of filling memory.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 #: Endpoint prefix: the gateway binds and the engine connects, instead of the reverse.
 LISTEN = "listen:"
 
@@ -286,6 +290,7 @@ class KVEventListener:
         socket = self._context.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         try:
             await self._attach(socket, pod, endpoint)
             while True:

@@ -190,9 +190,11 @@ def test_event_maps_hold_one_hash_per_block_not_a_path_per_block(blocks):
     assert large < 6 * small, f"500 blocks take {small} bytes, 2,000 take {large}"
 
 
-async def publish_until(publisher, condition, batch_for) -> None:
+async def publish_until(publisher, condition, batch_for, sequence=None) -> None:
     """PUB drops messages until the connection is up: keep publishing until `condition()`."""
-    for seq in range(300):
+    sequence = sequence if sequence is not None else iter(range(10**6))
+    for _ in range(300):
+        seq = next(sequence)
         await publisher.send_multipart([b"kv@a", seq.to_bytes(8, "big"), batch_for(seq)])
         await asyncio.sleep(0.01)
         if condition():
@@ -255,3 +257,32 @@ async def test_subscriptions_are_added_and_removed_at_run_time():
         context.term()
         await listener.stop()
     assert not listener._tasks
+
+
+async def test_an_oversized_message_is_refused_and_the_subscription_goes_on(monkeypatch):
+    monkeypatch.setattr("router.kv_events.MAX_MESSAGE_BYTES", 64 * 1024)
+    port = free_port()
+    index = PrefixIndex()
+    listener = KVEventListener(index, {POD: f"listen:tcp://127.0.0.1:{port}"}, B)
+    listener.start()
+    context = zmq.asyncio.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    publisher.connect(f"tcp://127.0.0.1:{port}")
+    sequence = iter(range(10**6))
+    huge = msgpack.packb([0.0, [stored(list(range(1000, 11_000)), None, [1] * (B * 10_000))], None])
+    assert len(huge) > 64 * 1024
+    first = msgpack.packb([1.0, [stored([11, 12, 13], None, TOKENS)], None])
+    later_tokens = list(range(500, 512))
+    later = msgpack.packb([2.0, [stored([21, 22, 23], None, later_tokens)], None])
+    try:
+        await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: first, sequence)
+        for _ in range(3):
+            await publisher.send_multipart([b"kv@a", next(sequence).to_bytes(8, "big"), huge])
+        # Events sent after it still arrive (ZMQ reconnects the publisher it cut off).
+        await publish_until(publisher, lambda: index.match(chain_hashes(later_tokens, B)) == {POD: 3}, lambda seq: later, sequence)
+        assert 10_999 not in listener.engines[POD]._ours  # nothing of the huge batch was taken in
+    finally:
+        publisher.close()
+        context.term()
+        await listener.stop()
