@@ -35,7 +35,12 @@ _MESSAGE_CHARS = 16
 
 
 class PromptEncoder(Protocol):
-    """What the gateway needs of a tokenizer."""
+    """What the gateway needs of a tokenizer.
+
+    An encoder that has a `max_token_chars` attribute (the characters of its
+    longest token) also takes `max_chars=` in both methods, and raises
+    `PromptTooLongError` for a text (rendered chat) longer than that.
+    """
 
     def encode_chat(
         self,
