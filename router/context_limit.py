@@ -58,14 +58,16 @@ class ContextLimit:
                 a text too long, or more messages than the length has tokens.
         """
         body = call.body
-        for name in ("max_completion_tokens", "max_tokens"):
-            value = body.get(name)
-            if isinstance(value, int) and value > self.max_model_len:
-                raise InvalidRequest(
-                    f"{name}={value} cannot be greater than max_model_len={self.max_model_len}. "
-                    "Please request fewer output tokens.",
-                    param=name,
-                )
+        # As vLLM: a chat's max_completion_tokens, when given, is its output budget.
+        chat_budget = call.kind == "chat" and body.get("max_completion_tokens") is not None
+        name = "max_completion_tokens" if chat_budget else "max_tokens"
+        value = body.get(name)
+        if isinstance(value, int) and value > self.max_model_len:
+            raise InvalidRequest(
+                f"{name}={value} cannot be greater than max_model_len={self.max_model_len}. "
+                "Please request fewer output tokens.",
+                param=name,
+            )
         if call.kind == "chat":
             count = len(body["messages"])
             # NOTE: assumes every message adds at least one token, as every

@@ -109,6 +109,7 @@ class SegmentEncoder:
                     continue
                 self._cache[piece] = ids
                 self._cached_chars += len(piece)
-            while self._cache and (len(self._cache) > self._max_entries or self._cached_chars > self._max_chars):
-                piece, _ = self._cache.popitem(last=False)
+            cache = self._cache
+            while cache and (len(cache) > self._max_entries or self._cached_chars > self._max_chars):
+                piece, _ = cache.popitem(last=False)
                 self._cached_chars -= len(piece)
