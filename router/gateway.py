@@ -158,9 +158,18 @@ class Gateway:
         raise NoCapacity("no pod is up yet; retry shortly")
 
     def _max_model_len(self, model: str) -> int | None:
-        """The context length `/v1/models` advertises for `model`: the smallest its healthy pods report."""
-        lens = [p.max_model_len for p in self.pods if p.healthy and model in p.models and p.max_model_len]
-        return min(lens) if lens else None
+        """The longest context a healthy pod serving `model` reports: a longer prompt fits none of them.
+
+        NOTE: the largest, not the smallest (which `/v1/models` advertises):
+        one pod configured shorter must not make the gateway refuse what the
+        others serve; a prompt routed to it gets that pod's own 400.
+        """
+        lens = [
+            p.max_model_len
+            for p in self.pods
+            if p.healthy and model in p.models and isinstance(p.max_model_len, int) and not isinstance(p.max_model_len, bool)
+        ]
+        return max(lens) if lens else None
 
     async def complete(self, kind: Kind, request: web.Request) -> web.StreamResponse:
         """Serve one completion or chat completion call. Raises `GatewayError` for the app to render."""

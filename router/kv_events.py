@@ -155,7 +155,7 @@ class EngineBlocks:
         tokens = event.get("token_ids") or []
         if not isinstance(tokens, list):
             raise TypeError("token_ids must be a list")
-        if size != self.block_size() or len(tokens) != size * len(hashes) or event.get("lora_id") is not None:
+        if size != self.block_size() or len(tokens) != size * len(hashes) or _has_extra_keys(event):
             self.skipped += len(hashes)
             return
         parent = event.get("parent_block_hash")
@@ -186,6 +186,16 @@ class EngineBlocks:
         limit = 2 * max(self.index.capacity(self.pod), 1024)
         while len(self._ours) > limit:
             self._ours.popitem(last=False)
+
+
+def _has_extra_keys(event: Mapping[str, Any]) -> bool:
+    """Whether the engine hashed the blocks with more than their tokens (an adapter, a salt, media)."""
+    extra = event.get("extra_keys")
+    return (
+        event.get("lora_id") is not None
+        or event.get("lora_name") is not None
+        or (isinstance(extra, list) and any(key is not None for key in extra))
+    )
 
 
 def _hashes(event: Mapping[str, Any]) -> list[Any]:

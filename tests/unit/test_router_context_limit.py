@@ -59,3 +59,23 @@ def test_token_counts_need_room_for_one_output_token():
 
 def test_without_a_tokenizer_no_character_bound_applies():
     ContextLimit(max_model_len=100).check_call(call("completion", prompt="x" * 10_000))
+
+
+def test_the_gateway_refuses_only_what_fits_no_healthy_pod_of_the_model():
+    from router.discovery import StaticDiscovery
+    from router.gateway import Gateway
+    from router.settings import Settings
+
+    gateway = Gateway(Settings(), discovery=StaticDiscovery([]))
+    for url, model, length, healthy in [
+        ("http://a:1", "m", 4096, True),
+        ("http://b:1", "m", 8192, True),
+        ("http://c:1", "m", 65536, False),  # down: not counted
+        ("http://d:1", "other", 131072, True),
+        ("http://e:1", "m", True, True),  # a pod answering nonsense
+    ]:
+        pod = gateway.pods.add(url)
+        pod.models, pod.max_model_len, pod.healthy = frozenset({model}), length, healthy
+
+    assert gateway._max_model_len("m") == 8192
+    assert gateway._max_model_len("unknown") is None

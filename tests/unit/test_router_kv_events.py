@@ -35,7 +35,7 @@ def blocks() -> EngineBlocks:
 
 
 def test_stored_blocks_are_matched_by_the_gateways_own_hashes(blocks):
-    blocks.apply([stored([11, 12], None, TOKENS[:8])])
+    blocks.apply([{**stored([11, 12], None, TOKENS[:8]), "extra_keys": [None, None]}])
     blocks.apply([stored([13], 12, TOKENS[8:12])])
     assert blocks.index.match(chain_hashes(TOKENS, B)) == {POD: 3}
     assert blocks.stored == 3
@@ -73,6 +73,8 @@ def test_all_blocks_cleared_and_lost_events_drop_the_pod(blocks):
         pytest.param(stored([11], None, TOKENS[:8], size=8), id="other-block-size"),
         pytest.param(stored([11, 12], None, TOKENS[:4]), id="tokens-do-not-fill-blocks"),
         pytest.param({**stored([11], None, TOKENS[:4]), "lora_id": 3}, id="adapter-blocks"),
+        pytest.param({**stored([11], None, TOKENS[:4]), "lora_name": "a"}, id="named-adapter-blocks"),
+        pytest.param({**stored([11], None, TOKENS[:4]), "extra_keys": [("salt",)]}, id="salted-blocks"),
     ],
 )
 def test_blocks_the_gateway_cannot_hash_alike_are_skipped(blocks, event):
