@@ -41,6 +41,7 @@ class StubEngine:
     """LoRA adapters served on top of `model` (listed with it as their `parent`)."""
     block_size: int = 16
     num_gpu_blocks: int = 64
+    max_model_len: int = 4096
     behaviour: StubBehaviour = field(default_factory=StubBehaviour)
     calls: list[dict[str, Any]] = field(default_factory=list)
     running: int = 0
@@ -60,7 +61,7 @@ class StubEngine:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
-        base = {"id": self.model, "object": "model", "root": self.model, "parent": None, "max_model_len": 4096}
+        base = {"id": self.model, "object": "model", "root": self.model, "parent": None, "max_model_len": self.max_model_len}
         loras = [{"id": name, "object": "model", "root": f"/adapters/{name}", "parent": self.model} for name in self.adapters]
         return web.json_response({"object": "list", "data": [base, *loras]})
 
@@ -156,8 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--tokens", type=int, default=4, help="completion tokens per answer")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="context length /v1/models reports")
+    parser.add_argument("--block-size", type=int, default=16, help="block size /metrics reports")
     args = parser.parse_args(argv)
-    engine = StubEngine(model=args.model, behaviour=StubBehaviour(tokens=args.tokens))
+    engine = StubEngine(
+        model=args.model,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        behaviour=StubBehaviour(tokens=args.tokens),
+    )
 
     async def serve() -> None:
         runner = web.AppRunner(engine.app(), access_log=None)

@@ -114,7 +114,7 @@ class Gateway:
         await self.state.start(FleetView(self.pods, self.index, self.counters, self.router.dispatch_waiting))
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
         if sources:
-            self.kv_events = KVEventListener(self.index, sources, self.settings.routing.block_size)
+            self.kv_events = KVEventListener(self.index, sources, lambda: self.block_size)
             self.kv_events.start()
 
     def _pods_changed(self, endpoints: frozenset[PodEndpoint]) -> None:
@@ -125,7 +125,7 @@ class Gateway:
             self.state.attach(pod)
         publishing = {endpoint.id: endpoint.kv_events for endpoint in endpoints if endpoint.kv_events}
         if publishing and self.kv_events is None:
-            self.kv_events = KVEventListener(self.index, {}, self.settings.routing.block_size)
+            self.kv_events = KVEventListener(self.index, {}, lambda: self.block_size)
             self.kv_events.start()
         if self.kv_events is not None:
             for pod in self._discovered_events.keys() - publishing.keys():
@@ -182,6 +182,20 @@ class Gateway:
             raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(sorted(known))}", param="model")
         raise NoCapacity("no pod is up yet; retry shortly")
 
+    def _max_model_len(self, model: str) -> int | None:
+        """The longest context a healthy pod serving `model` reports: a longer prompt fits none of them.
+
+        NOTE: the largest, not the smallest (which `/v1/models` advertises):
+        one pod configured shorter must not make the gateway refuse what the
+        others serve; a prompt routed to it gets that pod's own 400.
+        """
+        lens = [
+            p.max_model_len
+            for p in self.pods
+            if p.healthy and model in p.models and isinstance(p.max_model_len, int) and not isinstance(p.max_model_len, bool)
+        ]
+        return max(lens) if lens else None
+
     async def complete(self, kind: Kind, request: web.Request) -> web.StreamResponse:
         """Serve one completion or chat completion call. Raises `GatewayError` for the app to render."""
         arrived = time.perf_counter()
@@ -199,7 +213,7 @@ class Gateway:
 
         block_size = self.block_size
         adapter = call.model if any(call.model in pod.adapters for pod in self.pods) else None
-        prompt = await tokenize(self.encoder, call, block_size, lora_name=adapter)
+        prompt = await tokenize(self.encoder, call, block_size, lora_name=adapter, max_model_len=self._max_model_len(call.model))
         if prompt.unkeyed is not None:
             self.metrics.unkeyed_prompts.labels(prompt.unkeyed).inc()
         route = RouteRequest(

@@ -12,30 +12,43 @@ first block's key (`kvcache.keys.request_extra`), as the KV connector keys
 them. A request whose tokens the gateway cannot know gets no block hashes, so
 it is routed without a prefix match rather than with a wrong one.
 
-Long prompts are tokenised off the event loop.
+Every step grows with the prompt, so each is bounded and, when long, off the
+event loop: prompts that cannot fit the pods' context are refused first
+(`router.context_limit`: from the body alone, then from the rendered text's
+length, then from the token count), and long prompts are tokenised and hashed
+in a worker thread, the tokenizer releasing the GIL while it works.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from kvcache.keys import BlockHash, chain_hashes, request_extra
+from router.context_limit import ContextLimit
 from router.errors import InvalidRequest
 from router.prompt_options import PromptOptions, Unkeyed, prompt_options
 from router.schema import Call
-from router.tokenize.errors import BadPromptError, UnsupportedContentError
+from router.tokenize.errors import BadPromptError, PromptTooLongError, UnsupportedContentError
 from router.tokenize.tokenizer import truncate_ids
 
-#: Prompts longer than this (characters) are tokenised in a worker thread.
+#: Prompts longer than this (characters) are tokenised and hashed in a worker thread.
 _OFFLOAD_CHARS = 16_384
+#: Characters a chat message counts for besides its text (role, template markers).
+_MESSAGE_CHARS = 16
 
 
 class PromptEncoder(Protocol):
-    """What the gateway needs of a tokenizer."""
+    """What the gateway needs of a tokenizer.
+
+    An encoder that has a `max_token_chars` attribute (the characters of its
+    longest token) also takes `max_chars=` in both methods, and raises
+    `PromptTooLongError` for a text (rendered chat) longer than that.
+    """
 
     def encode_chat(
         self,
@@ -135,15 +148,66 @@ def _encode(encoder: PromptEncoder, call: Call, options: PromptOptions) -> tuple
     return batch[0], sum(len(ids) for ids in batch)
 
 
+def _content_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) if isinstance(p, dict) and isinstance(p.get("text"), str) else 256 for p in content)
+    return 0
+
+
 def _size(call: Call) -> int:
     body = call.body
     if call.kind == "chat":
-        return sum(len(m["content"]) if isinstance(m.get("content"), str) else 256 for m in body["messages"])
+        return sum(_content_chars(m.get("content")) + _MESSAGE_CHARS for m in body["messages"])
     prompt = body["prompt"]
-    return len(prompt) if isinstance(prompt, str) else sum(len(p) if isinstance(p, str) else 0 for p in prompt)
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
 
 
-async def tokenize(encoder: PromptEncoder, call: Call, block_size: int, *, lora_name: str | None = None) -> PromptTokens:
+class _Bounded:
+    """An encoder that refuses texts longer than `max_chars` before tokenising them."""
+
+    def __init__(self, encoder: PromptEncoder, max_chars: int) -> None:
+        self._encoder = encoder
+        self._max_chars = max_chars
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        return self._encoder.encode_chat(messages, max_chars=self._max_chars, **kwargs)  # type: ignore[call-arg]
+
+    def encode_prompt(self, text: str, **kwargs: Any) -> list[int]:
+        if len(text) > self._max_chars:
+            raise PromptTooLongError(len(text), self._max_chars)
+        return self._encoder.encode_prompt(text, **kwargs)
+
+
+def _prompt_tokens(
+    encoder: PromptEncoder,
+    call: Call,
+    block_size: int,
+    options: PromptOptions,
+    limit: ContextLimit | None,
+    lora_name: str | None,
+) -> PromptTokens:
+    units = getattr(encoder, "units_per_token", 1)
+    if limit is not None and limit.max_chars is not None:
+        encoder = _Bounded(encoder, limit.max_chars)
+    ids, total = _encode(encoder, call, options)
+    if limit is not None and units == 1:  # byte stand-ins only estimate the engine's tokens
+        limit.check_tokens(len(ids), "messages" if call.kind == "chat" else "prompt")
+    extra = request_extra(options.cache_salt, lora_name)
+    return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units, first_extra=extra)), total // units)
+
+
+async def tokenize(
+    encoder: PromptEncoder,
+    call: Call,
+    block_size: int,
+    *,
+    lora_name: str | None = None,
+    max_model_len: int | None = None,
+) -> PromptTokens:
     """Token ids and block hashes of `call`'s prompt.
 
     Args:
@@ -151,6 +215,9 @@ async def tokenize(encoder: PromptEncoder, call: Call, block_size: int, *, lora_
         call: the checked request.
         block_size: engine tokens per block.
         lora_name: the LoRA adapter `call.model` names, or None for a base model.
+        max_model_len: the pods' context length, if known: longer prompts are
+            refused, before tokenising where the body shows it (not when the
+            request asks the engine to truncate it).
 
     Returns:
         The prompt's ids and its block hashes, keyed by the request's cache
@@ -158,27 +225,32 @@ async def tokenize(encoder: PromptEncoder, call: Call, block_size: int, *, lora_
         tokens cannot be known here.
 
     Raises:
-        InvalidRequest: the messages do not fit the chat template, or a chat
-            template argument is malformed.
+        InvalidRequest: the messages do not fit the chat template, a chat
+            template argument is malformed, or the prompt cannot fit
+            `max_model_len` (code `context_length_exceeded`).
     """
+    param = "messages" if call.kind == "chat" else "prompt"
     options = prompt_options(call.kind, call.body)
     units = getattr(encoder, "units_per_token", 1)
+    limit = None
+    if max_model_len and options.truncate_prompt_tokens is None:
+        limit = ContextLimit(max_model_len, getattr(encoder, "max_token_chars", None))
+        limit.check_call(call)
     if options.unkeyed is not None:
         return _unkeyed(call, options.unkeyed)
     if units != 1 and options.truncate_prompt_tokens is not None:
         # Bytes cannot be cut where the engine cuts tokens (from the left, by default).
         return _unkeyed(call, "truncation")
+    work = functools.partial(_prompt_tokens, encoder, call, block_size, options, limit, lora_name)
     try:
-        if _size(call) > _OFFLOAD_CHARS:
-            ids, total = await asyncio.to_thread(_encode, encoder, call, options)
-        else:
-            ids, total = _encode(encoder, call, options)
+        return await asyncio.to_thread(work) if _size(call) > _OFFLOAD_CHARS else work()
     except UnsupportedContentError:
         return _unkeyed(call, "multimodal")
+    except PromptTooLongError as exc:
+        assert limit is not None  # only a limit makes the encoder refuse a text
+        raise limit.too_many_chars(exc.chars, param) from exc
     except BadPromptError as exc:
-        raise InvalidRequest(str(exc), param="messages" if call.kind == "chat" else "prompt") from exc
-    extra = request_extra(options.cache_salt, lora_name)
-    return PromptTokens(ids, tuple(chain_hashes(ids, block_size * units, first_extra=extra)), total // units)
+        raise InvalidRequest(str(exc), param=param) from exc
 
 
 def _unkeyed(call: Call, reason: Unkeyed) -> PromptTokens:

@@ -199,7 +199,13 @@ class Router:
 
     def dispatch_waiting(self) -> None:
         """Hand free slots to waiters, smallest VTC counter first. Called when a slot frees."""
+        limit = self.settings.max_inflight_per_pod
         while len(self.queue):
+            # Under saturation every release frees one slot for one waiter:
+            # without this, finding that nobody else fits would try every
+            # waiting user on every pod, per release.
+            if not any(pod.healthy and pod.in_flight < limit for pod in self.pods):
+                break
             for waiter in self.queue.in_order():
                 ask: _Ask = waiter.payload
                 if waiter.future.done():

@@ -13,6 +13,7 @@ from router.tokenize.chat_template import ChatTemplate, ContentFormat
 from router.tokenize.errors import (
     BadPromptError,
     MessageFormatError,
+    PromptTooLongError,
     TemplateRenderError,
     TokenizeError,
     TokenizerLoadError,
@@ -26,6 +27,7 @@ __all__ = [
     "ContentFormat",
     "MessageFormatError",
     "PromptTokenizer",
+    "PromptTooLongError",
     "TemplateRenderError",
     "TokenizeError",
     "TokenizerLoadError",

@@ -6,7 +6,8 @@ The hierarchy says who is at fault, so the gateway can answer correctly::
     ├── BadPromptError          the request is at fault: answer HTTP 400
     │   ├── MessageFormatError  malformed messages, content parts or kwargs
     │   │   └── UnsupportedContentError  well-formed, but not text (images, audio, ...)
-    │   └── TemplateRenderError the chat template refused the conversation
+    │   ├── TemplateRenderError the chat template refused the conversation
+    │   └── PromptTooLongError  the text is longer than any prompt that fits
     └── TokenizerLoadError      the model directory is unusable (start-up)
 
 Permanent by nature: retrying the same request gives the same error.
@@ -47,3 +48,21 @@ class TemplateRenderError(BadPromptError):
 
 class TokenizerLoadError(TokenizeError):
     """The model directory lacks a usable `tokenizer.json` or chat template."""
+
+
+class PromptTooLongError(BadPromptError):
+    """The prompt text has more characters than `max_chars`, so more tokens than fit.
+
+    Raised before tokenising: no token is longer than the vocabulary's longest,
+    so a text of more than `limit_tokens x longest token` characters cannot fit
+    `limit_tokens` tokens (vLLM checks the same bound).
+
+    Attributes:
+        chars: characters of the prompt text (rendered, for chats).
+        max_chars: the bound it exceeds.
+    """
+
+    def __init__(self, chars: int, max_chars: int) -> None:
+        super().__init__(f"the prompt has {chars} characters, more than the {max_chars} that can fit")
+        self.chars = chars
+        self.max_chars = max_chars

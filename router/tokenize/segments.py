@@ -12,6 +12,12 @@ That equivalence needs the tokenizer to treat pieces independently: no
 normaliser (some prepend a marker to the whole text only), a byte-level
 pre-tokenizer without a prefix space, and added tokens that strip nothing.
 `SegmentEncoder.supports` checks this; other tokenizers are tokenised whole.
+
+The pieces it has not seen are tokenised in one `encode_batch_fast` call,
+which releases the GIL (a long prompt tokenised in a worker thread then leaves
+the event loop free) and gives each piece the ids `encode` would. The cache is
+bounded by entries and by the characters it keeps, so a stream of long,
+never-repeated prompts cannot grow it past a few tens of megabytes.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from collections import OrderedDict
 
 from tokenizers import Tokenizer
 
-#: Pieces kept, and the longest piece worth keeping (characters).
+#: Pieces kept, the characters they may hold in all, and the longest piece
+#: worth keeping (characters).
 _MAX_ENTRIES = 8192
+_MAX_CACHED_CHARS = 4 * 1024 * 1024
 _MAX_PIECE_CHARS = 65536
 
 
@@ -34,9 +42,12 @@ class SegmentEncoder:
     Args:
         tokenizer: the model's tokenizer; check `supports(tokenizer)` first.
         max_entries: pieces kept in the LRU cache.
+        max_chars: characters the cached pieces may hold in all.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, max_entries: int = _MAX_ENTRIES) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, max_entries: int = _MAX_ENTRIES, max_chars: int = _MAX_CACHED_CHARS
+    ) -> None:
         self._tokenizer = tokenizer
         added = json.loads(tokenizer.to_str()).get("added_tokens") or []
         self._ids = {t["content"]: t["id"] for t in added}
@@ -44,6 +55,8 @@ class SegmentEncoder:
         self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
         self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._max_entries = max_entries
+        self._max_chars = max_chars
+        self._cached_chars = 0
         self._lock = threading.Lock()  # long prompts are tokenised in worker threads
 
     @staticmethod
@@ -61,26 +74,42 @@ class SegmentEncoder:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` with no special tokens added by the tokenizer."""
-        if self._split is None:
-            return self._piece(text)
+        parts = self._split.split(text) if self._split is not None else [text]
+        found: list[tuple[int, ...] | None] = []
+        missing: dict[str, None] = {}
+        with self._lock:
+            for i, part in enumerate(parts):
+                cached = None if i % 2 or not part else self._cache.get(part)
+                if cached is not None:
+                    self._cache.move_to_end(part)
+                elif not i % 2 and part:
+                    missing[part] = None
+                found.append(cached)
+        fresh = dict(zip(missing, self._tokenize(list(missing))))
         ids: list[int] = []
-        for i, part in enumerate(self._split.split(text)):
+        for i, part in enumerate(parts):
             if i % 2:
                 ids.append(self._ids[part])
             elif part:
-                ids.extend(self._piece(part))
+                piece = found[i]
+                ids.extend(piece if piece is not None else fresh[part])
+        self._keep(fresh)
         return ids
 
-    def _piece(self, piece: str) -> list[int] | tuple[int, ...]:
+    def _tokenize(self, pieces: list[str]) -> list[tuple[int, ...]]:
+        if not pieces:
+            return []
+        encodings = self._tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
+        return [tuple(e.ids) for e in encodings]
+
+    def _keep(self, fresh: dict[str, tuple[int, ...]]) -> None:
         with self._lock:
-            cached = self._cache.get(piece)
-            if cached is not None:
-                self._cache.move_to_end(piece)
-                return cached
-        ids = tuple(self._tokenizer.encode(piece, add_special_tokens=False).ids)
-        if len(piece) <= _MAX_PIECE_CHARS:
-            with self._lock:
+            for piece, ids in fresh.items():
+                if len(piece) > _MAX_PIECE_CHARS or piece in self._cache:
+                    continue
                 self._cache[piece] = ids
-                if len(self._cache) > self._max_entries:
-                    self._cache.popitem(last=False)
-        return ids
+                self._cached_chars += len(piece)
+            cache = self._cache
+            while cache and (len(cache) > self._max_entries or self._cached_chars > self._max_chars):
+                piece, _ = cache.popitem(last=False)
+                self._cached_chars -= len(piece)

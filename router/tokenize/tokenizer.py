@@ -20,7 +20,10 @@ tokens and their overrides come from `chat_template.jinja`,
 
 Not here: the prefix index and block hashing (they take these ids), and HTTP
 (the server maps `BadPromptError` to 400). Tokenising a long conversation takes
-milliseconds; callers on the event loop may push big ones to a thread.
+milliseconds; callers on the event loop may push big ones to a thread. Long
+texts are tokenised through `encode_batch_fast`, which releases the GIL (plain
+`encode` holds it for the whole text, which would stall the event loop even from
+a worker thread).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jinja2
 from tokenizers import Tokenizer
 
 from router.tokenize.chat_template import ChatTemplate, ContentFormat
-from router.tokenize.errors import MessageFormatError, TokenizerLoadError
+from router.tokenize.errors import MessageFormatError, PromptTooLongError, TokenizerLoadError
 from router.tokenize.messages import to_conversation, to_tool_schemas
 from router.tokenize.segments import SegmentEncoder
 
@@ -52,6 +55,9 @@ _CALL_PARAMETERS = frozenset(
 )  # fmt: skip
 
 _DEFAULT_TEMPLATE = "default"
+
+#: Texts longer than this (characters) are tokenised with the GIL released.
+LONG_TEXT_CHARS = 8192
 _TOOL_TEMPLATE = "tool_use"
 
 
@@ -178,6 +184,10 @@ class PromptTokenizer:
         # Chat prompts repeat their system prompt and history: tokenise them
         # piece by cached piece where that is exact for this tokenizer.
         self._segments = SegmentEncoder(tokenizer) if SegmentEncoder.supports(tokenizer) else None
+        # As vLLM computes it: no token decodes to more characters than its
+        # vocabulary string has, so text length bounds the token count.
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._max_token_chars = max((len(token) for token in vocab), default=1) or 1
         self._templates = dict(templates)
         self._special_tokens = dict(special_tokens)
         self._content_format = content_format
@@ -235,6 +245,11 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         """Number of tokens, added tokens included."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token: a text of n characters has at least n / this many tokens."""
+        return self._max_token_chars
 
     @property
     def special_tokens(self) -> Mapping[str, str]:
@@ -327,6 +342,7 @@ class PromptTokenizer:
         add_special_tokens: bool = False,
         truncate_prompt_tokens: int | None = None,
         truncation_side: Literal["left", "right"] | None = None,
+        max_chars: int | None = None,
     ) -> list[int]:
         """Token ids of a chat request, as vLLM's `/v1/chat/completions` computes them.
 
@@ -350,6 +366,8 @@ class PromptTokenizer:
                 last ones; None is the tokenizer's default as vLLM sets it
                 for generation ("left", truncating before special tokens
                 are added).
+            max_chars: refuse a rendered text longer than this before
+                tokenising it (see `max_token_chars`).
 
         Returns:
             The prompt's token ids.
@@ -359,6 +377,7 @@ class PromptTokenizer:
                 `add_generation_prompt` and `continue_final_message`, non-text
                 content, or no chat template.
             TemplateRenderError: the template rejected the conversation.
+            PromptTooLongError: the rendered text is longer than `max_chars`.
         """
         text = self.render_chat(
             messages,
@@ -369,6 +388,7 @@ class PromptTokenizer:
             documents=documents,
             reasoning_effort=reasoning_effort,
         )
+        _check_length(text, max_chars)
         return self._encode_text(
             text, add_special_tokens, truncate_prompt_tokens, truncation_side, use_segments=True
         )
@@ -380,6 +400,7 @@ class PromptTokenizer:
         add_special_tokens: bool = True,
         truncate_prompt_tokens: int | None = None,
         truncation_side: Literal["left", "right"] | None = None,
+        max_chars: int | None = None,
     ) -> list[int]:
         """Token ids of a completion prompt, as vLLM's `/v1/completions` computes them.
 
@@ -389,15 +410,18 @@ class PromptTokenizer:
                 request field of the same name, True by default as in vLLM.
             truncate_prompt_tokens: as in `encode_chat`.
             truncation_side: as in `encode_chat`.
+            max_chars: refuse a text longer than this before tokenising it.
 
         Returns:
             The prompt's token ids.
 
         Raises:
             MessageFormatError: if `text` is not a string.
+            PromptTooLongError: the text is longer than `max_chars`.
         """
         if not isinstance(text, str):
             raise MessageFormatError("'prompt' must be a string")
+        _check_length(text, max_chars)
         return self._encode_text(text, add_special_tokens, truncate_prompt_tokens, truncation_side)
 
     def _encode_text(
@@ -415,7 +439,7 @@ class PromptTokenizer:
             if use_segments and self._segments is not None and not add_special_tokens:
                 ids = self._segments.encode(text)
             else:
-                ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+                ids = self._encode_whole(text, add_special_tokens)
             return ids if keep is None else truncate_ids(ids, keep, side)
         # The tokenizer truncates: the text's own tokens are cut so that they
         # and the special tokens added around them fit, as transformers does.
@@ -426,12 +450,23 @@ class PromptTokenizer:
             encoding.truncate(max(keep - added, 0), direction=DEFAULT_TRUNCATION_SIDE)
         return truncate_ids(self._tokenizer.post_process(encoding, add_special_tokens=True).ids, keep, None)
 
+    def _encode_whole(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            # Same ids as `encode`, but the Rust side releases the GIL.
+            return self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
     def encode_prompts(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
         """`encode_prompt` for many prompts at once, tokenised in parallel (Rust threads)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise MessageFormatError("'prompt' must be a list of strings")
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [e.ids for e in self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (for logs and tests; the request path never decodes)."""
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _check_length(text: str, max_chars: int | None) -> None:
+    if max_chars is not None and len(text) > max_chars:
+        raise PromptTooLongError(len(text), max_chars)

@@ -247,7 +247,8 @@ async def test_every_gateway_replica_follows_the_kv_events_of_discovered_pods() 
     publisher.setsockopt(zmq.LINGER, 0)
     events_port = publisher.bind_to_random_port("tcp://127.0.0.1")
     try:
-        async with kube_api() as api, run_stub(StubEngine()) as engine:
+        # The engine reports 4-token blocks, as its events say: the gateway hashes with the engine's size.
+        async with kube_api() as api, run_stub(StubEngine(block_size=4)) as engine:
             u = uid()
             await api.create_pod(engine_pod("a", engine, u, annotations={"kvgate.io/kv-events-port": str(events_port)}))
             async with start_gateway(api, block_size=4) as one, start_gateway(api, block_size=4) as two:

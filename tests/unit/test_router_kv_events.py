@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import msgpack
 import pytest
@@ -34,7 +35,7 @@ def blocks() -> EngineBlocks:
 
 
 def test_stored_blocks_are_matched_by_the_gateways_own_hashes(blocks):
-    blocks.apply([stored([11, 12], None, TOKENS[:8])])
+    blocks.apply([{**stored([11, 12], None, TOKENS[:8]), "extra_keys": [None, None]}])
     blocks.apply([stored([13], 12, TOKENS[8:12])])
     assert blocks.index.match(chain_hashes(TOKENS, B)) == {POD: 3}
     assert blocks.stored == 3
@@ -72,9 +73,11 @@ def test_all_blocks_cleared_and_lost_events_drop_the_pod(blocks):
         pytest.param(stored([11], None, TOKENS[:8], size=8), id="other-block-size"),
         pytest.param(stored([11, 12], None, TOKENS[:4]), id="tokens-do-not-fill-blocks"),
         pytest.param({**stored([11], None, TOKENS[:4]), "lora_id": 3}, id="adapter-blocks"),
+        pytest.param({**stored([11], None, TOKENS[:4]), "extra_keys": [[["image-digest", 0]]]}, id="multimodal-blocks"),
     ],
 )
 def test_blocks_the_gateway_cannot_hash_alike_are_skipped(blocks, event):
+    # Salted and named-adapter blocks are keyed, not skipped: see test_router_kv_event_keys.py.
     blocks.apply([event])
     assert blocks.index.blocks(POD) == 0
 
@@ -110,6 +113,177 @@ async def test_listener_applies_events_published_over_zmq():
             if index.blocks(POD) == 3:
                 break
         assert index.match(chain_hashes(TOKENS, B)) == {POD: 3}
+    finally:
+        publisher.close()
+        context.term()
+        await listener.stop()
+
+
+def test_block_size_follows_what_the_gateway_hashes_with():
+    """Configured for 4 tokens per block, the engines report 8: their blocks are not skipped."""
+    size = [B]
+    blocks = EngineBlocks(POD, PrefixIndex(), lambda: size[0])
+    tokens = list(range(100, 116))
+    blocks.apply([stored([21, 22], None, tokens, size=8)])
+    assert blocks.index.blocks(POD) == 0 and blocks.skipped == 2  # not what the gateway hashes with yet
+
+    size[0] = 8  # the monitor learned the engines' block size
+    blocks.apply([stored([21, 22], None, tokens, size=8)])
+    assert blocks.index.match(chain_hashes(tokens, 8)) == {POD: 2}
+
+
+async def test_the_gateway_listener_uses_the_block_size_the_engines_report():
+    from router.discovery import StaticDiscovery
+    from router.gateway import Gateway
+    from router.settings import Settings
+
+    settings = Settings()
+    settings.routing.block_size = 128
+    settings.discovery.kv_event_sources = (f"{POD}=listen:tcp://127.0.0.1:{free_port()}",)
+    gateway = Gateway(settings, discovery=StaticDiscovery([]))
+    await gateway.start()
+    try:
+        assert gateway.monitor is not None and gateway.kv_events is not None
+        gateway.monitor.block_size = 16  # as scraped from vllm:cache_config_info
+        engine = gateway.kv_events.engines[POD]
+        tokens = list(range(32))
+        engine.apply([stored([1, 2], None, tokens, size=16)])
+        assert gateway.index.match(chain_hashes(tokens, 16)) == {POD: 2}
+    finally:
+        await gateway.stop()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param("BlockStored", id="not-a-map"),
+        pytest.param({"type": "BlockStored", "block_hashes": 5, "token_ids": TOKENS[:4], "block_size": B}, id="hashes-not-a-list"),
+        pytest.param(stored([11], None, ["a"] * B), id="tokens-not-ints"),
+        pytest.param(stored([11], None, [2**70] * B), id="token-out-of-range"),
+        pytest.param(stored([{"x": 1}], None, TOKENS[:4]), id="hash-is-a-map"),
+        pytest.param({"type": "BlockRemoved", "block_hashes": "abc"}, id="removed-hashes-not-a-list"),
+        pytest.param(stored([11], None, "abcd"), id="tokens-a-string"),
+    ],
+)
+def test_a_malformed_event_is_counted_and_the_rest_of_the_batch_applied(blocks, event):
+    blocks.apply([event, stored([11, 12, 13], None, TOKENS)])
+    assert blocks.malformed == 1
+    assert blocks.index.match(chain_hashes(TOKENS, B)) == {POD: 3}
+
+
+def test_event_maps_hold_one_hash_per_block_not_a_path_per_block(blocks):
+    """A chain stored block by block, as chunked prefill publishes it, costs memory linear in its length."""
+
+    def stored_bytes(n: int) -> int:
+        engine = EngineBlocks(POD, PrefixIndex(default_capacity=n), B)
+        events = [stored([i], i - 1 if i else None, list(range(i * B, (i + 1) * B))) for i in range(n)]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for event in events:
+                engine.apply([event])
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert engine.index.blocks(POD) == n
+        return used
+
+    small, large = stored_bytes(500), stored_bytes(2000)
+    assert large < 6 * small, f"500 blocks take {small} bytes, 2,000 take {large}"
+
+
+async def publish_until(publisher, condition, batch_for, sequence=None) -> None:
+    """PUB drops messages until the connection is up: keep publishing until `condition()`."""
+    sequence = sequence if sequence is not None else iter(range(10**6))
+    for _ in range(300):
+        seq = next(sequence)
+        await publisher.send_multipart([b"kv@a", seq.to_bytes(8, "big"), batch_for(seq)])
+        await asyncio.sleep(0.01)
+        if condition():
+            return
+    raise AssertionError("the listener never applied the events")
+
+
+async def test_a_bad_batch_does_not_end_the_subscription():
+    port = free_port()
+    index = PrefixIndex()
+    listener = KVEventListener(index, {POD: f"listen:tcp://127.0.0.1:{port}"}, B)
+    listener.start()
+    context = zmq.asyncio.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    publisher.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        engine = listener.engines[POD]
+        garbage = msgpack.packb([0.0, [{"type": "BlockRemoved", "block_hashes": 7}, "junk"], None])
+        await publish_until(publisher, lambda: engine.malformed >= 2, lambda seq: garbage)
+        await publisher.send_multipart([b"kv@a"])  # not even the frames of a message
+        good = msgpack.packb([1.0, [stored([11, 12, 13], None, TOKENS)], None])
+        await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: good)
+        assert index.match(chain_hashes(TOKENS, B)) == {POD: 3}
+        assert not listener._tasks[POD].done()
+    finally:
+        publisher.close()
+        context.term()
+        await listener.stop()
+
+
+async def test_subscriptions_are_added_and_removed_at_run_time():
+    index = PrefixIndex()
+    listener = KVEventListener(index, {}, B)
+    listener.start()
+    context = zmq.asyncio.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    port = free_port()
+    good = msgpack.packb([1.0, [stored([11, 12, 13], None, TOKENS)], None])
+    try:
+        listener.add(POD, f"listen:tcp://127.0.0.1:{port}")
+        listener.add(POD, f"listen:tcp://127.0.0.1:{port}")  # again: nothing changes
+        assert len(listener._tasks) == 1
+        publisher.connect(f"tcp://127.0.0.1:{port}")
+        await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: good)
+
+        task = listener._tasks[POD]
+        listener.remove(POD)
+        assert POD not in listener.engines and POD not in listener.sources
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+        assert task.cancelled()
+
+        # The port is free again once the subscription is gone: a new one can bind it.
+        listener.add(POD, f"listen:tcp://127.0.0.1:{port}")
+        index.drop_pod(POD)
+        await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: good)
+    finally:
+        publisher.close()
+        context.term()
+        await listener.stop()
+    assert not listener._tasks
+
+
+async def test_an_oversized_message_is_refused_and_the_subscription_goes_on(monkeypatch):
+    monkeypatch.setattr("router.kv_events.MAX_MESSAGE_BYTES", 64 * 1024)
+    port = free_port()
+    index = PrefixIndex()
+    listener = KVEventListener(index, {POD: f"listen:tcp://127.0.0.1:{port}"}, B)
+    listener.start()
+    context = zmq.asyncio.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    publisher.connect(f"tcp://127.0.0.1:{port}")
+    sequence = iter(range(10**6))
+    huge = msgpack.packb([0.0, [stored(list(range(1000, 11_000)), None, [1] * (B * 10_000))], None])
+    assert len(huge) > 64 * 1024
+    first = msgpack.packb([1.0, [stored([11, 12, 13], None, TOKENS)], None])
+    later_tokens = list(range(500, 512))
+    later = msgpack.packb([2.0, [stored([21, 22, 23], None, later_tokens)], None])
+    try:
+        await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: first, sequence)
+        for _ in range(3):
+            await publisher.send_multipart([b"kv@a", next(sequence).to_bytes(8, "big"), huge])
+        # Events sent after it still arrive (ZMQ reconnects the publisher it cut off).
+        await publish_until(publisher, lambda: index.match(chain_hashes(later_tokens, B)) == {POD: 3}, lambda seq: later, sequence)
+        assert 10_999 not in listener.engines[POD]._ours  # nothing of the huge batch was taken in
     finally:
         publisher.close()
         context.term()

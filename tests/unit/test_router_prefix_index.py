@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from kvcache.keys import chain_hashes
@@ -192,3 +194,69 @@ def test_remove_forgets_every_block_the_chain_names_including_shared_ones():
     assert index.blocks(A) == 2  # ABC and ABCD remain, unreachable until AB comes back
     index.insert(A, chain("AB"))
     assert index.match(chain("ABCD")) == {A: 4}
+
+
+def test_remove_block_forgets_one_block_by_its_chained_hash():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    blocks = chain("ABCD")
+
+    assert index.remove_block(A, blocks[3]) is True
+    assert index.remove_block(A, blocks[3]) is False  # already gone
+    assert index.remove_block(B, blocks[0]) is False  # never held
+    assert index.match(blocks) == {A: 3}
+    assert index.remove_block(A, blocks[1]) is True
+    assert index.match(blocks) == {A: 1}
+    assert index.holds(A, blocks[2]) and not index.holds(A, blocks[1])
+
+
+def test_blocks_shared_by_pods_are_one_node_until_the_last_holder_goes():
+    index = PrefixIndex()
+    index.insert(A, chain("ABCD"))
+    index.insert(B, chain("ABXY"))
+
+    assert len(index) == 6  # A, AB shared; ABC, ABCD, ABX, ABXY
+    index.drop_pod(A)
+    assert len(index) == 4
+    index.drop_pod(B)
+    assert len(index) == 0
+
+
+def test_many_pods_and_reused_slots_keep_their_own_blocks():
+    index = PrefixIndex()
+    pods = [PodId(f"http://pod-{i}:8000") for i in range(100)]  # more pods than a machine word has bits
+    for i, pod in enumerate(pods):
+        index.insert(pod, chain("AB" + "CDEFGHIJ"[: i % 8]))
+    for pod in pods[::2]:
+        index.drop_pod(pod)
+    newcomer = PodId("http://pod-new:8000")
+    index.insert(newcomer, chain("Q"))  # takes a dropped pod's place in the masks
+
+    matched = index.match(chain("ABCDEFGHIJ"))
+    assert matched == {pod: 2 + i % 8 for i, pod in enumerate(pods) if i % 2}
+    assert index.match(chain("QR")) == {newcomer: 1}
+
+
+@pytest.mark.parametrize("blocks", [1_000])
+def test_memory_is_linear_in_blocks_not_in_blocks_squared(blocks):
+    """A prompt of n blocks stores n entries, not n prefixes of up to n hashes (n^2/2)."""
+
+    def stored_bytes(n: int) -> int:
+        hashes = chain_hashes(list(range(n)), 1)  # made before measuring: the caller owns them
+        index = PrefixIndex(default_capacity=n)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            index.insert(A, hashes)
+            index.insert(B, hashes[: n // 2])
+            assert index.match(hashes) == {A: n, B: n // 2}
+            stored = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert index.blocks(A) == n and index.blocks(B) == n // 2
+        return stored
+
+    small, large = stored_bytes(blocks), stored_bytes(4 * blocks)
+
+    assert large < 6 * small, f"{blocks} blocks take {small} bytes, 4x as many take {large}"
+    assert large / (4 * blocks) < 1_000  # bytes per block (two pods hold half of them)

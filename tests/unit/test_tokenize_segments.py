@@ -43,3 +43,21 @@ def test_tokenizers_that_prepend_to_the_whole_text_are_not_supported():
     spm_like = Tokenizer(models.BPE())
     spm_like.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     assert not SegmentEncoder.supports(spm_like)
+
+
+def test_the_cache_is_bounded_by_the_characters_it_holds(tokenizer):
+    encoder = SegmentEncoder(tokenizer, max_entries=1000, max_chars=10_000)
+    rng = random.Random(5)
+    for _ in range(50):  # 50 distinct 1,000-character pieces: 50,000 characters offered
+        text = "".join(rng.choice("abc de") for _ in range(1000))
+        assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
+
+    assert len(encoder._cache) <= 10
+    assert encoder._cached_chars == sum(len(p) for p in encoder._cache) <= 10_000
+
+
+def test_a_long_text_with_many_pieces_encodes_as_a_whole(tokenizer):
+    encoder = SegmentEncoder(tokenizer)
+    text = "".join(f"<|im_start|>user\n{i % 7} said hello<|im_end|>\n" for i in range(5000)) + "x" * 70_000
+    assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
+    assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
