@@ -87,6 +87,9 @@ class GatewayMetrics:
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended with an error event after the pod broke off.", ["pod"], registry=r
         )
+        self.upstream_too_large = Counter(
+            "kvgate_upstream_too_large", "Answers or stream events from a pod over the size limits.", ["pod"], registry=r
+        )
         self.ttft_seconds = Histogram(
             "kvgate_time_to_first_byte_seconds", "From arrival to the pod's first response byte.", ["policy"], registry=r
         )
