@@ -10,8 +10,9 @@ which `GatewayRunner` (an `aiohttp.web.AppRunner`) adds for the gateway:
 - at most `max_connections` client connections are open; one more gets a
   503 and is closed before anything is read from it;
 - what aiohttp's parser refuses (line or header too long, too many headers,
-  bad Content-Length, bad chunking, garbage) answers OpenAI-shaped JSON with
-  its status (400, 431), like every other error, instead of plain text.
+  bad Content-Length, bad chunking, garbage) or does not expect (an `Expect`
+  other than 100-continue) answers OpenAI-shaped JSON with its status (400,
+  417, 431), like every other error, instead of plain text.
 
 `router.server` runs the gateway with it, and the loopback tests too.
 Not here: routes and error rendering of the handlers (`router.app`).
@@ -31,7 +32,7 @@ from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessin
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestHandler
 
-from router.errors import GatewayError, HeadersTooLarge, InvalidRequest, NoCapacity, RequestTimeout, UpstreamTimeout
+from router.errors import ExpectationFailed, GatewayError, HeadersTooLarge, InvalidRequest, NoCapacity, RequestTimeout, UpstreamTimeout
 from router.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,13 @@ class GatewayProtocol(RequestHandler):
             log.info("refused a malformed request from %s: %s", request.remote, error.message)
         if request.writer.output_size > 0:
             raise ConnectionError("the answer has begun; no error answer can follow")
-        response = web.Response(status=error.status, body=error.to_json(), content_type="application/json")
-        response.force_close()
-        return response
+        return _json_error(error)
+
+
+def _json_error(error: GatewayError) -> web.Response:
+    response = web.Response(status=error.status, body=error.to_json(), content_type="application/json")
+    response.force_close()
+    return response
 
 
 class GatewayServer(web.Server):
@@ -167,6 +172,12 @@ class GatewayServer(web.Server):
             assert isinstance(protocol, GatewayProtocol)
             protocol.request_started()
             try:
+                expect = request.headers.get("expect")
+                if expect is not None and expect.lower() != "100-continue":
+                    # Before routing: aiohttp's own expect handler (every route's but
+                    # the API's, and unknown paths') answers plain text, or fails on
+                    # a value that is not UTF-8.
+                    return _json_error(ExpectationFailed(f"'Expect: {expect}' is not supported; only 100-continue is"))
                 return await handler(request)
             finally:
                 protocol.request_finished()

@@ -114,6 +114,8 @@ def _bodies(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
     return ("/v1/chat/completions" if kind == "chat" else "/v1/completions"), raw, headers
 
 
+#: Header values: any byte but CR, LF (and NUL), as latin-1 text.
+_header_value = st.text(st.characters(min_codepoint=1, max_codepoint=255, exclude_characters="\r\n"), max_size=40)
 _token = st.text(st.sampled_from("abcXYZ-_0123456789!#$%&'*+.^`|~"), min_size=1, max_size=12)
 
 
@@ -134,9 +136,9 @@ def _heads(draw: st.DrawFn) -> bytes:
         lines.append("Content-Length: " + draw(st.text(_PRINTABLE, min_size=1, max_size=6)))
     for _ in range(draw(st.integers(min_value=0, max_value=6))):
         name = draw(st.sampled_from(["Expect", "Transfer-Encoding", "Content-Encoding", "Connection", "X-Routing-Strategy", "Authorization"]) | _token)
-        lines.append(f"{name}: {draw(st.text(_PRINTABLE, max_size=40))}")
+        lines.append(f"{name}: {draw(st.one_of(st.text(_PRINTABLE, max_size=40), _header_value))}")
     lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 async def _send(served: Served, path: str, raw: bytes, headers: dict[str, str]) -> tuple[int, str]:

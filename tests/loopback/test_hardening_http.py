@@ -292,3 +292,11 @@ async def test_connections_beyond_the_limit_get_503_and_are_closed():
                 break
         else:
             raise AssertionError("the gateway never accepted a connection again")
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/nowhere"])
+@pytest.mark.parametrize("value", [b"the-impossible", b"caf\xff"])
+async def test_an_unknown_expect_is_417_on_every_path(cluster, path, value):
+    data = f"GET {path} HTTP/1.1\r\nHost: gw\r\n".encode() + b"Expect: " + value + b"\r\n\r\n"
+    status, headers, answer = await _exchange(cluster.url, data)
+    _assert_openai_error(status, headers, answer, 417)
