@@ -28,8 +28,8 @@ from kvgate.stub_engine import StubEngine
 from tests.loopback.conftest import fast_settings
 from tests.loopback.harness import Served, serve_gateway
 
-BODY_EXAMPLES = 2500
-HEAD_EXAMPLES = 1000
+BODY_EXAMPLES = 2000
+HEAD_EXAMPLES = 800
 _FUZZ = settings(
     deadline=None,
     derandomize=True,
