@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.body import read_body
 from router.discovery import Discovery
-from router.errors import ExpectationFailed, GatewayError, NoCapacity, PayloadTooLarge
+from router.errors import GatewayError, NoCapacity, PayloadTooLarge
 from router.gateway import Gateway
 from router.prompts import PromptEncoder
 from router.settings import Settings
@@ -86,11 +86,11 @@ async def _errors(request: web.Request, handler):  # noqa: ANN001, ANN202 - aioh
 
 
 async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """`Expect: 100-continue` is answered (or refused early); any other expectation is a 417."""
-    expect = request.headers.get("expect", "")
-    if expect.lower() != "100-continue":
-        response = _error_response(ExpectationFailed(f"'Expect: {expect}' is not supported; only 100-continue is"))
-    elif request.app[GATEWAY].draining:
+    """`Expect: 100-continue` on an API call: refused early when draining or too large, else "go on".
+
+    Other expectations are refused before routing (`router.connections`).
+    """
+    if request.app[GATEWAY].draining:
         response = _error_response(NoCapacity("the gateway is shutting down; retry on another replica"))
     elif (request.content_length or 0) > request.app[GATEWAY].settings.server.max_body_bytes:
         response = _error_response(PayloadTooLarge(f"request body of {request.content_length} bytes is too large"))

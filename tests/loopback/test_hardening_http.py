@@ -300,3 +300,12 @@ async def test_an_unknown_expect_is_417_on_every_path(cluster, path, value):
     data = f"GET {path} HTTP/1.1\r\nHost: gw\r\n".encode() + b"Expect: " + value + b"\r\n\r\n"
     status, headers, answer = await _exchange(cluster.url, data)
     _assert_openai_error(status, headers, answer, 417)
+
+
+async def test_expect_100_continue_with_a_body_over_the_limit_is_413_before_the_body():
+    settings = fast_settings()
+    settings.server.max_body_bytes = 1024
+    async with start_cluster(1, settings) as cluster:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        status, headers, answer = await _exchange(cluster.url, head)  # no body is sent
+        _assert_openai_error(status, headers, answer, 413)
