@@ -154,7 +154,13 @@ class Proxy:
             if upstream.content_length is not None and upstream.content_length > limit:
                 raise self._too_large(lease, f"announced an answer of {upstream.content_length} bytes (limit {limit})")
             payload = bytearray()
-            async for chunk in upstream.content.iter_any():
+            while True:
+                # The body follows its headers at once; a silence here is a broken pod
+                # (and a stream call answered with an error has no total budget).
+                async with _deadline(self._settings.read_timeout_s):
+                    chunk = await upstream.content.readany()
+                if not chunk:
+                    break
                 payload += chunk
                 if len(payload) > limit:
                     raise self._too_large(lease, f"sent an answer larger than {limit} bytes")

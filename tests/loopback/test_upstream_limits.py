@@ -43,8 +43,9 @@ class MisbehavingEngine(StubEngine):
             await self.release.wait()
             self.finished.set()
             return web.json_response({"choices": []})
-        stream = self.mode != "huge-json"
-        response = web.StreamResponse(headers={"content-type": "text/event-stream" if stream else "application/json"})
+        stream = self.mode not in ("huge-json", "error-then-silent")
+        status = 400 if self.mode == "error-then-silent" else 200
+        response = web.StreamResponse(status=status, headers={"content-type": "text/event-stream" if stream else "application/json"})
         try:
             await response.prepare(request)
             if self.mode == "huge-json":
@@ -57,6 +58,9 @@ class MisbehavingEngine(StubEngine):
                 await response.write(b'data: {"choices": [{"index": 0, "text": "first "}]}\n\n')
                 await self.release.wait()
                 await response.write(b'data: {"choices": [{"index": 0, "text": "last"}]}\n\ndata: [DONE]\n\n')
+            elif self.mode == "error-then-silent":
+                await response.write(b'{"error": {"message": "bad')
+                await self.release.wait()
             elif self.mode == "silent":
                 await response.write(b'data: {"choices": [{"index": 0, "text": "tok "}]}\n\n')
                 await self.release.wait()
@@ -153,6 +157,16 @@ async def test_a_stream_gone_silent_is_cut_after_the_read_timeout():
         error = json.loads([e for e in text.split("\n\n") if e][-1].removeprefix("data: "))["error"]
         assert error["type"] == "upstream_timeout"
         assert _sample(served, "kvgate_stream_errors_total", engine.url) == 1
+        engine.release.set()
+        await asyncio.wait_for(engine.finished.wait(), timeout=10)
+
+
+async def test_an_error_answer_to_a_stream_call_that_goes_silent_is_cut_off():
+    engine = MisbehavingEngine(mode="error-then-silent")
+    async with serve_gateway([engine], _settings(read_timeout_s=0.3)) as served:
+        async with served.http.post(served.url + "/v1/completions", json={**PROMPT, "stream": True}) as r:
+            body = await asyncio.wait_for(r.json(), timeout=10)
+        assert r.status == 504 and body["error"]["type"] == "upstream_timeout"
         engine.release.set()
         await asyncio.wait_for(engine.finished.wait(), timeout=10)
 
