@@ -7,12 +7,16 @@ the smallest counter among users that are active, so that idling does not bank
 credit to spend later in a burst. The admission queue serves the user with the
 smallest counter first; the `vtc-basic` policy reads the counters too.
 
+User ids come from clients (the `user` field, a header, the API key), so only
+the `max_idle_users` most recently active idle users keep their counters; an
+older one coming back starts from the floor, as a new user does.
+
 Not here: the queue itself (`router.admission`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from router.pods import UserId
 
@@ -23,13 +27,17 @@ class VirtualTokenCounters:
     Args:
         input_weight: cost of one prompt token.
         output_weight: cost of one generated token.
+        max_idle_users: idle users whose counters are kept (least recently active forgotten first);
+            bounds memory however many distinct user ids clients send.
     """
 
-    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0) -> None:
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0, max_idle_users: int = 65_536) -> None:
         self.input_weight = input_weight
         self.output_weight = output_weight
+        self.max_idle_users = max_idle_users
         self._counters: dict[UserId, float] = {}
         self._active: Counter[UserId] = Counter()
+        self._idle: OrderedDict[UserId, None] = OrderedDict()
 
     def get(self, user: UserId) -> float:
         return self._counters.get(user, 0.0)
@@ -40,6 +48,7 @@ class VirtualTokenCounters:
     def arrive(self, user: UserId) -> None:
         """Mark one more request of `user` as active, lifting its counter first if it was idle."""
         if self._active[user] == 0:
+            self._idle.pop(user, None)
             floor = min((self._counters.get(u, 0.0) for u, n in self._active.items() if n > 0), default=None)
             if floor is not None:
                 self._counters[user] = max(self._counters.get(user, 0.0), floor)
@@ -52,8 +61,12 @@ class VirtualTokenCounters:
         left = self._active[user] - 1
         if left > 0:
             self._active[user] = left
-        else:
-            del self._active[user]
+            return
+        del self._active[user]
+        self._idle[user] = None
+        while len(self._idle) > self.max_idle_users:
+            forgotten, _ = self._idle.popitem(last=False)
+            self._counters.pop(forgotten, None)
 
     def charge(self, user: UserId, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add service received by `user`."""
