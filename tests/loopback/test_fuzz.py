@@ -20,7 +20,6 @@ import json
 import zlib
 from typing import Any
 
-import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
