@@ -89,7 +89,7 @@ class Proxy:
         slowest decode rate a healthy pod keeps, capped by `max_answer_s`.
         """
         s = self._settings
-        if max_tokens is None:
+        if max_tokens is None or s.min_decode_tokens_per_s <= 0:
             return s.max_answer_s
         return min(s.max_answer_s, s.first_byte_timeout_s + max_tokens / s.min_decode_tokens_per_s)
 
