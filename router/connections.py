@@ -32,7 +32,15 @@ from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessin
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestHandler
 
-from router.errors import ExpectationFailed, GatewayError, HeadersTooLarge, InvalidRequest, NoCapacity, RequestTimeout, UpstreamTimeout
+from router.errors import (
+    ExpectationFailed,
+    GatewayError,
+    HeadersTooLarge,
+    InvalidRequest,
+    NoCapacity,
+    RequestTimeout,
+    UpstreamTimeout,
+)
 from router.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,9 @@ log = logging.getLogger(__name__)
 #: Seconds aiohttp keeps reading (and dropping) a body its handler did not
 #: read before it closes: long enough for a client to see its error answer.
 _LINGER_S = 2.0
+
+#: aiohttp's limit on header fields per request (its default, kept).
+_MAX_HEADERS = 128
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -74,14 +85,12 @@ def parser_error(status: int, exc: BaseException | None) -> GatewayError:
     return GatewayError("internal error in the gateway")
 
 
-#: aiohttp's limit on header fields per request (its default, kept).
-_MAX_HEADERS = 128
-
-
 class GatewayProtocol(RequestHandler):
     """aiohttp's per-connection handler with a header deadline, a connection cap and JSON parse errors."""
 
-    def __init__(self, manager: GatewayServer, *, loop: asyncio.AbstractEventLoop, limits: ServerSettings, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: GatewayServer, *, loop: asyncio.AbstractEventLoop, limits: ServerSettings, **kwargs: Any
+    ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._gateway_server = manager
         self._event_loop = loop
@@ -94,7 +103,12 @@ class GatewayProtocol(RequestHandler):
         if self._gateway_server.open_connections >= self._limits.max_connections:
             self._refused = True
             self._gateway_server.refused += 1
-            log.warning("refusing a connection: %d open (server.max_connections)", self._limits.max_connections)
+            if self._gateway_server.refused % 1000 == 1:  # a flood must not flood the log too
+                log.warning(
+                    "refusing connections: %d open (server.max_connections); %d refused so far",
+                    self._limits.max_connections,
+                    self._gateway_server.refused,
+                )
             error = NoCapacity(f"the gateway has {self._limits.max_connections} connections open; retry shortly")
             assert isinstance(transport, asyncio.Transport)
             transport.write(raw_response(error))
@@ -132,7 +146,8 @@ class GatewayProtocol(RequestHandler):
         if self._handling or self.transport is None:
             return
         log.info("closing a connection whose request head took over %g s", self._limits.header_timeout_s)
-        self.transport.write(raw_response(RequestTimeout(f"request headers did not arrive within {self._limits.header_timeout_s:g} s")))
+        error = RequestTimeout(f"request headers did not arrive within {self._limits.header_timeout_s:g} s")
+        self.transport.write(raw_response(error))
         self.force_close()
 
     def handle_error(
@@ -213,7 +228,8 @@ class GatewayRunner(web.AppRunner):
         kwargs.setdefault("access_log_class", AccessLogger)
         kwargs["auto_decompress"] = False  # router.body decodes, answering errors as 400/413/415
         kwargs["handler_cancellation"] = True  # a client that hangs up cancels its handler (and its pod call)
-        self._protocol_kwargs = {k: v for k, v in kwargs.items() if k not in ("shutdown_timeout", "handle_signals", "handler_cancellation")}
+        runner_only = ("shutdown_timeout", "handle_signals", "handler_cancellation")
+        self._protocol_kwargs = {k: v for k, v in kwargs.items() if k not in runner_only}
         super().__init__(app, **kwargs)
         self._limits = limits
 
