@@ -269,9 +269,16 @@ async def _next_chunk(lease: Lease, upstream: aiohttp.ClientResponse, timeout_s:
 
 
 def _read_usage(payload: bytes, outcome: Outcome) -> None:
+    """Usage from a whole answer, parsing only its `"usage"` object, not the answer (up to 64 MiB)."""
+    # In JSON text a quote inside a string is escaped, so `"usage"` is a key;
+    # the engines put the answer's own usage last.
+    at = payload.rfind(b'"usage"')
+    colon = payload.find(b":", at + 7) if at >= 0 else -1
+    if colon < 0:
+        return
     try:
-        usage = json.loads(payload).get("usage") or {}
-    except (ValueError, AttributeError):
+        usage, _ = json.JSONDecoder().raw_decode(payload[colon + 1 :].lstrip().decode("utf-8", "replace"))
+    except ValueError:
         return
     _take_usage(usage, outcome)
 
