@@ -110,8 +110,7 @@ class GatewayProtocol(RequestHandler):
                     self._gateway_server.refused,
                 )
             error = NoCapacity(f"the gateway has {self._limits.max_connections} connections open; retry shortly")
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(raw_response(error))
+            transport.write(raw_response(error))  # type: ignore[attr-defined] - a stream transport
             transport.close()
             return
         super().connection_made(transport)
