@@ -64,6 +64,8 @@ async def _errors(request: web.Request, handler):  # noqa: ANN001, ANN202 - aioh
         return response
     except GatewayError as exc:
         response = _error_response(exc)
+        if exc.status == 408:
+            request.app[GATEWAY].metrics.client_cutoffs.labels("body_timeout").inc()
         if exc.status == 408 or request.app[GATEWAY].draining:
             response.force_close()  # the rest of the body is not worth waiting for; a drain ends connections
         return response

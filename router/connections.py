@@ -41,6 +41,7 @@ from router.errors import (
     RequestTimeout,
     UpstreamTimeout,
 )
+from router.metrics import GatewayMetrics
 from router.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class GatewayProtocol(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._gateway_server.open_connections >= self._limits.max_connections:
             self._refused = True
-            self._gateway_server.refused += 1
+            self._gateway_server.cut_off("connection_limit")
             if self._gateway_server.refused % 1000 == 1:  # a flood must not flood the log too
                 log.warning(
                     "refusing connections: %d open (server.max_connections); %d refused so far",
@@ -145,6 +146,7 @@ class GatewayProtocol(RequestHandler):
         if self._handling or self.transport is None:
             return
         log.info("closing a connection whose request head took over %g s", self._limits.header_timeout_s)
+        self._gateway_server.cut_off("header_timeout")
         error = RequestTimeout(f"request headers did not arrive within {self._limits.header_timeout_s:g} s")
         self.transport.write(raw_response(error))
         self.force_close()
@@ -177,6 +179,7 @@ class GatewayServer(web.Server):
         handler: _Handler,
         *,
         limits: ServerSettings,
+        metrics: GatewayMetrics | None = None,
         request_factory: Any = None,
         handler_cancellation: bool = False,
         **protocol_kwargs: Any,
@@ -198,10 +201,18 @@ class GatewayServer(web.Server):
 
         super().__init__(marked, request_factory=request_factory, handler_cancellation=handler_cancellation)
         self._limits = limits
+        self._metrics = metrics
         self._protocol_kwargs = protocol_kwargs
         self._event_loop = asyncio.get_running_loop()
         self.refused = 0
         """Connections refused over `max_connections` since start."""
+
+    def cut_off(self, reason: str) -> None:
+        """Count a client cut off (`kvgate_client_cutoffs_total{reason}`)."""
+        if reason == "connection_limit":
+            self.refused += 1
+        if self._metrics is not None:
+            self._metrics.client_cutoffs.labels(reason).inc()
 
     @property
     def open_connections(self) -> int:
@@ -217,10 +228,13 @@ class GatewayRunner(web.AppRunner):
     Args:
         app: the application (`router.app.create_app`).
         limits: the server settings (timeouts, connection cap).
+        metrics: where clients cut off are counted.
         **kwargs: more `AppRunner` options (`shutdown_timeout`, `access_log`).
     """
 
-    def __init__(self, app: web.Application, *, limits: ServerSettings, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, *, limits: ServerSettings, metrics: GatewayMetrics | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("keepalive_timeout", limits.keepalive_timeout_s)
         kwargs.setdefault("lingering_time", _LINGER_S)
         kwargs.setdefault("max_headers", _MAX_HEADERS)
@@ -231,12 +245,14 @@ class GatewayRunner(web.AppRunner):
         self._protocol_kwargs = {k: v for k, v in kwargs.items() if k not in runner_only}
         super().__init__(app, **kwargs)
         self._limits = limits
+        self._metrics = metrics
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # starts the app and freezes it
         return GatewayServer(
             base.request_handler,
             limits=self._limits,
+            metrics=self._metrics,
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             **self._protocol_kwargs,
@@ -244,9 +260,15 @@ class GatewayRunner(web.AppRunner):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application, limits: ServerSettings, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def serving(
+    app: web.Application,
+    limits: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics: GatewayMetrics | None = None,
+) -> AsyncIterator[str]:
     """Serve `app` as the gateway is served, for the duration of the block; yields its base URL."""
-    runner = GatewayRunner(app, limits=limits, access_log=None, shutdown_timeout=1.0)
+    runner = GatewayRunner(app, limits=limits, metrics=metrics, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -90,6 +90,12 @@ class GatewayMetrics:
         self.upstream_too_large = Counter(
             "kvgate_upstream_too_large", "Answers or stream events from a pod over the size limits.", ["pod"], registry=r
         )
+        self.client_cutoffs = Counter(
+            "kvgate_client_cutoffs",
+            "Client connections or requests cut off: connection_limit, header_timeout, body_timeout.",
+            ["reason"],
+            registry=r,
+        )
         self.ttft_seconds = Histogram(
             "kvgate_time_to_first_byte_seconds", "From arrival to the pod's first response byte.", ["policy"], registry=r
         )

@@ -116,7 +116,14 @@ async def serve(
     # What is still running when the drain loop ends is cancelled within
     # `closing` (and aiohttp waits at most twice that), so exit stays within the grace.
     closing = min(1.0, grace / 4)
-    runner = GatewayRunner(app, limits=settings.server, handle_signals=False, access_log=None, shutdown_timeout=closing)
+    runner = GatewayRunner(
+        app,
+        limits=settings.server,
+        metrics=app[GATEWAY].metrics,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=closing,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=2048)
     await site.start()

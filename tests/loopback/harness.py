@@ -48,7 +48,7 @@ async def serve_gateway(engines: Sequence[StubEngine], settings: Settings | None
         for engine in engines:
             await stack.enter_async_context(run_stub(engine))
         app = create_app(settings, discovery=StaticDiscovery([e.url for e in engines]), rng=random.Random(7))
-        url = await stack.enter_async_context(serving(app, settings.server))
+        url = await stack.enter_async_context(serving(app, settings.server, metrics=app[GATEWAY].metrics))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         served = Served(url, app, engines, http)
         await wait_until(lambda: len(served.gateway.pods.healthy()) == len(engines) and all(p.models for p in served.gateway.pods))

@@ -161,6 +161,10 @@ async def test_expect_100_continue_is_honoured(cluster):
 # Slow clients ---------------------------------------------------------------
 
 
+def _cutoffs(gateway, reason: str) -> float:
+    return gateway.metrics.registry.get_sample_value("kvgate_client_cutoffs_total", {"reason": reason}) or 0.0
+
+
 def _slow_settings(**server):
     settings = fast_settings()
     for name, value in server.items():
@@ -205,6 +209,7 @@ async def test_headers_sent_one_byte_at_a_time_are_cut_off():
             assert sent < len(head) // 2, "a trickling client kept its connection"
             assert answer.startswith(b"HTTP/1.1 408 "), answer
             assert b'"type": "request_timeout"' in answer
+        assert _cutoffs(cluster.gateway, "header_timeout") == 20
         async with await cluster.post("/v1/completions", json.loads(GOOD)) as r:
             assert r.status == 200
 
@@ -238,6 +243,7 @@ async def test_a_body_sent_one_byte_at_a_time_gets_408_and_is_not_in_flight():
                 await writer.wait_closed()
         assert cluster.in_flight == 0
         assert not cluster.engines[0].calls
+        assert _cutoffs(cluster.gateway, "body_timeout") == 1
 
 
 async def test_idle_connections_are_closed_after_the_keepalive_timeout():
@@ -274,6 +280,7 @@ async def test_connections_beyond_the_limit_get_503_and_are_closed():
             _assert_openai_error(status, headers, text, 503)
             assert headers["retry-after"] == "1" and headers["connection"].lower() == "close"
             assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+            assert _cutoffs(cluster.gateway, "connection_limit") == 1
             # The held ones still work, and a freed slot is used again.
             held[0][1].write(_request(GOOD))
             status, _, _ = await _read_response(held[0][0])
