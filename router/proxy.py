@@ -176,12 +176,11 @@ class Proxy:
                 upstream.close()
         lease.first_token()
         outcome = Outcome(upstream.status, first_byte_at=time.perf_counter())
-        body = bytes(payload)
         if upstream.status == 200:
-            _read_usage(body, outcome)
+            _read_usage(payload, outcome)
         response = web.Response(
             status=upstream.status,
-            body=body,
+            body=payload,  # no copy: up to max_answer_bytes
             content_type=upstream.content_type or "application/json",
             headers={"x-kvgate-pod": lease.pod.id},
         )
@@ -268,7 +267,7 @@ async def _next_chunk(lease: Lease, upstream: aiohttp.ClientResponse, timeout_s:
         raise UpstreamUnavailable(f"pod {lease.pod.id} broke off the stream: {exc}") from exc
 
 
-def _read_usage(payload: bytes, outcome: Outcome) -> None:
+def _read_usage(payload: bytes | bytearray, outcome: Outcome) -> None:
     """Usage from a whole answer, parsing only its `"usage"` object, not the answer (up to 64 MiB)."""
     # In JSON text a quote inside a string is escaped, so `"usage"` is a key;
     # the engines put the answer's own usage last.
