@@ -225,6 +225,11 @@ class GatewayServer(web.Server):
 class GatewayRunner(web.AppRunner):
     """Runs the gateway's app on `GatewayServer`, with the connection settings of `limits`.
 
+    NOTE: aiohttp has no public option for the protocol class; this runner
+    overrides `_make_server` (the factory hook every aiohttp runner defines)
+    and otherwise uses public API: `RequestHandler.handle_error`, `Server`'s
+    constructor and `request.protocol`.
+
     Args:
         app: the application (`router.app.create_app`).
         limits: the server settings (timeouts, connection cap).
