@@ -44,9 +44,11 @@ def test_brackets_inside_strings_do_not_count(text):
         parse_call("completion", raw, max_tokens_limit=10)
 
 
-def test_nesting_is_measured_in_utf16_bodies_too():
-    raw = json.dumps(_body(_nested(MAX_DEPTH))).encode("utf-16")
-    with pytest.raises(InvalidRequest, match="nests deeper"):
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_json_that_is_not_plain_utf8_is_refused(encoding):
+    # json.loads takes UTF-16/32 bytes; the pods would then be sent them as they came.
+    raw = json.dumps({"model": "m", "prompt": "p"}).encode(encoding)
+    with pytest.raises(InvalidRequest):
         parse_call("completion", raw, max_tokens_limit=10)
 
 
@@ -60,7 +62,19 @@ def test_token_ids_must_fit_int64_and_the_vocabulary():
     parse_call("completion", json.dumps({"model": "m", "prompt": [[5, 99]]}).encode(), max_tokens_limit=10, vocab_size=100)
 
 
-def test_utf16_body_with_a_lone_surrogate_is_refused():
-    raw = '{"model": "m", "prompt": "a\\ud800"}'.encode("utf-16")
-    with pytest.raises(InvalidRequest, match="surrogate"):
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"model": "m", "prompt": "a\\ud800"}', id="escaped-lone-high"),
+        pytest.param(b'{"model": "m", "prompt": "\\udc00a"}', id="escaped-lone-low"),
+        pytest.param(b'{"model": "m", "prompt": "a\xed\xa0\x80"}', id="raw-utf8-encoded"),
+    ],
+)
+def test_a_lone_surrogate_is_refused(raw):
+    with pytest.raises(InvalidRequest):
         parse_call("completion", raw, max_tokens_limit=10)
+
+
+def test_a_surrogate_pair_is_text():
+    call = parse_call("completion", b'{"model": "m", "prompt": "\\ud83d\\ude00"}', max_tokens_limit=10)
+    assert call.body["prompt"] == "\U0001f600"
