@@ -74,6 +74,7 @@ _BODY_CASES = [
     pytest.param(
         b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800"}]}', "chat", id="lone-surrogate-chat"
     ),
+    pytest.param('{"model": "tiny-llama", "prompt": "a"}'.encode("utf-16"), "", id="utf16-json"),
     pytest.param(
         b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": [1]}',
         "chat",
