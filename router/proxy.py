@@ -50,6 +50,7 @@ _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 _FORWARDED_HEADERS = ("authorization", "x-request-id", "traceparent")
 _EVENT_END = b"\n\n"
 _DONE = b"data: [DONE]"
+_DECODER = json.JSONDecoder()
 #: Non-streamed budgets cached per `max_tokens` value, up to this many.
 _TIMEOUT_CACHE = 1024
 
@@ -154,13 +155,18 @@ class Proxy:
             if upstream.content_length is not None and upstream.content_length > limit:
                 raise self._too_large(lease, f"announced an answer of {upstream.content_length} bytes (limit {limit})")
             payload = bytearray()
+            content = upstream.content
             while True:
-                # The body follows its headers at once; a silence here is a broken pod
-                # (and a stream call answered with an error has no total budget).
-                async with _deadline(self._settings.read_timeout_s):
-                    chunk = await upstream.content.readany()
+                chunk = content.read_nowait()  # what has arrived, without a timer
                 if not chunk:
-                    break
+                    if content.at_eof():
+                        break
+                    # The body follows its headers at once; a silence here is a broken pod
+                    # (and a stream call answered with an error has no total budget).
+                    async with _deadline(self._settings.read_timeout_s):
+                        chunk = await content.readany()
+                    if not chunk:
+                        break
                 payload += chunk
                 if len(payload) > limit:
                     raise self._too_large(lease, f"sent an answer larger than {limit} bytes")
@@ -170,7 +176,7 @@ class Proxy:
             raise UpstreamUnavailable(f"pod {lease.pod.id} broke off: {exc}") from exc
         finally:
             # Closing (not releasing) a connection whose answer was not read to the end.
-            if upstream.content.at_eof():
+            if upstream.content.at_eof():  # read to the end: the connection can be reused
                 upstream.release()
             else:
                 upstream.close()
@@ -276,7 +282,7 @@ def _read_usage(payload: bytes | bytearray, outcome: Outcome) -> None:
     if colon < 0:
         return
     try:
-        usage, _ = json.JSONDecoder().raw_decode(payload[colon + 1 :].lstrip().decode("utf-8", "replace"))
+        usage, _ = _DECODER.raw_decode(payload[colon + 1 :].lstrip().decode("utf-8", "replace"))
     except ValueError:
         return
     _take_usage(usage, outcome)
