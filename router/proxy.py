@@ -78,8 +78,13 @@ class Proxy:
         self._settings = settings
         self._metrics = metrics
         # Built once: per-request construction of these shows in profiles.
-        # Streams run their deadlines themselves (first chunk, then each silence).
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=None)
+        # A stream's headers come under aiohttp's read timeout; its chunks under the
+        # deadlines of `_next_chunk` (first chunk, then each silence), which are shorter.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=max(settings.first_byte_timeout_s, settings.read_timeout_s),
+        )
         self._whole_timeouts: dict[int | None, aiohttp.ClientTimeout] = {}
         self._urls: dict[tuple[str, str], URL] = {}
 
@@ -136,6 +141,8 @@ class Proxy:
         try:
             if not call.stream:
                 return await self._session.post(url, data=data, headers=forwarded, timeout=self._whole_timeout(call.max_tokens))
+            if self._settings.read_timeout_s <= self._settings.first_byte_timeout_s:
+                return await self._session.post(url, data=data, headers=forwarded, timeout=self._stream_timeout)
             async with _deadline(self._settings.first_byte_timeout_s):
                 return await self._session.post(url, data=data, headers=forwarded, timeout=self._stream_timeout)
         except asyncio.TimeoutError as exc:
@@ -264,9 +271,13 @@ class Proxy:
 
 
 async def _next_chunk(lease: Lease, upstream: aiohttp.ClientResponse, timeout_s: float) -> bytes:
+    content = upstream.content
     try:
+        chunk = content.read_nowait()  # what has arrived, without a timer
+        if chunk or content.at_eof():
+            return chunk
         async with _deadline(timeout_s):
-            return await upstream.content.readany()
+            return await content.readany()
     except asyncio.TimeoutError as exc:
         raise UpstreamTimeout(f"pod {lease.pod.id} sent nothing for {timeout_s:g} s") from exc
     except aiohttp.ClientError as exc:
