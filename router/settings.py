@@ -126,8 +126,9 @@ class UpstreamSettings:
     was asked: `first_byte_timeout_s + max_tokens / min_decode_tokens_per_s`, capped by
     `max_answer_s` (which is also the budget when `max_tokens` is not given). Streams send
     as they generate, so they get a deadline for the first chunk and one per silence after.
-    With the defaults a hung pod costs at most 60 s before a stream's first byte, 30 s once
-    it streams, and 60 s + max_tokens / 10 s not streaming (62 s for 16 tokens).
+    With the defaults a pod that hangs costs 60 s while a stream waits for its headers or
+    first chunk, 30 s once it streams, and 60 s + max_tokens / 10 not streaming (62 s for
+    16 tokens), against 120 s and 600 s before.
     """
 
     connect_timeout_s: float = 3.0
