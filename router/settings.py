@@ -128,7 +128,7 @@ class UpstreamSettings:
     as they generate, so they get a deadline for the first chunk and one per silence after.
     With the defaults a pod that hangs costs 60 s while a stream waits for its headers or
     first chunk, 30 s once it streams, and 60 s + max_tokens / 10 not streaming (62 s for
-    16 tokens), against 120 s and 600 s before.
+    16 tokens).
     """
 
     connect_timeout_s: float = 3.0
