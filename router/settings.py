@@ -124,7 +124,10 @@ class UpstreamSettings:
     NOTE: a non-streamed vLLM answer sends nothing until the last token, so no silence
     timeout can tell a hung pod from a long answer. Its budget therefore scales with what
     was asked: `first_byte_timeout_s + max_tokens / min_decode_tokens_per_s`, capped by
-    `max_answer_s` (which is also the budget when `max_tokens` is not given). Streams send
+    `max_answer_s` (which is also the budget when `max_tokens` is not given). Asking the pod
+    for a stream and rebuilding the answer would allow a silence timeout, but the gateway
+    would then re-create vLLM's JSON (choices, logprobs, tool calls) instead of relaying the
+    pod's bytes; the budget keeps the answer exactly as the pod wrote it. Streams send
     as they generate, so they get a deadline for the first chunk and one per silence after.
     With the defaults a pod that hangs costs 60 s while a stream waits for its headers or
     first chunk, 30 s once it streams, and 60 s + max_tokens / 10 not streaming (62 s for
