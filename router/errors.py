@@ -5,11 +5,16 @@
     │   ├── InvalidRequest            400 "invalid_request_error"
     │   ├── Unauthorized              401 "authentication_error"
     │   ├── ModelNotFound             404 "model_not_found"
-    │   └── PayloadTooLarge           413 "request_too_large"
+    │   ├── RequestTimeout            408 "request_timeout": the body did not arrive in time
+    │   ├── PayloadTooLarge           413 "request_too_large"
+    │   ├── UnsupportedEncoding       415 "unsupported_media_type": a Content-Encoding not spoken
+    │   ├── ExpectationFailed         417 "expectation_failed": an `Expect` other than 100-continue
+    │   └── HeadersTooLarge           431 "request_header_fields_too_large"
     ├── OverLimit                     429 "rate_limit_exceeded": the admission queue is full
     └── UpstreamError                 5xx: the pods are at fault
         ├── UpstreamUnavailable       502: a pod could not be reached or broke off (retryable)
-        ├── NoCapacity                503: no healthy pod serves the model, or waiting timed out
+        ├── UpstreamTooLarge          502: a pod's answer broke the size limits (not retryable)
+        ├── NoCapacity                503: no healthy pod serves the model, waiting timed out, or draining
         └── UpstreamTimeout           504: a pod did not answer in time (retryable)
 
 `retryable` says whether the proxy may try the same request on another pod.
@@ -75,6 +80,26 @@ class PayloadTooLarge(RequestError):
     type = "request_too_large"
 
 
+class RequestTimeout(RequestError):
+    status = 408
+    type = "request_timeout"
+
+
+class UnsupportedEncoding(RequestError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class ExpectationFailed(RequestError):
+    status = 417
+    type = "expectation_failed"
+
+
+class HeadersTooLarge(RequestError):
+    status = 431
+    type = "request_header_fields_too_large"
+
+
 class OverLimit(GatewayError):
     status = 429
     type = "rate_limit_exceeded"
@@ -89,6 +114,11 @@ class UpstreamUnavailable(UpstreamError):
     status = 502
     type = "upstream_unavailable"
     retryable = True
+
+
+class UpstreamTooLarge(UpstreamError):
+    status = 502
+    type = "upstream_too_large"
 
 
 class NoCapacity(UpstreamError):

@@ -7,12 +7,16 @@ the smallest counter among users that are active, so that idling does not bank
 credit to spend later in a burst. The admission queue serves the user with the
 smallest counter first; the `vtc-basic` policy reads the counters too.
 
+User ids come from clients (the `user` field, a header, the API key), so only
+the `max_idle_users` most recently active idle users keep their counters; an
+older one coming back starts from the floor, as a new user does.
+
 Not here: the queue itself (`router.admission`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Protocol
 
 from router.pods import UserId
@@ -32,13 +36,17 @@ class VirtualTokenCounters:
     Args:
         input_weight: cost of one prompt token.
         output_weight: cost of one generated token.
+        max_idle_users: idle users whose counters are kept (least recently active forgotten first);
+            bounds memory however many distinct user ids clients send.
     """
 
-    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0) -> None:
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0, max_idle_users: int = 65_536) -> None:
         self.input_weight = input_weight
         self.output_weight = output_weight
+        self.max_idle_users = max_idle_users
         self._counters: dict[UserId, float] = {}
         self._active: Counter[UserId] = Counter()
+        self._idle: OrderedDict[UserId, None] = OrderedDict()
         self._peer_active: dict[UserId, int] = {}
         self.observer: CounterObserver | None = None
         """Told of every charge and activity change (the shared state, with gateway replicas)."""
@@ -51,6 +59,8 @@ class VirtualTokenCounters:
 
     def arrive(self, user: UserId) -> None:
         """Mark one more request of `user` as active, lifting its counter first if it was idle."""
+        if self._active[user] == 0:
+            self._idle.pop(user, None)
         if self._active[user] == 0 and not self._peer_active.get(user):
             busy = [u for u, n in self._active.items() if n > 0] + list(self._peer_active)
             floor = min((self._counters.get(u, 0.0) for u in busy), default=None)
@@ -72,6 +82,7 @@ class VirtualTokenCounters:
             self._active[user] = left
         else:
             del self._active[user]
+            self._forget_idle(user)
         if self.observer is not None:
             self.observer.activity(user, max(left, 0))
 
@@ -87,6 +98,16 @@ class VirtualTokenCounters:
         """Add `cost` another replica charged (no notification: it is the peer's news)."""
         if cost:
             self._counters[user] = self._counters.get(user, 0.0) + cost
+            if not self._active.get(user):
+                self._forget_idle(user)
+
+    def _forget_idle(self, user: UserId) -> None:
+        """Note `user` as idle, forgetting the least recently active idle users beyond the bound."""
+        self._idle[user] = None
+        self._idle.move_to_end(user)
+        while len(self._idle) > self.max_idle_users:
+            forgotten, _ = self._idle.popitem(last=False)
+            self._counters.pop(forgotten, None)
 
     def set_peer_active(self, user: UserId, count: int) -> None:
         """Requests of `user` active on other replicas (they count for the lift on arrival)."""

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from router.body import request_body
 from router.discovery import Discovery
 from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized, UpstreamError
 from router.fairness import VirtualTokenCounters
@@ -109,7 +110,7 @@ class Gateway:
             self.settings.scrape,
             on_pod_up=self.router.dispatch_waiting,
         )
-        self.proxy = Proxy(self.session, self.settings.upstream)
+        self.proxy = Proxy(self.session, self.settings.upstream, self.metrics)
         self._discovery_task = asyncio.create_task(self.discovery.run(self._pods_changed), name="discovery")
         await self.state.start(FleetView(self.pods, self.index, self.counters, self.router.dispatch_waiting))
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
@@ -200,8 +201,9 @@ class Gateway:
         """Serve one completion or chat completion call. Raises `GatewayError` for the app to render."""
         arrived = time.perf_counter()
         self.authenticate(request)
-        raw = await request.read()
-        call = parse_call(kind, raw, max_tokens_limit=self.settings.server.max_tokens_limit)
+        raw = await request_body(request)
+        vocab_size = getattr(self.encoder, "vocab_size", None)
+        call = parse_call(kind, raw, max_tokens_limit=self.settings.server.max_tokens_limit, vocab_size=vocab_size)
         self._check_model(call.model)
         spec = request.headers.get(STRATEGY_HEADER) or self.settings.routing.policy
         policy = self.policies.get(spec)

@@ -94,6 +94,15 @@ class GatewayMetrics:
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended with an error event after the pod broke off.", ["pod"], registry=r
         )
+        self.upstream_too_large = Counter(
+            "kvgate_upstream_too_large", "Answers or stream events from a pod over the size limits.", ["pod"], registry=r
+        )
+        self.client_cutoffs = Counter(
+            "kvgate_client_cutoffs",
+            "Client connections or requests cut off: connection_limit, header_timeout, body_timeout.",
+            ["reason"],
+            registry=r,
+        )
         self.ttft_seconds = Histogram(
             "kvgate_time_to_first_byte_seconds", "From arrival to the pod's first response byte.", ["policy"], registry=r
         )

@@ -3,9 +3,11 @@
 Flags follow the SGLang and vLLM routers (`--worker-urls`, `--policy`,
 `--host`, `--port`) so users can switch with nothing to relearn; every setting
 can also come from `--config FILE` (YAML, see `router.settings`), flags
-winning. On SIGTERM `/ready` fails at once, requests and streams in flight get
-up to `drain_grace_s` to finish, and the process exits 0 as soon as none is
-left (or the grace period is over).
+winning. On SIGTERM `/ready` fails at once, new API calls answer 503
+(`Connection: close`), requests and streams in flight get up to
+`drain_grace_s` to finish, and the process exits 0 as soon as none is left,
+and within the grace period in any case (what is still running near its end
+is cancelled).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 from aiohttp import web
 
 from router import settings as settings_module
-from router.app import GATEWAY, IN_FLIGHT, RUNNER_OPTIONS, create_app
+from router.app import GATEWAY, IN_FLIGHT, create_app
+from router.connections import GatewayRunner
 from router.discovery import Discovery, make_discovery
 from router.kv_events import parse_event_sources
 from router.policies import REGISTRY
@@ -129,8 +132,17 @@ async def serve(
         0 after a clean drain.
     """
     app = create_app(settings, discovery=discovery, encoder=encoder)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.drain_grace_s, **RUNNER_OPTIONS
+    grace = settings.server.drain_grace_s
+    # What is still running when the drain loop ends is cancelled within
+    # `closing` (and aiohttp waits at most twice that), so exit stays within the grace.
+    closing = min(1.0, grace / 4)
+    runner = GatewayRunner(
+        app,
+        limits=settings.server,
+        metrics=app[GATEWAY].metrics,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=closing,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=2048)
@@ -148,9 +160,9 @@ async def serve(
         gateway = app[GATEWAY]
         gateway.draining = True
         # Keep listening while draining: /ready now fails, so load balancers
-        # stop sending, but a request already on its way is still served.
+        # stop sending, and a request still on its way gets a clean 503.
         log.info("draining: %d requests in flight", app[IN_FLIGHT]["n"])
-        deadline = time.monotonic() + settings.server.drain_grace_s
+        deadline = time.monotonic() + grace - 2 * closing
         while app[IN_FLIGHT]["n"] > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if app[IN_FLIGHT]["n"]:

@@ -5,13 +5,15 @@ is the only reader of files and flags; everything else receives a `Settings`.
 
 YAML shape (every key optional)::
 
-    server:    {host: 0.0.0.0, port: 8000, api_keys: [...], drain_grace_s: 30}
+    server:    {host: 0.0.0.0, port: 8000, api_keys: [...], drain_grace_s: 30,
+                header_timeout_s: 10, body_timeout_s: 30, keepalive_timeout_s: 75, max_connections: 4096}
     discovery: {worker_urls: [http://pod-a:8000, ...], health_interval_s: 2,
                 kv_event_sources: ["http://pod-a:8000=tcp://pod-a:5557"]}
                or {kind: kubernetes, selector: [app=vllm], namespace: llm, pod_port: 8000}
     routing:   {policy: kv-aware, tokenizer: ./model, block_size: 128}
     admission: {max_inflight_per_pod: 32, max_queue: 1024}
-    upstream:  {connect_timeout_s: 2, retries: 2}
+    upstream:  {connect_timeout_s: 3, first_byte_timeout_s: 60, read_timeout_s: 30,
+                min_decode_tokens_per_s: 10, max_answer_s: 600, max_answer_bytes: 67108864, retries: 2}
     state:     {url: redis://127.0.0.1:6379/0, lease_s: 3}
 """
 
@@ -38,7 +40,29 @@ class ServerSettings:
     max_tokens_limit: int = 1_000_000
     """Largest `max_tokens` accepted before asking a pod; larger answers 400 at once."""
     drain_grace_s: float = 30.0
-    """Seconds in-flight requests get to finish after SIGTERM before the gateway exits."""
+    """Seconds in-flight requests get to finish after SIGTERM before the gateway exits.
+
+    New requests meanwhile answer 503 (with `Retry-After` and `Connection: close`)."""
+    header_timeout_s: float = 10.0
+    """Seconds a client may take to send a request's line and headers, from its first byte.
+
+    Default 10 s: a real client sends its headers in one write; one that trickles them holds
+    a connection for nothing (nginx's `client_header_timeout` plays this part)."""
+    body_timeout_s: float = 30.0
+    """Seconds a client may take to send a request's whole body; slower gets 408 and is closed.
+
+    Default 30 s: the largest body (`max_body_bytes`) at 2 Mbit/s. A body still arriving is not
+    counted in flight, so it never holds a drain."""
+    keepalive_timeout_s: float = 75.0
+    """Seconds an idle keep-alive connection (or one that has sent nothing yet) stays open.
+
+    Default 75 s: longer than the 60 s idle timeout of common load balancers, so the gateway is
+    not the side that closes a connection they are about to reuse."""
+    max_connections: int = 4096
+    """Client connections open at once; one more gets a 503 and is closed at once.
+
+    Default 4096: well above `max_inflight_per_pod` x pods + `max_queue` for a few pods. The
+    process needs as many file descriptors (`ulimit -n`) plus its pod connections."""
 
 
 @dataclass(slots=True)
@@ -111,12 +135,48 @@ class AdmissionSettings:
 
 @dataclass(slots=True)
 class UpstreamSettings:
+    """How long and how much the gateway waits for and takes from a pod.
+
+    NOTE: a non-streamed vLLM answer sends nothing until the last token, so no silence
+    timeout can tell a hung pod from a long answer. Its budget therefore scales with what
+    was asked: `first_byte_timeout_s + max_tokens / min_decode_tokens_per_s`, capped by
+    `max_answer_s` (which is also the budget when `max_tokens` is not given). Asking the pod
+    for a stream and rebuilding the answer would allow a silence timeout, but the gateway
+    would then re-create vLLM's JSON (choices, logprobs, tool calls) instead of relaying the
+    pod's bytes; the budget keeps the answer exactly as the pod wrote it. Streams send
+    as they generate, so they get a deadline for the first chunk and one per silence after.
+    With the defaults a pod that hangs costs 60 s while a stream waits for its headers or
+    first chunk, 30 s once it streams, and 60 s + max_tokens / 10 not streaming (62 s for
+    16 tokens).
+    """
+
     connect_timeout_s: float = 3.0
-    """Seconds to open a connection to a pod."""
-    first_byte_timeout_s: float = 600.0
-    """Seconds a pod may take before its first response byte (queued prefill included)."""
-    read_timeout_s: float = 120.0
-    """Seconds of silence allowed between two chunks of a streamed answer."""
+    """Seconds to open a connection to a pod. Default 3 s: pods are on the same network."""
+    first_byte_timeout_s: float = 60.0
+    """Seconds for a pod's response headers, and then for a stream's first chunk.
+
+    Covers queueing and prefill at the pod. Default 60 s: a long prompt's prefill takes
+    seconds on a GPU; the gateway's admission queue (not the pod's) absorbs load."""
+    read_timeout_s: float = 30.0
+    """Seconds of silence allowed between two chunks of a stream once it has begun.
+
+    Default 30 s: a healthy pod sends a token every few tens of milliseconds."""
+    min_decode_tokens_per_s: float = 10.0
+    """Slowest generation rate (tokens/s per request) a healthy pod is assumed to keep.
+
+    Sizes a non-streamed answer's budget. Default 10: slower than a loaded GPU pod."""
+    max_answer_s: float = 600.0
+    """Cap of a non-streamed answer's budget, in seconds, and its budget without `max_tokens`."""
+    max_answer_bytes: int = 64 * 1024 * 1024
+    """Largest non-streamed answer taken from a pod, in bytes; larger fails with a 502.
+
+    Default 64 MiB: far above any completion's JSON, small enough that a broken pod cannot
+    bloat the gateway. Streams are not bounded in total, only per event."""
+    max_event_bytes: int = 4 * 1024 * 1024
+    """Largest single server-sent event taken from a pod's stream, in bytes.
+
+    An incomplete event is held until its end arrives; a larger one ends the stream with an
+    error event. Default 4 MiB: a chunk with logprobs of many choices stays far below."""
     retries: int = 2
     """Other pods tried when a pod cannot be reached before any byte reached the client."""
 

@@ -12,12 +12,12 @@ import aiohttp
 import openai
 import pytest
 
-from router.app import GATEWAY, RUNNER_OPTIONS, create_app
+from router.app import GATEWAY, create_app
+from router.connections import serving
 from router.discovery import StaticDiscovery
 from router.gateway import Gateway
 from router.settings import Settings
 from router.tokenize import PromptTokenizer
-from kvgate.stub_engine import run_app
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,7 @@ async def front(
     settings.scrape.interval_s = 0.2
     tokenizer = PromptTokenizer.from_model_dir(model_dir)
     app = create_app(settings, discovery=StaticDiscovery(engine_urls), encoder=tokenizer, rng=random.Random(1))
-    async with run_app(app, **RUNNER_OPTIONS) as url:
+    async with serving(app, settings.server) as url:
         gateway = app[GATEWAY]
         for _ in range(300):
             if len(gateway.pods.healthy()) == len(engine_urls) and all(p.stats.num_gpu_blocks for p in gateway.pods):

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from router.app import GATEWAY, RUNNER_OPTIONS, create_app
+from router.app import GATEWAY, create_app
+from router.connections import serving
 from router.discovery import StaticDiscovery
 from router.gateway import Gateway
 from router.settings import Settings
-from kvgate.stub_engine import StubEngine, run_app, run_stub
+from kvgate.stub_engine import StubEngine, run_stub
 
 
 @dataclass
@@ -57,7 +58,7 @@ async def start_cluster(n: int = 2, settings: Settings | None = None, **engine_k
     async with contextlib.AsyncExitStack() as stack:
         engines = [await stack.enter_async_context(run_stub(StubEngine(**engine_kwargs))) for _ in range(n)]
         app = create_app(settings, discovery=StaticDiscovery([e.url for e in engines]), rng=random.Random(7))
-        url = await stack.enter_async_context(run_app(app, **RUNNER_OPTIONS))
+        url = await stack.enter_async_context(serving(app, settings.server, metrics=app[GATEWAY].metrics))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateway = app[GATEWAY]
         await wait_until(lambda: len(gateway.pods.healthy()) == n and all(p.models for p in gateway.pods))
