@@ -8,11 +8,15 @@
     │   └── PayloadTooLarge           413 "request_too_large"
     ├── OverLimit                     429 "rate_limit_exceeded": the admission queue is full
     └── UpstreamError                 5xx: the pods are at fault
-        ├── UpstreamUnavailable       502: a pod could not be reached or broke off (retryable)
+        ├── UpstreamUnavailable       502: a pod could not be reached, broke off or answered 5xx (retryable)
+        ├── UpstreamOverloaded        503: a pod answered 429 or 503, it is busy (retryable)
         ├── NoCapacity                503: no healthy pod serves the model, or waiting timed out
         └── UpstreamTimeout           504: a pod did not answer in time (retryable)
 
-`retryable` says whether the proxy may try the same request on another pod.
+`retryable` says whether the gateway may try the same request on another pod
+(it does so only before any byte reached the client). `router.outliers` reads
+the type of an upstream error as its verdict on the pod: overloaded (back off,
+keep routing there soon) or broken (count towards ejection).
 Every error renders as `{"error": {"message", "type", "code", "param"}}`.
 """
 
@@ -88,6 +92,12 @@ class UpstreamError(GatewayError):
 class UpstreamUnavailable(UpstreamError):
     status = 502
     type = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamOverloaded(UpstreamError):
+    status = 503
+    type = "service_unavailable"
     retryable = True
 
 

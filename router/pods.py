@@ -52,6 +52,10 @@ class Pod:
     max_model_len: int | None = None
     stats: EngineStats = field(default_factory=EngineStats)
     changed_at: float = field(default_factory=time.monotonic)
+    ejected: bool = False
+    """Taken out of rotation by outlier detection (`router.outliers`) until a good probe re-admits it."""
+    backoff_until: float = 0.0
+    """`time.monotonic()` until which the pod is avoided as overloaded, if another pod can serve."""
 
 
 class PodSet:

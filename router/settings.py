@@ -11,6 +11,7 @@ YAML shape (every key optional)::
     routing:   {policy: kv-aware, tokenizer: ./model, block_size: 128}
     admission: {max_inflight_per_pod: 32, max_queue: 1024}
     upstream:  {connect_timeout_s: 2, retries: 2}
+    outliers:  {consecutive_failures: 3, base_ejection_s: 10, max_ejection_share: 0.5}
 """
 
 from __future__ import annotations
@@ -106,6 +107,32 @@ class UpstreamSettings:
 
 
 @dataclass(slots=True)
+class OutlierSettings:
+    """Passive outlier detection, as Envoy's: what requests tell about a pod between health probes.
+
+    A pod that answers 429 or 503 is overloaded, not broken: it is avoided for
+    a short backoff and keeps its cache and its place. A pod whose requests
+    fail (connection errors, timeouts, other 5xx) `consecutive_failures` times
+    in a row is ejected for `base_ejection_s` times the number of times it was
+    ejected, at most `max_ejection_s`, and re-admitted at its first good health
+    probe after that. Its cached prefixes are kept throughout.
+    """
+
+    consecutive_failures: int = 3
+    """Failed requests in a row that eject a pod. Default 3: Envoy's 5 is for large fleets; with a handful of pods each failure is a user's retry."""
+    base_ejection_s: float = 10.0
+    """Seconds of the first ejection; the n-th ejection in a row lasts n times this. Default 10: a pod restart takes longer, a blip less."""
+    max_ejection_s: float = 300.0
+    """Longest ejection, in seconds (Envoy's default). Default 300."""
+    max_ejection_share: float = 0.5
+    """Largest share of the pods ejected at once (at least one of two or more, never all). Default 0.5: failures shared by half the fleet are the gateway's or the network's, not a pod's."""
+    overload_backoff_s: float = 0.5
+    """Seconds an overloaded pod (429/503) is avoided after its first such answer; doubles per answer in a row. Default 0.5: about one engine scheduling round of a busy pod."""
+    max_overload_backoff_s: float = 8.0
+    """Longest overload backoff, in seconds. Default 8: a busy pod is back in rotation within seconds of draining its queue."""
+
+
+@dataclass(slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
@@ -113,6 +140,7 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    outliers: OutlierSettings = field(default_factory=OutlierSettings)
 
 
 class SettingsError(ValueError):
