@@ -26,6 +26,19 @@ import json
 from typing import Any, ClassVar
 
 
+class StartupError(Exception):
+    """A mistake that stops a command before it serves (a bad flag, file, URL or port); not an HTTP answer.
+
+    The command prints its message as one line and exits with `exit_status`:
+    2 for what the user wrote (flags, config), 1 for what the machine refused
+    (port in use, a server not answering).
+    """
+
+    def __init__(self, message: str, *, exit_status: int = 2) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class GatewayError(Exception):
     """Base of every error the gateway turns into an HTTP answer."""
 

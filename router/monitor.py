@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from router.outliers import Outliers
 from router.pods import Pod, PodId, PodSet
 from router.scrape import decode_text, parse_engine_metrics, parse_models
 from router.settings import DiscoverySettings, ScrapeSettings
-from router.supervise import Guard
+from router.supervise import Guard, supervise
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ class Monitor:
             if pod is None:
                 pod = self.pods.add(url)
                 pod.healthy = False  # until the first good probe
-                self._tasks[pod.id] = asyncio.create_task(self._watch(pod), name=f"monitor {url}")
+                # The loop guards each step; the supervisor restarts it should anything else escape.
+                watch = supervise("monitor", functools.partial(self._watch, pod), self._guard)
+                self._tasks[pod.id] = asyncio.create_task(watch, name=f"monitor {url}")
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -25,16 +26,19 @@ from aiohttp import web
 from router import settings as settings_module
 from router.app import GATEWAY, IN_FLIGHT, RUNNER_OPTIONS, create_app
 from router.discovery import Discovery, StaticDiscovery
-from router.kv_events import parse_event_sources
+from router.errors import StartupError
 from router.policies import REGISTRY
 from router.prompts import PromptEncoder
 from router.settings import Settings
+from router.startup import CommandParser, check_listen, check_settings
 
 log = logging.getLogger("kvgate")
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway in front of vLLM pods.")
+    parser = CommandParser(prog="kvgate serve", description="Run the kvgate gateway in front of vLLM pods.")
     parser.add_argument("--worker-urls", nargs="+", metavar="URL", help="base URLs of the vLLM pods")
     parser.add_argument(
         "--policy",
@@ -54,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait before 429")
     parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)")
     parser.add_argument("--drain-grace", type=float, help="seconds in-flight requests get after SIGTERM")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS, help="logging level (default INFO)"
+    )
     return parser
 
 
@@ -80,12 +86,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def load_encoder(settings: Settings) -> PromptEncoder | None:
-    """The model's tokenizer when `routing.tokenizer` names a model directory."""
+    """The model's tokenizer when `routing.tokenizer` names a model directory.
+
+    Raises:
+        StartupError: the directory cannot be loaded (no tokenizer.json, a bad template).
+    """
     if settings.routing.tokenizer is None:
         return None
-    from router.tokenize import PromptTokenizer
+    from router.tokenize import PromptTokenizer, TokenizerLoadError
 
-    return PromptTokenizer.from_model_dir(settings.routing.tokenizer)
+    try:
+        return PromptTokenizer.from_model_dir(settings.routing.tokenizer)
+    except TokenizerLoadError as exc:
+        raise StartupError(f"--tokenizer {settings.routing.tokenizer}: {exc}; give the model directory (tokenizer.json, tokenizer_config.json)") from None
 
 
 async def serve(
@@ -151,21 +164,33 @@ def _install_uvloop() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`kvgate serve ...`: check everything given, then serve until SIGTERM.
+
+    Returns:
+        0 after a clean drain; 2 for a mistake in flags or config, 1 when the
+        machine refuses (the port is in use), each said in one line on stderr.
+    """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
+        check_settings(settings)
+        if not settings.discovery.worker_urls:
+            raise StartupError("no pods: give --worker-urls URL [URL ...] or discovery.worker_urls in --config")
+        encoder = load_encoder(settings)
+        check_listen(settings.server.host, settings.server.port)
     except settings_module.SettingsError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return 2
-    try:
-        parse_event_sources(settings.discovery.kv_event_sources)
-    except ValueError as exc:
+    except StartupError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
-        return 2
-    if not settings.discovery.worker_urls:
-        print("kvgate serve: no pods: give --worker-urls or discovery.worker_urls in --config", file=sys.stderr)
-        return 2
-    encoder = load_encoder(settings)
+        return exc.exit_status
     _install_uvloop()
-    return asyncio.run(serve(settings, discovery=StaticDiscovery(settings.discovery.worker_urls), encoder=encoder))
+    try:
+        return asyncio.run(serve(settings, discovery=StaticDiscovery(settings.discovery.worker_urls), encoder=encoder))
+    except OSError as exc:  # the port was taken between the check and the bind
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        where = f"{settings.server.host}:{settings.server.port}"
+        print(f"kvgate serve: cannot listen on {where}: {exc.strerror or exc}; pick another --port", file=sys.stderr)
+        return 1
