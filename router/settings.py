@@ -205,8 +205,13 @@ def load(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None =
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SettingsError(f"cannot read settings file {path}: not YAML{where}: {problem}") from exc
         if not isinstance(data, dict):
             raise SettingsError(f"settings file {path} must hold a mapping")
         apply(settings, data)

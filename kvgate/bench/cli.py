@@ -45,6 +45,7 @@ from kvgate.bench.routers import (
 from kvgate.bench.runner import Progress
 from kvgate.bench.workloads import WORKLOADS
 from kvgate.engines import EngineError
+from router.startup import CommandParser
 
 
 def _list(text: str) -> list[str]:
@@ -53,7 +54,7 @@ def _list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="kvgate bench",
         description="Benchmark kvgate against SGLang's router and vllm-router on the same real vLLM CPU engines.",
     )
