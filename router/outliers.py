@@ -145,16 +145,19 @@ class Outliers:
         if record.failures >= self.settings.consecutive_failures and not pod.ejected:
             self._eject(pod, record, now)
 
-    def _may_eject(self) -> bool:
+    def _may_eject(self, candidate: Pod) -> bool:
         total = len(self.pods)
         if total < 2:
             return False
         share = min(max(self.settings.max_ejection_share, 0.0), 1.0)
         allowed = min(max(math.floor(total * share), 1), total - 1)
-        return sum(1 for pod in self.pods if pod.ejected) < allowed
+        if sum(1 for pod in self.pods if pod.ejected) >= allowed:
+            return False
+        # Never eject the last pod that can serve (the others may be down for their health probes).
+        return any(pod.healthy and not pod.ejected for pod in self.pods if pod is not candidate)
 
     def _eject(self, pod: Pod, record: _Record, now: float) -> None:
-        if not self._may_eject():
+        if not self._may_eject(pod):
             self.ejections_refused.labels(pod.id).inc()
             log.warning("pod %s keeps failing but is not ejected: max_ejection_share of the pods is out", pod.url)
             return

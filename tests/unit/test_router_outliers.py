@@ -117,6 +117,23 @@ def test_metrics_count_ejections_refusals_and_verdicts():
     assert value("kvgate_pod_backing_off", pod="http://b") == 1
 
 
+def test_the_last_pod_that_can_serve_is_not_ejected():
+    clock = Clock()
+    table = PodSet(["http://a", "http://b", "http://c"])
+    outliers = Outliers(table, SETTINGS, CollectorRegistry(), clock)
+    for name in ("http://b", "http://c"):
+        down = table.get(PodId(name))
+        assert down is not None
+        down.healthy = False  # taken out by its health probes
+    pod = table.get(PodId("http://a"))
+    assert pod is not None
+
+    for _ in range(5):
+        outliers.report(pod, Verdict.BROKEN)
+
+    assert not pod.ejected
+
+
 def test_a_forgotten_pod_starts_afresh():
     outliers, clock, _ = run(B3 + ["+10", "a:probe"])
     pod = outliers.pods.get(PodId("http://a"))
