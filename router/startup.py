@@ -136,6 +136,13 @@ def check_settings(settings: Settings) -> None:
                 # Probe, scrape and upstream times of 0 would spin or fail every call.
                 _positive(value, f"{group}.{name}", zero=group in ("admission", "outliers"))
     _positive(settings.discovery.unhealthy_after, "discovery.unhealthy_after")
+    _positive(settings.routing.block_size, "routing.block_size")
+    _positive(settings.routing.default_capacity_blocks, "routing.default_capacity_blocks")
+    _positive(settings.routing.min_match_blocks, "routing.min_match_blocks", zero=True)
+    _positive(settings.routing.imbalance_abs, "routing.imbalance_abs", zero=True)
+    _positive(settings.routing.prefill_tokens_per_decode, "routing.prefill_tokens_per_decode", zero=True)
+    _positive(settings.admission.input_weight, "admission.input_weight", zero=True)
+    _positive(settings.admission.output_weight, "admission.output_weight", zero=True)
     _positive(settings.upstream.retries, "upstream.retries", zero=True)
     _positive(settings.outliers.consecutive_failures, "outliers.consecutive_failures")
     if not 0 <= settings.outliers.max_ejection_share <= 1:

@@ -51,6 +51,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "wrong-type.yaml").write_text("server:\n  port: lots\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "bad-url.yaml").write_text("discovery:\n  worker_urls: [pod-a]\n")
+    (root / "zero-block.yaml").write_text("routing:\n  block_size: 0\n")
+    (root / "big-port.yaml").write_text("server:\n  port: 65536\n")
     # A `vllm` package without its server: vLLM is not usable from this Python.
     (root / "no-vllm" / "vllm").mkdir(parents=True)
     (root / "no-vllm" / "vllm" / "__init__.py").write_text("")
@@ -94,6 +96,8 @@ CASES = [
     pytest.param(["serve", *W, "--config", "{files}/wrong-type.yaml"], 2, "port: expected int", id="serve-config-wrong-type"),
     pytest.param(["serve", *W, "--config", "{files}/list.yaml"], 2, "must hold a mapping", id="serve-config-not-a-mapping"),
     pytest.param(["serve", "--config", "{files}/bad-url.yaml"], 2, "'pod-a' is not an http(s) URL", id="serve-config-bad-url"),
+    pytest.param(["serve", *W, "--config", "{files}/zero-block.yaml"], 2, "routing.block_size", id="serve-config-zero-block-size"),
+    pytest.param(["serve", *W, "--config", "{files}/big-port.yaml"], 2, "not a TCP port", id="serve-config-port-out-of-range"),
     pytest.param(["serve", *W, "--tokenizer", "{files}/no-tokenizer"], 2, "has no tokenizer.json", id="serve-tokenizer-without-json"),
     pytest.param(["serve", *W, "--tokenizer", "{files}/nowhere"], 2, "does not exist", id="serve-tokenizer-missing"),
     # kvgate serve: the machine
