@@ -79,10 +79,15 @@ async def run(args: argparse.Namespace) -> int:
         model_dir = build_model(target)
     except FileExistsError:
         if not (Path(target, "config.json").is_file() and Path(target, "tokenizer.json").is_file()):
-            raise StartupError(f"--model {target} is neither a model directory (config.json, tokenizer.json) nor empty; give one of those", exit_status=2) from None
+            raise StartupError(
+                f"--model {target} is neither a model directory (config.json, tokenizer.json) nor empty; give one of those"
+            ) from None
         model_dir = Path(target)  # a model of the user's own: used as it is, never rebuilt
     except OSError as exc:
-        raise StartupError(f"cannot use {target} as the model directory: {exc.strerror or exc}; give --model a new or empty directory, or a model directory", exit_status=1) from None
+        raise StartupError(
+            f"cannot use {target} as the model directory: {exc.strerror or exc}; give --model a new or empty directory",
+            exit_status=1,
+        ) from None
     log_dir = args.log_dir or _home() / "logs"
     # Until the gateway takes SIGTERM over (to drain), SIGTERM cancels start-up
     # so that what already started is stopped, not orphaned.

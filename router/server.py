@@ -98,7 +98,9 @@ def load_encoder(settings: Settings) -> PromptEncoder | None:
     try:
         return PromptTokenizer.from_model_dir(settings.routing.tokenizer)
     except TokenizerLoadError as exc:
-        raise StartupError(f"--tokenizer {settings.routing.tokenizer}: {exc}; give the model directory (tokenizer.json, tokenizer_config.json)") from None
+        raise StartupError(
+            f"--tokenizer {settings.routing.tokenizer}: {exc}; give the model directory (tokenizer.json, tokenizer_config.json)"
+        ) from None
 
 
 async def serve(

@@ -119,15 +119,19 @@ class OutlierSettings:
     """
 
     consecutive_failures: int = 3
-    """Failed requests in a row that eject a pod. Default 3: Envoy's 5 is for large fleets; with a handful of pods each failure is a user's retry."""
+    """Failed requests in a row that eject a pod. Default 3: Envoy's 5 suits large fleets; with a
+    handful of pods each failure costs a user a retry."""
     base_ejection_s: float = 10.0
-    """Seconds of the first ejection; the n-th ejection in a row lasts n times this. Default 10: a pod restart takes longer, a blip less."""
+    """Seconds of the first ejection; the n-th ejection in a row lasts n times this. Default 10: a
+    blip is over by then, a pod restarting gets ejected again, for longer."""
     max_ejection_s: float = 300.0
     """Longest ejection, in seconds (Envoy's default). Default 300."""
     max_ejection_share: float = 0.5
-    """Largest share of the pods ejected at once (at least one of two or more, never all). Default 0.5: failures shared by half the fleet are the gateway's or the network's, not a pod's."""
+    """Largest share of the pods ejected at once (at least one of two or more, never all). Default
+    0.5: failures shared by half the fleet are the gateway's or the network's, not a pod's."""
     overload_backoff_s: float = 0.5
-    """Seconds an overloaded pod (429/503) is avoided after its first such answer; doubles per answer in a row. Default 0.5: about one engine scheduling round of a busy pod."""
+    """Seconds an overloaded pod (429/503) is avoided after its first such answer; doubles per
+    answer in a row. Default 0.5: a busy engine frees slots within a few of its steps."""
     max_overload_backoff_s: float = 8.0
     """Longest overload backoff, in seconds. Default 8: a busy pod is back in rotation within seconds of draining its queue."""
 

@@ -81,7 +81,9 @@ def check_listen(host: str, port: int, what: str = "--port") -> None:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise StartupError(f"--host {host!r} does not resolve ({exc}); give an address of this machine such as 127.0.0.1 or 0.0.0.0") from None
+        raise StartupError(
+            f"--host {host!r} does not resolve ({exc}); give an address of this machine such as 127.0.0.1 or 0.0.0.0"
+        ) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
