@@ -9,6 +9,7 @@ before anything is started, so the whole table takes seconds.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -134,11 +135,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("args", "status", "says"), CASES)
-def test_a_mistake_is_one_line_and_an_exit_status(args, status, says, files, busy_port, dead_port, tmp_path):
-    args = [a.format(files=files, busy_port=busy_port, dead_port=dead_port) for a in args]
+@pytest.fixture(scope="module")
+def results(files: Path, busy_port: int, dead_port: int) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every case's run, by case id; run a few at a time, as each mostly waits for imports."""
 
-    result = run_kvgate(args, tmp_path)
+    def one(case) -> subprocess.CompletedProcess[str]:  # noqa: ANN001 - a pytest.param
+        args = [a.format(files=files, busy_port=busy_port, dead_port=dead_port) for a in case.values[0]]
+        cwd = files / "cwd" / case.id
+        cwd.mkdir(parents=True)
+        return run_kvgate(args, cwd)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip((case.id for case in CASES), pool.map(one, CASES)))
+
+
+@pytest.mark.parametrize(("args", "status", "says"), CASES)
+def test_a_mistake_is_one_line_and_an_exit_status(args, status, says, results, request):
+    result = results[request.node.callspec.id]
 
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     lines = result.stderr.splitlines()
