@@ -15,8 +15,9 @@ per kind, counted in `kvgate_background_errors_total`) before the next step.
 
 Taking a pod out does not forget its cached prefixes: a pod that stops
 answering for a while keeps its KV cache. The prefix index forgets a pod only
-when it is removed or its engine restarted (its prefix-cache counters went
-backwards); its KV events may also say so (`router.kv_events`).
+when it is removed or its engine restarted (its process start time changed,
+or its prefix-cache counters went backwards); its KV events may also say so
+(`router.kv_events`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import aiohttp
 
 from router.index import PrefixIndex
 from router.outliers import Outliers
-from router.pods import Pod, PodId, PodSet
+from router.pods import EngineStats, Pod, PodId, PodSet
 from router.scrape import decode_text, parse_engine_metrics, parse_models
 from router.settings import DiscoverySettings, ScrapeSettings
 from router.supervise import Guard, supervise
@@ -58,6 +59,17 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
         if len(body) > limit:
             raise AnswerTooLarge(f"more than {limit} bytes")
     return bytes(body)
+
+
+def restarted(before: EngineStats, now: EngineStats) -> bool:
+    """Whether the engine restarted (and lost its KV cache) between two scrapes.
+
+    Its process start time changed (where exported; a second of slack for the
+    clock it is computed from), or its prefix-cache counters went backwards.
+    """
+    if before.started_at is not None and now.started_at is not None and abs(now.started_at - before.started_at) > 1.0:
+        return True
+    return now.prefix_queries < before.prefix_queries
 
 
 class Monitor:
@@ -186,7 +198,7 @@ class Monitor:
         if status != 200:
             return
         stats = parse_engine_metrics(decode_text(body), previous=pod.stats)
-        if stats.prefix_queries < pod.stats.prefix_queries:
+        if restarted(pod.stats, stats):
             dropped = self.index.drop_pod(pod.id)
             log.info("pod %s restarted its engine; forgot %d cached blocks", pod.url, dropped)
         pod.stats = stats

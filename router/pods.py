@@ -31,6 +31,8 @@ class EngineStats:
     external_hits: float = 0.0
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    started_at: float | None = None
+    """The engine process's start (`process_start_time_seconds`, Unix seconds), where it exports it."""
     scraped_at: float = 0.0
 
 

@@ -11,7 +11,7 @@ Only the handful of series the router uses are read, line by line, which is
 several times faster than a full exposition parser on vLLM's large histogram
 output. Values of one name are summed over label sets (several models or
 engines behind one URL), except KV usage, a fraction, where the fullest engine
-counts. Gauges missing from a scrape read zero; counters missing from it keep
+counts. `process_start_time_seconds`, where exported, tells a restarted engine. Gauges missing from a scrape read zero; counters missing from it keep
 their previous value, so one truncated answer does not look like a restarted
 engine (whose counters went backwards) and cost the pod its cached prefixes.
 """
@@ -39,6 +39,8 @@ _SUMMED = {
 }
 _COUNTERS = ("prefix_queries", "prefix_hits", "external_queries", "external_hits")
 _CACHE_INFO = "vllm:cache_config_info"
+#: prometheus_client's process collector: vLLM exports it unless it runs several API server processes.
+_STARTED = "process_start_time_seconds"
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 #: Largest block size and block count believed; larger labels are garbage.
 _MAX_BLOCK_SIZE = 1 << 16
@@ -77,6 +79,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
     """
     sums: dict[str, float] = {}
     block_size = num_gpu_blocks = None
+    started_at = None
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -96,7 +99,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
                 num_gpu_blocks = min((num_gpu_blocks or 0) + blocks, _MAX_BLOCKS)
             continue
         field = _SUMMED.get(name)
-        if field is None:
+        if field is None and name != _STARTED:
             continue
         try:
             value = float(line[space:].split()[0]) if brace < 0 else float(line[line.rfind("}") + 1 :].split()[0])
@@ -104,7 +107,9 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
             continue
         if not math.isfinite(value) or value < 0:
             continue
-        if field == "kv_usage":
+        if field is None:
+            started_at = value
+        elif field == "kv_usage":
             sums[field] = max(sums.get(field, 0.0), min(value, 1.0))  # a fraction: the fullest engine counts
         else:
             sums[field] = sums.get(field, 0.0) + value
@@ -121,6 +126,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
         external_hits=sums.get("external_hits", 0.0),
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
+        started_at=started_at,
         scraped_at=time.monotonic() if now is None else now,
     )
 

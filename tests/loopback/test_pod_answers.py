@@ -174,3 +174,29 @@ async def test_discovery_that_fails_is_restarted_and_counted():
             await wait_until(lambda: len(gateway.pods.healthy()) == 1)
             assert discovery.runs == 2
             assert errors_counted(gateway, "discovery") == 1
+
+
+def engine_metrics(started: float, queries: int) -> Answer:
+    text = (
+        f"process_start_time_seconds {started}\nvllm:prefix_cache_queries_total {queries}\n"
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="64"} 1.0\n'
+    )
+    return Answer(body=text.encode(), content_type="text/plain")
+
+
+async def test_an_engine_restart_is_told_by_its_start_time_even_when_its_counters_grew():
+    """Other gateways may have sent the new engine more traffic than the old one had seen."""
+    async with run_faulty(FaultyPod()) as faulty:
+        faulty.answers["/metrics"] = engine_metrics(1000.0, 500)
+        async with gateway_for(faulty) as (url, gateway):
+            pod = pod_of(gateway, faulty)
+            await wait_until(lambda: pod.stats.started_at == 1000.0 and gateway.block_size == 16)
+            async with aiohttp.ClientSession() as http, http.post(url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+            held = gateway.index.blocks(pod.id)
+            assert held > 0
+            faulty.answers["/metrics"] = engine_metrics(1000.4, 600)  # same process, a jittery clock
+            await faulty.served("/metrics", times=3)
+            assert gateway.index.blocks(pod.id) == held
+            faulty.answers["/metrics"] = engine_metrics(1900.0, 9000)  # a new process
+            await wait_until(lambda: gateway.index.blocks(pod.id) == 0)

@@ -220,3 +220,10 @@ def test_model_list_names_and_the_first_integral_max_model_len():
     body = b'{"data": [{"id": "a", "max_model_len": true}, {"id": "b", "max_model_len": 2048.0}, 7, {"id": "c", "max_model_len": 4096}]}'
 
     assert parse_models(body) == ModelList(frozenset({"a", "b", "c"}), 4096)
+
+
+def test_the_process_start_time_is_read_where_exported():
+    text = "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 1.7327e+09\nprocess_start_time_seconds_x 5\n"
+
+    assert parse_engine_metrics(text).started_at == pytest.approx(1.7327e09)
+    assert parse_engine_metrics("vllm:num_requests_running 1\n").started_at is None
