@@ -46,7 +46,11 @@ MAX_MODELS_BYTES = 1 << 20
 MAX_METRICS_BYTES = 32 << 20
 
 
-class AnswerTooLarge(ValueError):
+class BadAnswer(ValueError):
+    """A probe or scrape answer the monitor cannot use (logged and counted by the guard, never raised out)."""
+
+
+class AnswerTooLarge(BadAnswer):
     """A probe or scrape answer longer than the monitor reads."""
 
 
@@ -164,8 +168,7 @@ class Monitor:
                 models = parse_models(body) if status == 200 else None
                 if models is None:
                     ok = False
-                    self._guard.errors.labels("probe", "bad_models_answer").inc()
-                    log.debug("pod %s answered /v1/models with %d and no usable model list", pod.url, status)
+                    self._guard.record("probe", BadAnswer(f"/v1/models answered {status} without a usable model list"), pod.url)
                 else:
                     pod.models, pod.max_model_len = models.names, models.max_model_len
         except (aiohttp.ClientError, asyncio.TimeoutError, AnswerTooLarge) as exc:

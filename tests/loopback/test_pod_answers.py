@@ -200,3 +200,11 @@ async def test_an_engine_restart_is_told_by_its_start_time_even_when_its_counter
             assert gateway.index.blocks(pod.id) == held
             faulty.answers["/metrics"] = engine_metrics(1900.0, 9000)  # a new process
             await wait_until(lambda: gateway.index.blocks(pod.id) == 0)
+
+
+async def test_a_bad_model_list_is_counted():
+    async with run_faulty(FaultyPod()) as faulty:
+        faulty.answers["/v1/models"] = Answer(body=b"[]")
+        async with gateway_for(faulty) as (_, gateway):
+            await faulty.served("/v1/models", times=2)
+            assert errors_counted(gateway, "probe") >= 2
