@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from kvgate.engines import (
     kv_events_endpoint,
     start_engines,
     stop_engines,
+    vllm_missing,
 )
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
@@ -145,18 +145,6 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         stop_engines(engines)
         tiers.stop()
-
-
-def vllm_missing() -> str | None:
-    """Why vLLM's OpenAI server cannot be started from this Python, or None if it can.
-
-    Looks for the module's file without importing vLLM (that takes seconds).
-    """
-    spec = importlib.util.find_spec("vllm")
-    places = (spec.submodule_search_locations or []) if spec is not None else []
-    if not any(Path(place, "entrypoints", "openai", "api_server.py").is_file() for place in places):
-        return f"vLLM is not installed for {sys.executable}: run scripts/install.sh (vLLM for CPU) or pip install vllm"
-    return None
 
 
 def check_args(args: argparse.Namespace) -> None:

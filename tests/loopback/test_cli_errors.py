@@ -170,6 +170,15 @@ def test_up_without_vllm_says_how_to_install_it(files, tmp_path):
     assert result.returncode == 1
 
 
+def test_bench_without_vllm_says_how_to_install_it(files, tmp_path):
+    result = run_kvgate(["bench", "--quick"], tmp_path, extra_path=str(files / "no-vllm"))
+
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert "vLLM is not installed" in result.stderr and "--workloads none" in result.stderr
+    assert result.returncode == 1
+
+
 def test_a_directory_given_by_mistake_is_never_deleted(files, tmp_path):
     for command in (["build-model", "--out"], ["build-model", "--force", "--out"], ["up", "--port", "0", "--model"]):
         run_kvgate([*command, str(files / "own")], tmp_path)
