@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -73,9 +76,37 @@ def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line: the problem, and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _CannotListen(Exception):
+    """A port of the node is in use or not allowed (exit 1)."""
+
+
+def _check_listen(host: str, port: int, flag: str) -> None:
+    """Bind `host:port` once, so a port in use is one clear line before gRPC reports it its own way."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} {port} is not a TCP port; give 1-65535, or 0 for any free port")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} does not resolve ({exc}); give an address of this machine") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = "stop the process using it or pick another" if exc.errno == errno.EADDRINUSE else "pick another"
+            raise _CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint} {flag}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``kvgate cache-node``."""
-    parser = argparse.ArgumentParser(prog="kvgate cache-node", description="Run an L2 KV cache node (gRPC).")
+    parser = _Parser(prog="kvgate cache-node", description="Run an L2 KV cache node (gRPC).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default)")
     parser.add_argument("--advertise-host", default="", help="host clients use to reach this node")
@@ -130,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics here (0: off)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write JSON here once serving")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
     return parser
 
 
@@ -210,7 +243,11 @@ async def _run(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=registry)
     node = CacheNode(settings, membership=membership, metrics=NodeMetrics(registry))
-    info = await node.start()
+    try:
+        info = await node.start()
+    except BaseException:
+        await node.stop(0)  # it may be serving already: stop it, and close the membership's connections
+        raise
     print(f"kvgate cache-node {info.node_id} serving on {info.address}", flush=True)
     if args.ready_file is not None:
         _write_ready(args.ready_file, info)
@@ -240,15 +277,28 @@ def main(argv: Sequence[str]) -> int:
 
     Returns:
         0 after a graceful leave that lost nothing, 1 if some blocks found no
-        new owner, 2 on bad arguments.
+        new owner or the node could not start (port in use, Redis not
+        answering), 2 on bad arguments; each failure is one line on stderr.
     """
     args = build_parser().parse_args(list(argv))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _check_listen(args.host, args.port, "--port")
+        if args.metrics_port:
+            _check_listen(args.host, args.metrics_port, "--metrics-port")
+        if args.redis_url is not None and not args.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"--redis-url {args.redis_url!r} is not a Redis URL; expected redis://HOST:PORT/DB")
         return asyncio.run(_run(args))
     except ConfigError as exc:
         print(f"kvgate cache-node: {exc}", file=sys.stderr)
         return 2
+    except _CannotListen as exc:
+        print(f"kvgate cache-node: {exc}", file=sys.stderr)
+        return 1
+    except TierUnavailable as exc:
+        where = f"Redis at {args.redis_url}" if args.redis_url else "the membership"
+        print(f"kvgate cache-node: cannot register in {where}: {str(exc).rstrip('.')}; start it, or fix --redis-url", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

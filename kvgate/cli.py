@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"kvgate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"kvgate: unknown command {name!r}; commands: {', '.join(COMMANDS)} (see kvgate --help)", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

@@ -31,15 +31,19 @@ from kvgate.engines import (
     kv_events_endpoint,
     start_engines,
     stop_engines,
+    vllm_missing,
 )
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
+from router.errors import InvalidRequest, StartupError
+from router.policies import parse_spec
 from router.server import load_encoder, serve
 from router.settings import Settings
+from router.startup import CommandParser, check_listen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
+    parser = CommandParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
     parser.add_argument("--engines", type=int, default=2, help="vLLM engines to start (default 2)")
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
@@ -70,7 +74,20 @@ async def run(args: argparse.Namespace) -> int:
     if args.max_model_len > fits:
         print(f"kvgate up: --max-model-len lowered to {fits} to fit {args.kv_blocks} KV blocks", file=sys.stderr)
         args.max_model_len = fits
-    model_dir = build_model(args.model or default_model_dir(_home()))
+    target = args.model or default_model_dir(_home())
+    try:
+        model_dir = build_model(target)
+    except FileExistsError:
+        if not (Path(target, "config.json").is_file() and Path(target, "tokenizer.json").is_file()):
+            raise StartupError(
+                f"--model {target} is neither a model directory (config.json, tokenizer.json) nor empty; give one of those"
+            ) from None
+        model_dir = Path(target)  # a model of the user's own: used as it is, never rebuilt
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use {target} as the model directory: {exc.strerror or exc}; give --model a new or empty directory",
+            exit_status=1,
+        ) from None
     log_dir = args.log_dir or _home() / "logs"
     # Until the gateway takes SIGTERM over (to drain), SIGTERM cancels start-up
     # so that what already started is stopped, not orphaned.
@@ -130,14 +147,48 @@ async def run(args: argparse.Namespace) -> int:
         tiers.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """Check `kvgate up`'s arguments and this machine before anything starts.
+
+    Raises:
+        StartupError: the first problem found.
+    """
     if args.engines < 1 or args.kv_blocks < 2:
-        print("kvgate up: --engines must be at least 1 and --kv-blocks at least 2", file=sys.stderr)
-        return 2
+        raise StartupError("--engines must be at least 1 and --kv-blocks at least 2")
+    if args.max_model_len < 1:
+        raise StartupError("--max-model-len must be at least 1")
+    try:
+        parse_spec(args.policy)
+    except InvalidRequest as exc:
+        raise StartupError(f"--policy: {exc.message}") from None
+    if args.redis_url and not args.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise StartupError(f"--redis-url {args.redis_url!r} is not a Redis URL; expected redis://HOST:PORT/DB, or '' for none")
+    check_listen(args.host, args.port)
+    problem = vllm_missing()
+    if problem:
+        raise StartupError(problem, exit_status=1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`kvgate up ...`.
+
+    Returns:
+        0 after a clean drain; 2 for a mistake in the flags, 1 when this
+        machine cannot run the cluster (port in use, no vLLM, engines failed),
+        each said in one line on stderr; 130/143 when interrupted.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except StartupError as exc:
+        print(f"kvgate up: {exc}", file=sys.stderr)
+        return exc.exit_status
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(run(args))
+    except StartupError as exc:
+        print(f"kvgate up: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -143,6 +144,18 @@ def kv_events_endpoint(extra_args: Sequence[str]) -> str | None:
     if "--kv-events-config" not in args:
         return None
     return "listen:" + json.loads(args[args.index("--kv-events-config") + 1])["endpoint"]
+
+
+def vllm_missing() -> str | None:
+    """Why vLLM's OpenAI server cannot be started from this Python, or None if it can.
+
+    Looks for the module's file without importing vLLM (that takes seconds).
+    """
+    spec = importlib.util.find_spec("vllm")
+    places = (spec.submodule_search_locations or []) if spec is not None else []
+    if not any(Path(place, "entrypoints", "openai", "api_server.py").is_file() for place in places):
+        return f"vLLM is not installed for {sys.executable}: run scripts/install.sh (vLLM for CPU) or pip install vllm"
+    return None
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

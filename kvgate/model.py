@@ -19,7 +19,7 @@ for routing (`router.tokenize`).
 
 from __future__ import annotations
 
-import argparse
+import errno
 import hashlib
 import json
 import os
@@ -404,11 +404,16 @@ def build_model(path: Path, *, force: bool = False, shape: ModelShape = ModelSha
         and a stamp file recording the build.
 
     Raises:
-        OSError: if the directory cannot be written.
+        OSError: if the directory cannot be written, or `path` is a file or a
+            directory with other contents (`FileExistsError`; never removed).
     """
     path = Path(path)
     if not force and _is_current(path, shape):
         return path
+    if path.is_file() or (path.is_dir() and not (path / _STAMP_FILE).exists() and any(path.iterdir())):
+        # NOTE: only a directory this function wrote (it holds the stamp) is
+        # ever replaced: a path given by mistake must not cost its owner data.
+        raise FileExistsError(errno.EEXIST, "it exists and is not a model directory built by kvgate", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     staging.chmod(0o755)
@@ -466,9 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments after the sub-command name.
 
     Returns:
-        0 on success.
+        0 on success; 2 for bad flags, 1 when the directory cannot be
+        written (one line on stderr).
     """
-    parser = argparse.ArgumentParser(prog="kvgate build-model", description="Build the tiny local model directory.")
+    from router.startup import CommandParser  # the command's one-line errors; building needs none of router
+
+    parser = CommandParser(prog="kvgate build-model", description="Build the tiny local model directory.")
     parser.add_argument(
         "--out",
         type=Path,
@@ -479,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     home = os.environ.get("KVGATE_HOME")
     out = args.out if args.out is not None else default_model_dir(Path(home) if home else None)
-    build_model(out, force=args.force)
+    try:
+        build_model(out, force=args.force)
+    except OSError as exc:
+        print(f"kvgate build-model: cannot build in {out}: {exc.strerror or exc}; give --out a new or empty directory", file=sys.stderr)
+        return 1
     print(out)
     return 0

@@ -12,12 +12,16 @@
     │   └── HeadersTooLarge           431 "request_header_fields_too_large"
     ├── OverLimit                     429 "rate_limit_exceeded": the admission queue is full
     └── UpstreamError                 5xx: the pods are at fault
-        ├── UpstreamUnavailable       502: a pod could not be reached or broke off (retryable)
+        ├── UpstreamUnavailable       502: a pod could not be reached, broke off or answered 5xx (retryable)
         ├── UpstreamTooLarge          502: a pod's answer broke the size limits (not retryable)
+        ├── UpstreamOverloaded        503: a pod answered 429 or 503, it is busy (retryable)
         ├── NoCapacity                503: no healthy pod serves the model, waiting timed out, or draining
         └── UpstreamTimeout           504: a pod did not answer in time (retryable)
 
-`retryable` says whether the proxy may try the same request on another pod.
+`retryable` says whether the gateway may try the same request on another pod
+(it does so only before any byte reached the client). `router.outliers` reads
+the type of an upstream error as its verdict on the pod: overloaded (back off,
+keep routing there soon) or broken (count towards ejection).
 Every error renders as `{"error": {"message", "type", "code", "param"}}`.
 """
 
@@ -25,6 +29,19 @@ from __future__ import annotations
 
 import json
 from typing import Any, ClassVar
+
+
+class StartupError(Exception):
+    """A mistake that stops a command before it serves (a bad flag, file, URL or port); not an HTTP answer.
+
+    The command prints its message as one line and exits with `exit_status`:
+    2 for what the user wrote (flags, config), 1 for what the machine refused
+    (port in use, a server not answering).
+    """
+
+    def __init__(self, message: str, *, exit_status: int = 2) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 class GatewayError(Exception):
@@ -119,6 +136,12 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTooLarge(UpstreamError):
     status = 502
     type = "upstream_too_large"
+
+
+class UpstreamOverloaded(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+    retryable = True
 
 
 class NoCapacity(UpstreamError):

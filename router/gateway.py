@@ -8,8 +8,15 @@
 3. acquire a pod (`router.routing`: policy argmin and in-flight count in one
    step, or a wait in the VTC admission queue);
 4. proxy (`router.proxy`); if the pod fails before any byte reached the
-   client, release it, report it to the monitor and try another pod;
+   client (unreachable, timed out, a 5xx or 429 answer: a `retryable`
+   error), release it and try another pod; every attempt's verdict goes to
+   outlier detection (`router.outliers`), which backs off from overloaded
+   pods and ejects broken ones; a pod's other error answers reach the client
+   OpenAI-shaped (`router.pod_errors`);
 5. charge the user's counter for the output and count the outcome.
+
+Background tasks (discovery, the monitor's per-pod loops) run under
+`router.supervise`, so none of them can end silently.
 
 Not here: HTTP wiring (`router.app`), health and scraping (`router.monitor`).
 """
@@ -28,12 +35,14 @@ from aiohttp import web
 
 from router.body import request_body
 from router.discovery import Discovery
-from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized, UpstreamError
+from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
 from router.kv_events import KVEventListener, parse_event_sources
 from router.metrics import GatewayMetrics
 from router.monitor import Monitor
+from router.outliers import Outliers, Verdict, verdict_of
+from router.pod_errors import is_error, read_error
 from router.pods import PodEndpoint, PodId, PodSet, UserId
 from router.policies import PolicyBook, PolicyDeps, RouteRequest
 from router.prompts import ByteEncoder, PromptEncoder, tokenize
@@ -42,12 +51,12 @@ from router.routing import Router
 from router.schema import Kind, parse_call
 from router.settings import Settings
 from router.state import FleetView, RoutingState, open_state
+from router.supervise import Guard, supervise
 
 log = logging.getLogger(__name__)
 
 STRATEGY_HEADER = "x-routing-strategy"
 USER_HEADER = "x-user-id"
-_RETRY_STATUSES = {502, 503, 504}
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -89,6 +98,8 @@ class Gateway:
         self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng, self.state)
         self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
         self.policies.get(settings.routing.policy)  # fail at start-up on a bad default
+        self.outliers = Outliers(self.pods, settings.outliers, self.metrics.registry)
+        self.guard = Guard(self.metrics.registry)
         self.session: aiohttp.ClientSession | None = None
         self.monitor: Monitor | None = None
         self.proxy: Proxy | None = None
@@ -108,10 +119,14 @@ class Gateway:
             self.session,
             self.settings.discovery,
             self.settings.scrape,
+            self.outliers,
+            self.guard,
             on_pod_up=self.router.dispatch_waiting,
         )
         self.proxy = Proxy(self.session, self.settings.upstream, self.metrics)
-        self._discovery_task = asyncio.create_task(self.discovery.run(self._pods_changed), name="discovery")
+        self._discovery_task = asyncio.create_task(
+            supervise("discovery", lambda: self.discovery.run(self._pods_changed), self.guard), name="discovery"
+        )
         await self.state.start(FleetView(self.pods, self.index, self.counters, self.router.dispatch_waiting))
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
         if sources:
@@ -242,26 +257,32 @@ class Gateway:
                     # Other replicas hear of the reservation before the pod sees the request.
                     await self.state.flush()
                     upstream = await self.proxy.open(lease, call, raw, request.headers)
-                    if upstream.status in _RETRY_STATUSES:
-                        upstream.release()
-                        raise UpstreamError(f"pod {pod.id} answered {upstream.status}")
-                    if call.stream and upstream.status == 200:
+                    if is_error(upstream.status):
+                        answer = await read_error(pod.id, upstream)
+                        if isinstance(answer, GatewayError):
+                            raise answer
+                        response, outcome = answer, Outcome(upstream.status)
+                    elif call.stream and upstream.status == 200:
                         response, outcome = await self.proxy.relay_stream(lease, call, upstream, request)
                     else:
                         response, outcome = await self.proxy.relay_whole(lease, upstream)
-                except UpstreamError as exc:
+                except GatewayError as exc:
+                    if exc.status < 500 and not exc.retryable:
+                        raise  # the client's fault, not the pod's
+                    self.outliers.report(pod, verdict_of(exc))
+                    self.metrics.record_outcome(pod.id, spec, exc.status)
+                    if not exc.retryable:
+                        raise
                     last_error = exc
                     tried.add(pod.id)
-                    self.monitor.report_failure(pod)
                     self.metrics.retries.labels(pod.id).inc()
-                    self.metrics.record_outcome(pod.id, spec, exc.status)
                     log.info("retrying on another pod: %s", exc.message)
                     continue
                 finally:
                     lease.release()
                     if outcome is not None:
                         self._account(user, pod.id, spec, outcome, arrived)
-                self.monitor.report_success(pod)
+                self.outliers.report(pod, Verdict.BROKEN if outcome.broken else Verdict.OK)
                 return response
             assert last_error is not None
             raise last_error

@@ -3,16 +3,28 @@
 Per pod it runs one task that probes `/health` (and `/v1/models` until the
 pod's models are known) every `health_interval_s`, and scrapes `/metrics`
 every `scrape.interval_s`. A pod is taken out after `unhealthy_after`
-consecutive failures (probes, or connection failures the proxy reports) and
-put back on its first good probe. A pod taken out, removed, or whose engine
-restarted (its prefix-cache counters went backwards) loses its entries in the
-prefix index, since its KV cache is gone.
+consecutive failed probes and put back on its first good probe; an ejected
+pod (`router.outliers`) is re-admitted by its first good probe once its
+ejection time is over.
+
+Whatever a pod answers, the task goes on: answers of the wrong shape (an
+empty list for models, invalid UTF-8 or garbage in /metrics) are read as
+failed probes or skipped scrapes by the total parsers of `router.scrape`, and
+any exception that still escapes one step is caught by a `Guard` (logged once
+per kind, counted in `kvgate_background_errors_total`) before the next step.
+
+Taking a pod out does not forget its cached prefixes: a pod that stops
+answering for a while keeps its KV cache. The prefix index forgets a pod only
+when it is removed or its engine restarted (its process start time changed,
+or its prefix-cache counters went backwards); its KV events may also say so
+(`router.kv_events`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,11 +32,48 @@ from collections.abc import Callable
 import aiohttp
 
 from router.index import PrefixIndex
-from router.pods import Pod, PodEndpoint, PodId, PodSet, lora_adapters
-from router.scrape import parse_engine_metrics
+from router.outliers import Outliers
+from router.pods import EngineStats, Pod, PodEndpoint, PodId, PodSet
+from router.scrape import decode_text, parse_engine_metrics, parse_models
 from router.settings import DiscoverySettings, ScrapeSettings
+from router.supervise import Guard, supervise
 
 log = logging.getLogger(__name__)
+
+#: Largest /v1/models answer read, in bytes.
+MAX_MODELS_BYTES = 1 << 20
+#: Largest /metrics answer read, in bytes (vLLM's are a few hundred KiB with many histograms).
+MAX_METRICS_BYTES = 32 << 20
+
+
+class BadAnswer(ValueError):
+    """A probe or scrape answer the monitor cannot use (logged and counted by the guard, never raised out)."""
+
+
+class AnswerTooLarge(BadAnswer):
+    """A probe or scrape answer longer than the monitor reads."""
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    if (response.content_length or 0) > limit:
+        raise AnswerTooLarge(f"{response.content_length} bytes, more than {limit}")
+    body = bytearray()
+    while chunk := await response.content.read(65536):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(f"more than {limit} bytes")
+    return bytes(body)
+
+
+def restarted(before: EngineStats, now: EngineStats) -> bool:
+    """Whether the engine restarted (and lost its KV cache) between two scrapes.
+
+    Its process start time changed (where exported; a second of slack for the
+    clock it is computed from), or its prefix-cache counters went backwards.
+    """
+    if before.started_at is not None and now.started_at is not None and abs(now.started_at - before.started_at) > 1.0:
+        return True
+    return now.prefix_queries < before.prefix_queries
 
 
 class Monitor:
@@ -36,6 +85,8 @@ class Monitor:
         session: HTTP client for probes.
         discovery: probe settings.
         scrape: scrape settings.
+        outliers: outlier detection, whose ejected pods good probes re-admit.
+        guard: catches and counts what escapes a probe or scrape.
         on_pod_up: called when a pod starts taking traffic, so that requests
             waiting for a slot can have its.
     """
@@ -47,6 +98,8 @@ class Monitor:
         session: aiohttp.ClientSession,
         discovery: DiscoverySettings,
         scrape: ScrapeSettings,
+        outliers: Outliers,
+        guard: Guard,
         on_pod_up: Callable[[], None] = lambda: None,
     ) -> None:
         self.pods = pods
@@ -55,6 +108,8 @@ class Monitor:
         self._session = session
         self._discovery = discovery
         self._scrape = scrape
+        self._outliers = outliers
+        self._guard = guard
         self._tasks: dict[PodId, asyncio.Task] = {}
         self.block_size: int | None = None
 
@@ -73,7 +128,9 @@ class Monitor:
             if pod is None:
                 pod = self.pods.add(endpoint.url, pod_id=pod_id)
                 pod.healthy = False  # until the first good probe
-                self._tasks[pod.id] = asyncio.create_task(self._watch(pod), name=f"monitor {pod_id}")
+                # The loop guards each step; the supervisor restarts it should anything else escape.
+                watch = supervise("monitor", functools.partial(self._watch, pod), self._guard)
+                self._tasks[pod.id] = asyncio.create_task(watch, name=f"monitor {pod_id}")
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -84,52 +141,55 @@ class Monitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def report_failure(self, pod: Pod) -> None:
-        """The proxy could not reach `pod`: count it like a failed probe."""
-        pod.failures += 1
-        if pod.healthy and pod.failures >= self._discovery.unhealthy_after:
-            self._mark_down(pod, "requests to it failed")
-
-    def report_success(self, pod: Pod) -> None:
-        pod.failures = 0
-
     async def _watch(self, pod: Pod) -> None:
         next_health = 0.0
         while True:
             now = time.monotonic()
             if now >= next_health:
-                await self._probe(pod)
+                ok = await self._guard.run("probe", self._probe(pod), pod.url)
+                if ok is None:  # the probe itself failed: count it like a failed probe
+                    self._probed(pod, False)
                 next_health = now + self._discovery.health_interval_s
             if pod.healthy:
-                await self._scrape_metrics(pod)
+                await self._guard.run("scrape", self._scrape_metrics(pod), pod.url)
             await asyncio.sleep(min(self._scrape.interval_s, self._discovery.health_interval_s))
 
-    async def _get(self, pod: Pod, path: str) -> aiohttp.ClientResponse:
+    async def _get(self, pod: Pod, path: str, limit: int) -> tuple[int, bytes]:
+        """GET `path` of `pod`: its status, and its body (at most `limit` bytes, none if 0) when 200."""
         timeout = aiohttp.ClientTimeout(total=self._discovery.probe_timeout_s)
-        return await self._session.get(pod.url + path, timeout=timeout)
+        async with self._session.get(pod.url + path, timeout=timeout) as response:
+            if response.status != 200 or not limit:
+                return response.status, b""  # the body is not read; closing the response drops it
+            return response.status, await _read_bounded(response, limit)
 
-    async def _probe(self, pod: Pod) -> None:
+    async def _probe(self, pod: Pod) -> bool:
+        """Probe `pod` once (health, and models until known) and act on the answer. Returns whether it was good."""
         try:
-            async with await self._get(pod, "/health") as response:
-                ok = response.status == 200
+            status, _ = await self._get(pod, "/health", 0)
+            ok = status == 200
             if ok and not pod.models:
-                async with await self._get(pod, "/v1/models") as response:
-                    if response.status == 200:
-                        payload = await response.json()
-                        data = payload.get("data") or []
-                        pod.models = frozenset(m["id"] for m in data if isinstance(m, dict) and "id" in m)
-                        pod.adapters = lora_adapters(data)
-                        lens = [m.get("max_model_len") for m in data if isinstance(m, dict)]
-                        pod.max_model_len = next((n for n in lens if isinstance(n, int)), None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                status, body = await self._get(pod, "/v1/models", MAX_MODELS_BYTES)
+                models = parse_models(body) if status == 200 else None
+                if models is None:
+                    ok = False
+                    self._guard.record("probe", BadAnswer(f"/v1/models answered {status} without a usable model list"), pod.url)
+                else:
+                    pod.models, pod.max_model_len, pod.adapters = models.names, models.max_model_len, models.adapters
+        except (aiohttp.ClientError, asyncio.TimeoutError, AnswerTooLarge) as exc:
             ok = False
             log.debug("probe of %s failed: %s", pod.url, exc)
+        self._probed(pod, ok)
+        return ok
+
+    def _probed(self, pod: Pod, ok: bool) -> None:
         if ok:
             pod.failures = 0
+            back = self._outliers.probe_ok(pod)
             if not pod.healthy:
-                pod.healthy = True
+                pod.healthy = back = True
                 pod.changed_at = time.monotonic()
                 log.info("pod %s is up", pod.url)
+            if back:
                 self._on_pod_up()
         else:
             pod.failures += 1
@@ -138,15 +198,14 @@ class Monitor:
 
     async def _scrape_metrics(self, pod: Pod) -> None:
         try:
-            async with await self._get(pod, "/metrics") as response:
-                if response.status != 200:
-                    return
-                text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status, body = await self._get(pod, "/metrics", MAX_METRICS_BYTES)
+        except (aiohttp.ClientError, asyncio.TimeoutError, AnswerTooLarge) as exc:
             log.debug("scrape of %s failed: %s", pod.url, exc)
             return
-        stats = parse_engine_metrics(text)
-        if stats.prefix_queries < pod.stats.prefix_queries:
+        if status != 200:
+            return
+        stats = parse_engine_metrics(decode_text(body), previous=pod.stats)
+        if restarted(pod.stats, stats):
             dropped = self.index.drop_pod(pod.id)
             log.info("pod %s restarted its engine; forgot %d cached blocks", pod.url, dropped)
         pod.stats = stats
@@ -158,12 +217,12 @@ class Monitor:
     def _mark_down(self, pod: Pod, why: str) -> None:
         pod.healthy = False
         pod.changed_at = time.monotonic()
-        dropped = self.index.drop_pod(pod.id)
-        log.warning("pod %s is down (%s); forgot %d cached blocks", pod.url, why, dropped)
+        log.warning("pod %s is down (%s); its cached prefixes are kept until it shows a restart", pod.url, why)
 
     def _forget(self, pod: Pod) -> None:
         task = self._tasks.pop(pod.id, None)
         if task is not None:
             task.cancel()
+        self._outliers.forget(pod.id)
         self.index.drop_pod(pod.id)
         self.pods.remove(pod.id)

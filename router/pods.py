@@ -65,6 +65,8 @@ class EngineStats:
     external_hits: float = 0.0
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    started_at: float | None = None
+    """The engine process's start (`process_start_time_seconds`, Unix seconds), where it exports it."""
     scraped_at: float = 0.0
 
 
@@ -99,6 +101,10 @@ class Pod:
     max_model_len: int | None = None
     stats: EngineStats = field(default_factory=EngineStats)
     changed_at: float = field(default_factory=time.monotonic)
+    ejected: bool = False
+    """Taken out of rotation by outlier detection (`router.outliers`) until a good probe re-admits it."""
+    backoff_until: float = 0.0
+    """`time.monotonic()` until which the pod is avoided as overloaded, if another pod can serve."""
 
     @property
     def fleet_in_flight(self) -> int:

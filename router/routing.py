@@ -108,12 +108,18 @@ class Router:
         self._rng = rng or random.Random()
 
     def candidates(self, model: str, exclude: Collection[PodId] = ()) -> list[Pod]:
-        """Healthy pods serving `model` (pods whose models are not yet known count as serving it)."""
-        return [
+        """Healthy, not ejected pods serving `model` (pods whose models are not yet known count as serving it).
+
+        Pods backing off as overloaded (`router.outliers`) are left out while another pod can serve.
+        """
+        pods = [
             pod
             for pod in self.pods
-            if pod.healthy and pod.id not in exclude and (not pod.models or model in pod.models)
+            if pod.healthy and not pod.ejected and pod.id not in exclude and (not pod.models or model in pod.models)
         ]
+        now = time.monotonic()
+        rested = [pod for pod in pods if pod.backoff_until <= now]
+        return rested or pods
 
     def try_acquire(
         self, request: RouteRequest, policy: Policy, policy_name: str, exclude: Collection[PodId] = ()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -28,16 +29,20 @@ from router import settings as settings_module
 from router.app import GATEWAY, IN_FLIGHT, create_app
 from router.connections import GatewayRunner
 from router.discovery import Discovery, make_discovery
+from router.errors import StartupError
 from router.kv_events import parse_event_sources
 from router.policies import REGISTRY
 from router.prompts import PromptEncoder
 from router.settings import Settings
+from router.startup import CommandParser, check_listen, check_settings
 
 log = logging.getLogger("kvgate")
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway in front of vLLM pods.")
+    parser = CommandParser(prog="kvgate serve", description="Run the kvgate gateway in front of vLLM pods.")
     parser.add_argument("--worker-urls", nargs="+", metavar="URL", help="base URLs of the vLLM pods")
     parser.add_argument(
         "--policy",
@@ -72,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="redis://HOST:PORT/DB shared by gateway replicas so they route as one (default: this replica alone)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS, help="logging level (default INFO)"
+    )
     return parser
 
 
@@ -103,12 +110,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def load_encoder(settings: Settings) -> PromptEncoder | None:
-    """The model's tokenizer when `routing.tokenizer` names a model directory."""
+    """The model's tokenizer when `routing.tokenizer` names a model directory.
+
+    Raises:
+        StartupError: the directory cannot be loaded (no tokenizer.json, a bad template).
+    """
     if settings.routing.tokenizer is None:
         return None
-    from router.tokenize import PromptTokenizer
+    from router.tokenize import PromptTokenizer, TokenizerLoadError
 
-    return PromptTokenizer.from_model_dir(settings.routing.tokenizer)
+    try:
+        return PromptTokenizer.from_model_dir(settings.routing.tokenizer)
+    except TokenizerLoadError as exc:
+        raise StartupError(
+            f"--tokenizer {settings.routing.tokenizer}: {exc}; give the model directory (tokenizer.json, tokenizer_config.json)"
+        ) from None
 
 
 async def serve(
@@ -183,23 +199,35 @@ def _install_uvloop() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`kvgate serve ...`: check everything given, then serve until SIGTERM.
+
+    Returns:
+        0 after a clean drain; 2 for a mistake in flags or config, 1 when the
+        machine refuses (the port is in use), each said in one line on stderr.
+    """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
+        check_settings(settings)
+        try:
+            discovery = make_discovery(settings.discovery)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        encoder = load_encoder(settings)
+        check_listen(settings.server.host, settings.server.port)
     except settings_module.SettingsError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return 2
-    try:
-        parse_event_sources(settings.discovery.kv_event_sources)
-    except ValueError as exc:
+    except StartupError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
-        return 2
-    try:
-        discovery = make_discovery(settings.discovery)
-    except ValueError as exc:
-        print(f"kvgate serve: {exc}", file=sys.stderr)
-        return 2
-    encoder = load_encoder(settings)
+        return exc.exit_status
     _install_uvloop()
-    return asyncio.run(serve(settings, discovery=discovery, encoder=encoder))
+    try:
+        return asyncio.run(serve(settings, discovery=discovery, encoder=encoder))
+    except OSError as exc:  # the port was taken between the check and the bind
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        where = f"{settings.server.host}:{settings.server.port}"
+        print(f"kvgate serve: cannot listen on {where}: {exc.strerror or exc}; pick another --port", file=sys.stderr)
+        return 1

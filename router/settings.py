@@ -15,6 +15,7 @@ YAML shape (every key optional)::
     upstream:  {connect_timeout_s: 3, first_byte_timeout_s: 60, read_timeout_s: 30,
                 min_decode_tokens_per_s: 10, max_answer_s: 600, max_answer_bytes: 67108864, retries: 2}
     state:     {url: redis://127.0.0.1:6379/0, lease_s: 3}
+    outliers:  {consecutive_failures: 3, base_ejection_s: 10, max_ejection_share: 0.5}
 """
 
 from __future__ import annotations
@@ -182,6 +183,36 @@ class UpstreamSettings:
 
 
 @dataclass(slots=True)
+class OutlierSettings:
+    """Passive outlier detection, as Envoy's: what requests tell about a pod between health probes.
+
+    A pod that answers 429 or 503 is overloaded, not broken: it is avoided for
+    a short backoff and keeps its cache and its place. A pod whose requests
+    fail (connection errors, timeouts, other 5xx) `consecutive_failures` times
+    in a row is ejected for `base_ejection_s` times the number of times it was
+    ejected, at most `max_ejection_s`, and re-admitted at its first good health
+    probe after that. Its cached prefixes are kept throughout.
+    """
+
+    consecutive_failures: int = 3
+    """Failed requests in a row that eject a pod. Default 3: Envoy's 5 suits large fleets; with a
+    handful of pods each failure costs a user a retry."""
+    base_ejection_s: float = 10.0
+    """Seconds of the first ejection; the n-th ejection in a row lasts n times this. Default 10: a
+    blip is over by then, a pod restarting gets ejected again, for longer."""
+    max_ejection_s: float = 300.0
+    """Longest ejection, in seconds (Envoy's default). Default 300."""
+    max_ejection_share: float = 0.5
+    """Largest share of the pods ejected at once (at least one of two or more, never all). Default
+    0.5: failures shared by half the fleet are the gateway's or the network's, not a pod's."""
+    overload_backoff_s: float = 0.5
+    """Seconds an overloaded pod (429/503) is avoided after its first such answer; doubles per
+    answer in a row. Default 0.5: a busy engine frees slots within a few of its steps."""
+    max_overload_backoff_s: float = 8.0
+    """Longest overload backoff, in seconds. Default 8: a busy pod is back in rotation within seconds of draining its queue."""
+
+
+@dataclass(slots=True)
 class StateSettings:
     url: str | None = None
     """`redis://HOST:PORT/DB` shared by gateway replicas so they route as one; None: this replica alone."""
@@ -208,6 +239,7 @@ class Settings:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    outliers: OutlierSettings = field(default_factory=OutlierSettings)
 
 
 class SettingsError(ValueError):
@@ -274,8 +306,13 @@ def load(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None =
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SettingsError(f"cannot read settings file {path}: not YAML{where}: {problem}") from exc
         if not isinstance(data, dict):
             raise SettingsError(f"settings file {path} must hold a mapping")
         apply(settings, data)

@@ -44,7 +44,8 @@ from kvgate.bench.routers import (
 )
 from kvgate.bench.runner import Progress
 from kvgate.bench.workloads import WORKLOADS
-from kvgate.engines import EngineError
+from kvgate.engines import EngineError, vllm_missing
+from router.startup import CommandParser
 
 
 def _list(text: str) -> list[str]:
@@ -53,7 +54,7 @@ def _list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="kvgate bench",
         description="Benchmark kvgate against SGLang's router and vllm-router on the same real vLLM CPU engines.",
     )
@@ -290,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--engines must be at least 1 and --kv-blocks at least 2")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    problem = vllm_missing() if args.workloads else None
+    if problem:
+        print(f"kvgate bench: {problem} (or run only the gateway overhead: --workloads none)", file=sys.stderr)
+        return 1
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / f"bench-{stamp}"
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ EXPECTED = {
     "OverLimit": (429, "rate_limit_exceeded", False),
     "UpstreamError": (502, "upstream_error", False),
     "UpstreamUnavailable": (502, "upstream_unavailable", True),
+    "UpstreamOverloaded": (503, "service_unavailable", True),
     "NoCapacity": (503, "service_unavailable", False),
     "UpstreamTimeout": (504, "upstream_timeout", True),
 }

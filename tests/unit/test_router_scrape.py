@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.pods import EngineStats
-from router.scrape import parse_engine_metrics
+from router.scrape import ModelList, decode_text, parse_engine_metrics, parse_models
 
 # Shaped like vLLM's own exposition: HELP/TYPE lines, labels in any order, a
 # data-parallel pod with two engines, `_created` samples next to counters and
@@ -150,3 +150,80 @@ def test_running_and_waiting_are_whole_numbers():
 )
 def test_the_optional_timestamp_is_not_read_as_the_value(line):
     assert parse_engine_metrics(line + "\n").running == 3
+
+
+# Whatever a pod sends, the parsers return a value: garbage lines are skipped,
+# never raised on (an exception here once ended the pod's monitor for good).
+@pytest.mark.parametrize(
+    ("text", "running", "block_size", "num_gpu_blocks"),
+    [
+        pytest.param("vllm:num_requests_running NaN\n", 0, None, None, id="nan"),
+        pytest.param("vllm:num_requests_running +Inf\n", 0, None, None, id="inf"),
+        pytest.param("vllm:num_requests_running 1e999\n", 0, None, None, id="overflows-to-inf"),
+        pytest.param("vllm:num_requests_running -3\n", 0, None, None, id="negative"),
+        pytest.param("vllm:num_requests_running5\n", 0, None, None, id="name-without-value"),
+        pytest.param("vllm:num_requests_running{ 3\n", 0, None, None, id="unclosed-labels"),
+        pytest.param('vllm:cache_config_info{block_size="\u00b2",num_gpu_blocks="\u0663"} 1\n', 0, None, None, id="unicode-digits"),
+        pytest.param('vllm:cache_config_info{num_gpu_blocks="' + "9" * 5000 + '"} 1\n', 0, None, None, id="5000-digit-label"),
+        pytest.param('vllm:cache_config_info{block_size="0",num_gpu_blocks="0"} 1\n', 0, None, None, id="zero-sizes"),
+        pytest.param("vllm:cache_config_info 1\n", 0, None, None, id="info-without-labels"),
+        pytest.param("\ufffd\ufffd\nvllm:num_requests_running 2\n", 2, None, None, id="replaced-bytes-then-good-line"),
+    ],
+)
+def test_garbage_is_skipped_never_raised(text, running, block_size, num_gpu_blocks):
+    stats = parse_engine_metrics(text)
+
+    assert (stats.running, stats.block_size, stats.num_gpu_blocks) == (running, block_size, num_gpu_blocks)
+
+
+def test_kv_usage_is_a_fraction_at_most_one():
+    assert parse_engine_metrics("vllm:kv_cache_usage_perc 7.5\n").kv_usage == 1.0
+
+
+def test_counters_missing_from_a_scrape_keep_their_last_value():
+    before = parse_engine_metrics("vllm:prefix_cache_queries_total 900\nvllm:prefix_cache_hits_total 300\nvllm:num_requests_running 4\n")
+
+    after = parse_engine_metrics("vllm:num_requests_waiting 1\n", previous=before)
+
+    assert (after.prefix_queries, after.prefix_hits) == (900.0, 300.0)  # no news is not a restart
+    assert (after.running, after.waiting) == (0, 1)  # gauges are this scrape's
+
+
+def test_invalid_utf8_loses_only_its_own_lines():
+    body = b"vllm:num_requests_running 3\n\xff\xfe\xfd\nvllm:num_requests_waiting 2\n"
+
+    stats = parse_engine_metrics(decode_text(body))
+
+    assert (stats.running, stats.waiting) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"[]", id="empty-list"),
+        pytest.param(b'"m"', id="string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b'{"data": "m"}', id="data-string"),
+        pytest.param(b'{"data": [1, null, "m"]}', id="entries-not-objects"),
+        pytest.param(b'{"data": [{"id": ["m"]}, {"id": 5}, {"id": ""}]}', id="ids-not-strings"),
+        pytest.param(b'{"data": []}', id="no-models"),
+        pytest.param(b"\xff\xfe", id="invalid-utf8"),
+        pytest.param(b"[" * 100_000, id="too-deep"),
+        pytest.param(b"<html></html>", id="html"),
+    ],
+)
+def test_a_model_list_of_the_wrong_shape_is_none(body):
+    assert parse_models(body) is None
+
+
+def test_model_list_names_and_the_first_integral_max_model_len():
+    body = b'{"data": [{"id": "a", "max_model_len": true}, {"id": "b", "max_model_len": 2048.0}, 7, {"id": "c", "max_model_len": 4096}]}'
+
+    assert parse_models(body) == ModelList(frozenset({"a", "b", "c"}), 4096)
+
+
+def test_the_process_start_time_is_read_where_exported():
+    text = "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 1.7327e+09\nprocess_start_time_seconds_x 5\n"
+
+    assert parse_engine_metrics(text).started_at == pytest.approx(1.7327e09)
+    assert parse_engine_metrics("vllm:num_requests_running 1\n").started_at is None
