@@ -1,0 +1,151 @@
+"""The operator against kmock's in-memory Kubernetes API, for loopback tests.
+
+`operator_env()` starts kmock's KubernetesEmulator on 127.0.0.1 with the
+resources the operator touches registered, runs the real operator (kopf and
+the official client) against it, and stops both. The emulator stores objects
+and serves list, watch, get, create, patch and delete, but assigns no UIDs,
+does no defaulting, no garbage collection and ignores label selectors; the
+helpers here set what the operator relies on (uid, generation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import kmock
+import kopf
+from kubernetes import client
+
+from operators.apply import Applier
+from operators.handlers import OperatorContext, ReconcileSettings, build_registry
+from operators.schema import KINDS
+
+#: Built-in resources the operator reads or writes, and what kopf needs to start.
+BUILTINS = {
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False},
+    "v1/events": {"kind": "Event", "namespaced": True},
+    "v1/pods": {"kind": "Pod", "namespaced": True},
+    "v1/services": {"kind": "Service", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
+    "v1/serviceaccounts": {"kind": "ServiceAccount", "namespaced": True},
+    "apps/v1/statefulsets": {"kind": "StatefulSet", "namespaced": True},
+    "apps/v1/deployments": {"kind": "Deployment", "namespaced": True},
+    "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget", "namespaced": True},
+    "rbac.authorization.k8s.io/v1/roles": {"kind": "Role", "namespaced": True},
+    "rbac.authorization.k8s.io/v1/rolebindings": {"kind": "RoleBinding", "namespaced": True},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {"kind": "CustomResourceDefinition", "namespaced": False},
+}
+
+VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
+
+#: resource path of each child kind, as kmock keys its objects.
+CHILD_RESOURCES = {info["kind"]: path for path, info in BUILTINS.items()}
+
+
+@dataclasses.dataclass
+class OperatorEnv:
+    """A running emulator with the operator attached."""
+
+    emulator: kmock.KubernetesEmulator
+    url: str
+    api: client.ApiClient
+    task: asyncio.Task
+
+    def obj(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """The stored object (a plain dict), or None if absent or deleted."""
+        resource = KINDS[kind].resource if kind in KINDS else CHILD_RESOURCES[kind]
+        try:
+            stored = self.emulator.objects[resource, namespace, name]
+        except KeyError:
+            return None
+        return None if stored.deleted else stored.raw
+
+    def children(self, namespace: str = "default") -> list[dict[str, Any]]:
+        """Every stored object of a child kind."""
+        kinds = set(CHILD_RESOURCES.values()) - {"v1/events", "v1/namespaces", "v1/pods"}
+        return [o.raw for (res, ns, _), o in self.emulator.objects.items()
+                if str(res.group and f"{res.group}/{res.version}/{res.plural}" or f"{res.version}/{res.plural}") in kinds
+                and ns == namespace and not o.deleted]
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a custom resource (with the uid and generation the emulator does not assign)."""
+        body = dict(body)
+        meta = dict(body["metadata"], uid=str(uuid.uuid4()), generation=1, resourceVersion="1")
+        meta.setdefault("namespace", "default")
+        body["metadata"] = meta
+        kind = KINDS[body["kind"]]
+        api = client.CustomObjectsApi(self.api)
+        return await asyncio.to_thread(api.create_namespaced_custom_object, "kvgate.io", "v1alpha1",
+                                       meta["namespace"], kind.plural, body)
+
+    async def update_spec(self, kind: str, name: str, spec: dict[str, Any], namespace: str = "default") -> None:
+        """Merge `spec` into a custom resource's spec, bumping its generation as an API server would."""
+        current = self.obj(kind, name, namespace)
+        assert current is not None
+        generation = int(current["metadata"].get("generation", 1)) + 1
+        api = client.CustomObjectsApi(self.api)
+        await asyncio.to_thread(api.patch_namespaced_custom_object, "kvgate.io", "v1alpha1", namespace,
+                                KINDS[kind].plural, name, {"metadata": {"generation": generation}, "spec": spec})
+
+    def put(self, kind: str, body: dict[str, Any]) -> None:
+        """Store a built-in object (e.g. a Pod) directly, with a uid."""
+        meta = body["metadata"]
+        meta.setdefault("uid", str(uuid.uuid4()))
+        self.emulator.objects[CHILD_RESOURCES[kind], meta.get("namespace", "default"), meta["name"]] = body
+
+    def patch(self, kind: str, name: str, changes: dict[str, Any], namespace: str = "default") -> None:
+        """Change a stored built-in object (as a controller would, e.g. its status)."""
+        self.emulator.objects[CHILD_RESOURCES[kind], namespace, name].patch(changes)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (KeyError, TypeError, IndexError, StopIteration):
+            value = None
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterator[OperatorEnv]:
+    """Start the emulator and the operator (cluster-wide, standalone); stop both on exit."""
+    settings = settings or ReconcileSettings(resync_interval_s=0.5, retry_delay_s=0.2, scrape_timeout_s=1.0)
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        for path, info in BUILTINS.items():
+            emulator.resources[path] = {**info, "verbs": VERBS}
+        for kind in KINDS.values():
+            emulator.resources[kind.resource] = {"kind": kind.kind, "namespaced": True, "verbs": VERBS,
+                                                 "subresources": ["status"]}
+        url = str(server.url).rstrip("/")
+        configuration = client.Configuration(host=url)
+        api = client.ApiClient(configuration)
+
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=url)
+
+        ctx = OperatorContext(Applier(api), settings, login=login)
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(
+            kopf.operator(registry=build_registry(ctx), clusterwide=True, standalone=True,
+                          stop_flag=stop, ready_flag=ready),
+            name="kopf-operator",
+        )
+        try:
+            await asyncio.wait_for(ready.wait(), 20)
+            yield OperatorEnv(emulator, url, api, task)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            api.close()
