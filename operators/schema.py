@@ -29,7 +29,13 @@ def _f(name: str, type_: Any, description: str, **kw: Any) -> Field:
 
 def _obj(name: str, description: str, *children: Field, **kw: Any) -> Field:
     kw.setdefault("default", {})
+    if kw["default"] == {} and "Default" not in description:
+        description += " Default: every field at its default."
     return Field(name, "object", description, children=children, **kw)
+
+
+def _spec(description: str, *children: Field, **kw: Any) -> Field:
+    return Field("spec", "object", description, children=children, **kw)
 
 
 def _ref(name: str, description: str, **kw: Any) -> Field:
@@ -151,8 +157,8 @@ KVCACHE = Kind(
     plural="kvcaches",
     short_names=("kvc",),
     description="A ring of kvgate L2 KV cache nodes (a StatefulSet) and the L3 tier the engines share.",
-    spec=_obj(
-        "spec", "Desired state of the cache ring.",
+    spec=_spec(
+        "Desired state of the cache ring.",
         _f("replicas", "integer", "Cache nodes in the ring (pods). Default `3`.", default=3, minimum=1),
         _image(KVGATE_IMAGE),
         _f("port", "integer", "gRPC port of the KV block service. Default `50051`.", default=50051,
@@ -171,14 +177,14 @@ KVCACHE = Kind(
            minimum=1),
         _obj("l3", "The persistent tier (L3) that engines using this cache write through to; at most one of "
              "`redis` and `pvc`. Default none (L1 and L2 only).",
-             _obj("redis", "L3 in Redis; the URL comes from a Secret.",
+             _obj("redis", "L3 in Redis; the URL comes from a Secret. Default none.",
                   _f("secretName", "string", "Secret holding the Redis URL.", required=True),
                   _f("key", "string", "Key of the URL in the Secret. Default `url`.", default="url"),
                   _f("prefix", "string", "Key prefix of blocks in Redis. Default `kvgate:kv:`.",
                      default="kvgate:kv:"),
                   default=None),
              _obj("pvc", "L3 in a directory on a PersistentVolumeClaim that every engine mounts "
-                  "(needs ReadWriteMany when there are several engines).",
+                  "(needs ReadWriteMany when there are several engines). Default none.",
                   _f("claimName", "string", "The PersistentVolumeClaim.", required=True),
                   _f("mountPath", "string", "Where engines mount it. Default `/var/lib/kvgate/l3`.",
                      default="/var/lib/kvgate/l3"),
@@ -214,8 +220,8 @@ ENGINEPOOL = Kind(
     plural="enginepools",
     short_names=("ep", "engines"),
     description="vLLM engine pods serving one model, optionally wired to a KVCache.",
-    spec=_obj(
-        "spec", "Desired state of the engine pool.",
+    spec=_spec(
+        "Desired state of the engine pool.",
         _f("model", "string", "Model vLLM serves: a Hugging Face ID or a path inside the pod.", required=True),
         _f("servedModelName", "string", "Name clients use in requests. Default: `model`.", default=None),
         _image(ENGINE_IMAGE),
@@ -275,8 +281,8 @@ KVGATEWAY = Kind(
     plural="kvgateways",
     short_names=("kvgw", "gw"),
     description="The kvgate gateway (a Deployment and Service) in front of one EnginePool.",
-    spec=_obj(
-        "spec", "Desired state of the gateway.",
+    spec=_spec(
+        "Desired state of the gateway.",
         _ref("enginePoolRef", "The EnginePool whose pods this gateway discovers and routes to.", required=True),
         _f("replicas", "integer", "Gateway pods (pods). Default `2`.", default=2, minimum=1),
         _image(KVGATE_IMAGE),
