@@ -77,7 +77,16 @@ class Applier:
             if exc.status != 404:
                 raise
             # A server-side apply creates missing objects; an API server without it answers 404.
-            result = self._method(kind, "create")(namespace, dict(manifest), _preload_content=False)
+            try:
+                result = self._method(kind, "create")(namespace, dict(manifest), _preload_content=False)
+            except ApiException as conflict:
+                if conflict.status != 409:
+                    raise
+                # Created meanwhile (by a concurrent reconcile): patch it after all.
+                result = self._method(kind, "patch")(
+                    name, namespace, dict(manifest), field_manager=FIELD_MANAGER, force=True,
+                    _content_type="application/apply-patch+yaml", _preload_content=False,
+                )
         return _json(result)
 
     def read(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:

@@ -62,11 +62,13 @@ class OperatorContext:
         applier: the API access for children and references.
         settings: timing.
         login: kopf login handler (kopf's own `login_via_client` in production).
+        tune: called with kopf's settings at start-up, after the operator's own.
     """
 
     applier: Applier
     settings: ReconcileSettings = ReconcileSettings()
     login: Callable[..., Any] | None = None
+    tune: Callable[[kopf.OperatorSettings], None] | None = None
 
 
 def _refs(ctx: OperatorContext, kind: str, spec: dict[str, Any], namespace: str) -> Refs:
@@ -178,6 +180,10 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = 8
+        # A resync that is running when the operator stops gets this long to finish (seconds).
+        settings.background.instant_exit_timeout = 5.0
+        if ctx.tune is not None:
+            ctx.tune(settings)
 
     if ctx.login is not None:
         kopf.on.login(registry=registry)(ctx.login)
@@ -191,7 +197,10 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         kopf.on.create(GROUP, VERSION, kind.plural, **on)(handler)
         kopf.on.update(GROUP, VERSION, kind.plural, field="spec", **on)(handler)
 
-        def resync(body: Any, status: Any, patch: Any, logger: Any, _kind: str = kind.kind, **_: Any) -> None:
+        def resync(body: Any, status: Any, patch: Any, logger: Any, stopped: Any, _kind: str = kind.kind,
+                   **_: Any) -> None:
+            if stopped:
+                return
             try:
                 reconcile(ctx, _kind, body, status, patch, logger)
             except kopf.PermanentError:

@@ -3,9 +3,10 @@
 `operator_env()` starts kmock's KubernetesEmulator on 127.0.0.1 with the
 resources the operator touches registered, runs the real operator (kopf and
 the official client) against it, and stops both. The emulator stores objects
-and serves list, watch, get, create, patch and delete, but assigns no UIDs,
-does no defaulting, no garbage collection and ignores label selectors; the
-helpers here set what the operator relies on (uid, generation).
+and serves list, watch, get, create, patch and delete, but does no
+defaulting, no garbage collection and ignores label selectors. `Emulator`
+adds what the operator and kopf rely on: a UID and a resourceVersion on
+creation, and a generation that grows with each spec change.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import kmock
 import kopf
 from kubernetes import client
@@ -47,6 +49,26 @@ VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
 CHILD_RESOURCES = {info["kind"]: path for path, info in BUILTINS.items()}
 
 
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator with UIDs, resourceVersions and generations, as an API server assigns them."""
+
+    async def _handle(self, request):  # type: ignore[override]
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("generation", 1)
+                meta.setdefault("resourceVersion", "1")
+            elif request.action == kmock.action.UPDATE and "spec" in request.data and request.subresource is None:
+                try:
+                    stored = self.objects[request.resource, request.namespace, request.name]
+                except KeyError:
+                    stored = None  # the emulator answers 404
+                if stored is not None and not stored.deleted:
+                    meta["generation"] = int(stored.get("metadata", {}).get("generation", 1)) + 1
+        return await super()._handle(request)
+
+
 @dataclasses.dataclass
 class OperatorEnv:
     """A running emulator with the operator attached."""
@@ -73,24 +95,24 @@ class OperatorEnv:
                 and ns == namespace and not o.deleted]
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Create a custom resource (with the uid and generation the emulator does not assign)."""
+        """Create a custom resource; returns it as stored (with its uid)."""
         body = dict(body)
-        meta = dict(body["metadata"], uid=str(uuid.uuid4()), generation=1, resourceVersion="1")
+        meta = dict(body["metadata"])
         meta.setdefault("namespace", "default")
         body["metadata"] = meta
         kind = KINDS[body["kind"]]
         api = client.CustomObjectsApi(self.api)
-        return await asyncio.to_thread(api.create_namespaced_custom_object, "kvgate.io", "v1alpha1",
-                                       meta["namespace"], kind.plural, body)
+        await asyncio.to_thread(api.create_namespaced_custom_object, "kvgate.io", "v1alpha1",
+                                meta["namespace"], kind.plural, body)
+        stored = self.obj(body["kind"], meta["name"], meta["namespace"])
+        assert stored is not None
+        return stored
 
     async def update_spec(self, kind: str, name: str, spec: dict[str, Any], namespace: str = "default") -> None:
-        """Merge `spec` into a custom resource's spec, bumping its generation as an API server would."""
-        current = self.obj(kind, name, namespace)
-        assert current is not None
-        generation = int(current["metadata"].get("generation", 1)) + 1
+        """Merge `spec` into a custom resource's spec (the emulator bumps its generation)."""
         api = client.CustomObjectsApi(self.api)
         await asyncio.to_thread(api.patch_namespaced_custom_object, "kvgate.io", "v1alpha1", namespace,
-                                KINDS[kind].plural, name, {"metadata": {"generation": generation}, "spec": spec})
+                                KINDS[kind].plural, name, {"spec": spec})
 
     def put(self, kind: str, body: dict[str, Any]) -> None:
         """Store a built-in object (e.g. a Pod) directly, with a uid."""
@@ -122,7 +144,9 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: st
 async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterator[OperatorEnv]:
     """Start the emulator and the operator (cluster-wide, standalone); stop both on exit."""
     settings = settings or ReconcileSettings(resync_interval_s=0.5, retry_delay_s=0.2, scrape_timeout_s=1.0)
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+    async with contextlib.AsyncExitStack() as stack:
+        emulator = await stack.enter_async_context(Emulator())
+        server = await stack.enter_async_context(kmock.Server(emulator))
         for path, info in BUILTINS.items():
             emulator.resources[path] = {**info, "verbs": VERBS}
         for kind in KINDS.values():
@@ -135,7 +159,11 @@ async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterat
         def login(**_: Any) -> kopf.ConnectionInfo:
             return kopf.ConnectionInfo(server=url)
 
-        ctx = OperatorContext(Applier(api), settings, login=login)
+        def tune(kopf_settings: kopf.OperatorSettings) -> None:
+            # Give up on the emulator quickly once it is gone (teardown), instead of kopf's minutes.
+            kopf_settings.networking.error_backoffs = [0.1, 0.2, 0.5]
+
+        ctx = OperatorContext(Applier(api), settings, login=login, tune=tune)
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(
             kopf.operator(registry=build_registry(ctx), clusterwide=True, standalone=True,
@@ -147,5 +175,14 @@ async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterat
             yield OperatorEnv(emulator, url, api, task)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            # NOTE: a request the emulator holds (its watch buses wait for readers that kopf has
+            # stopped) would keep a handler thread, and so kopf, from exiting: close the server then.
+            await asyncio.wait([task], timeout=5)
+            await stack.aclose()
+            await asyncio.wait([task], timeout=10)
+            if not task.done():
+                task.cancel()
+            # Requests cut short by the closed emulator may end kopf with a connection error.
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await asyncio.wait_for(task, 10)
             api.close()
