@@ -152,7 +152,7 @@ async def test_bad_spec_gets_a_condition_and_the_operator_keeps_going():
         cond = await wait_for(lambda: (c := condition(env.obj("KVCache", "bad"), "Reconciled")) and
                               c["status"] == "True" and c, what="condition cleared")
         assert cond["reason"] == "ChildrenApplied"
-        assert not env.task.done()
+        assert env.operator_alive()
 
 
 async def test_api_errors_are_retried():
@@ -169,7 +169,7 @@ async def test_api_errors_are_retried():
                        what="reconciled after the errors")
         assert next(failures, None) is None, "the injected errors were served"
         assert env.obj("StatefulSet", "kvcache")["spec"]["replicas"] == 3
-        assert not env.task.done()
+        assert env.operator_alive()
 
 
 async def test_status_follows_children_and_engine_metrics():
@@ -182,7 +182,6 @@ async def test_status_follows_children_and_engine_metrics():
         port = stub.url.rsplit(":", 1)[1]
 
         ready = {"conditions": [{"type": "Ready", "status": "True"}]}
-        env.patch("StatefulSet", "kvcache", {"status": {"replicas": 3, "readyReplicas": 3}})
         for i in range(3):
             env.put("Pod", {"apiVersion": "v1", "kind": "Pod",
                             "metadata": {"name": f"kvcache-{i}", "namespace": "default",
@@ -190,6 +189,7 @@ async def test_status_follows_children_and_engine_metrics():
                                                     "app.kubernetes.io/instance": "kvcache",
                                                     "app.kubernetes.io/component": "cache"}},
                             "status": ready})
+        env.patch("StatefulSet", "kvcache", {"status": {"replicas": 3, "readyReplicas": 3}})
         env.patch("Deployment", "llama", {"status": {"replicas": 2, "readyReplicas": 2}})
         env.patch("Deployment", "gateway", {"status": {"replicas": 2, "readyReplicas": 2}})
         engine_labels = {"app.kubernetes.io/name": "kvgate", "app.kubernetes.io/instance": "llama",
@@ -204,6 +204,7 @@ async def test_status_follows_children_and_engine_metrics():
                         "status": {**ready, "podIP": "127.0.0.1"}})
 
         cache = await wait_for(lambda: condition(env.obj("KVCache", "kvcache"), "Ready")["status"] == "True"
+                               and len(env.obj("KVCache", "kvcache")["status"]["ringMembers"]) == 3
                                and env.obj("KVCache", "kvcache")["status"], what="cache Ready")
         assert cache["readyNodes"] == 3 and cache["ringMembers"] == ["kvcache-0", "kvcache-1", "kvcache-2"]
         assert cache["ringVersion"]
