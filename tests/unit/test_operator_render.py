@@ -319,3 +319,16 @@ def test_block_size_from_vllm_metrics():
             'num_gpu_blocks="4096"} 1.0\n')
     assert parse_cache_config(text) == {"block_size": 16, "num_gpu_blocks": 4096}
     assert parse_cache_config("vllm:num_requests_running 0\n") == {}
+
+
+def test_operator_command_without_cluster_credentials_exits_1(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env.update(KUBECONFIG=str(tmp_path / "absent"), HOME=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "kvgate", "operator", "--namespace", "ns"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "kubeconfig" in result.stderr
