@@ -101,7 +101,10 @@ def _engine_report(ctx: OperatorContext, pods: list[dict[str, Any]], default_por
     return {}
 
 
-def _observe(ctx: OperatorContext, kind: str, owner: Owner, spec: dict[str, Any], refs: Refs):
+def _observe(
+    ctx: OperatorContext, kind: str, owner: Owner, spec: dict[str, Any], refs: Refs
+) -> tuple[dict[str, Any], tuple[bool, str, str]]:
+    """Status fields and the Ready verdict, from the children as stored and the pods."""
     applier, ns = ctx.applier, owner.namespace
     if kind == "KVCache":
         pods = applier.pods(ns, selector_labels(owner, "cache"))

@@ -62,6 +62,9 @@ def _check_pool(spec: dict[str, Any]) -> None:
         quantity_bytes(spec["kvCacheRef"]["l1Capacity"], "spec.kvCacheRef.l1Capacity")
     if spec["kvEvents"]["enabled"] and spec["kvEvents"]["port"] == spec["port"]:
         raise SpecError("spec.kvEvents.port must differ from spec.port")
+    lifecycle = spec["lifecycle"]
+    if lifecycle["preStopDelaySeconds"] >= lifecycle["terminationGracePeriodSeconds"]:
+        raise SpecError("spec.lifecycle: preStopDelaySeconds must be shorter than terminationGracePeriodSeconds")
     reserved = {"--port", "--kv-transfer-config", "--kv-events-config", "--host"}
     clash = sorted(reserved & {arg.split("=", 1)[0] for arg in spec["engineArgs"]})
     if clash:

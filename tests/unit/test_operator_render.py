@@ -256,6 +256,8 @@ def test_missing_reference_is_a_dependency_error(kind, spec, refs):
         pytest.param("EnginePool", {}, "model", id="missing-model"),
         pytest.param("EnginePool", {"model": "m", "engineArgs": ["--port=9"]}, "--port", id="reserved-arg"),
         pytest.param("EnginePool", {"model": "m", "kvEvents": {"port": 8000}}, "kvEvents.port", id="port-clash"),
+        pytest.param("EnginePool", {"model": "m", "lifecycle": {"terminationGracePeriodSeconds": 5}},
+                     "preStopDelaySeconds", id="prestop-over-grace"),
         pytest.param("KVGateway", {}, "enginePoolRef", id="missing-pool-ref"),
         pytest.param("KVGateway", {"enginePoolRef": {"name": "p"}, "lifecycle": {"terminationGracePeriodSeconds": 10}},
                      "exceed", id="grace-too-short"),
