@@ -95,11 +95,10 @@ class OperatorEnv:
         return None if stored.deleted else stored.raw
 
     def children(self, namespace: str = "default") -> list[dict[str, Any]]:
-        """Every stored object of a child kind."""
-        kinds = set(CHILD_RESOURCES.values()) - {"v1/events", "v1/namespaces", "v1/pods"}
-        return [o.raw for (res, ns, _), o in self.emulator.objects.items()
-                if str(res.group and f"{res.group}/{res.version}/{res.plural}" or f"{res.version}/{res.plural}") in kinds
-                and ns == namespace and not o.deleted]
+        """Every stored object of `namespace` that the operator renders (not pods, events, CRs)."""
+        kinds = set(CHILD_RESOURCES) - {"Event", "Namespace", "Pod", "CustomResourceDefinition"}
+        return [o.raw for (_, ns, _), o in self.emulator.objects.items()
+                if ns == namespace and not o.deleted and o.raw.get("kind") in kinds]
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         """Create a custom resource; returns it as stored (with its uid)."""
