@@ -105,6 +105,10 @@ def test_cache_nodes_have_stable_identities_and_kubernetes_membership():
     assert flag("--replicas") == "3"
     assert flag("--membership") == "kubernetes"
     assert flag("--namespace") == "ns"
+    assert flag("--labels") == "host=$(NODE_NAME),zone=$(NODE_ZONE)"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container(children, "StatefulSet")["env"]}
+    assert env["NODE_NAME"] == "spec.nodeName"
+    assert env["NODE_ZONE"] == "metadata.labels['topology.kubernetes.io/zone']"
     selector = dict(item.split("=") for item in flag("--selector").split(","))
     assert selector.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     # Memory request covers the block budget plus the process.
