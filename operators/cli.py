@@ -63,9 +63,15 @@ def main(argv: Sequence[str]) -> int:
     except config.ConfigException as exc:
         print(f"kvgate operator: no in-cluster or kubeconfig credentials: {exc}", file=sys.stderr)
         return 1
-    ctx = OperatorContext(Applier(api), ReconcileSettings(resync_interval_s=args.resync_interval),
-                          login=kopf.login_via_client)
     namespaces = tuple(args.namespace)
+    globs = any(ch in ns for ns in namespaces for ch in "*?[")
+
+    def tune(settings: kopf.OperatorSettings) -> None:
+        # Exact namespace names need no namespace scanning (nor the RBAC to list namespaces).
+        settings.scanning.disabled = bool(namespaces) and not globs
+
+    ctx = OperatorContext(Applier(api), ReconcileSettings(resync_interval_s=args.resync_interval),
+                          login=kopf.login_via_client, tune=tune)
     # NOTE: standalone (no peering): the operator runs as one replica with the Recreate strategy.
     asyncio.run(kopf.operator(
         registry=build_registry(ctx),

@@ -215,3 +215,15 @@ async def test_status_follows_children_and_engine_metrics():
                                  and env.obj("KVGateway", "gateway")["status"], what="gateway Ready")
         # The terminating engine pod is not counted: gateways send it nothing new.
         assert gateway["enginePods"] == 1 and gateway["readyReplicas"] == 2
+
+
+async def test_namespaced_operator_leaves_other_namespaces_alone():
+    async with operator_env(namespaces=("team-a",)) as env:
+        for namespace in ("team-a", "team-b"):
+            await env.create({"apiVersion": "kvgate.io/v1alpha1", "kind": "KVCache",
+                              "metadata": {"name": "kv", "namespace": namespace}, "spec": {"replicas": 1,
+                                                                                         "replicationFactor": 1}})
+        await wait_for(lambda: env.obj("StatefulSet", "kv", "team-a"), what="watched namespace reconciled")
+        await wait_for(lambda: condition(env.obj("KVCache", "kv", "team-a"), "Reconciled"), what="status")
+        assert env.obj("StatefulSet", "kv", "team-b") is None
+        assert "status" not in env.obj("KVCache", "kv", "team-b")

@@ -147,8 +147,10 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: st
 
 
 @contextlib.asynccontextmanager
-async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterator[OperatorEnv]:
-    """Start the emulator and the operator (cluster-wide, standalone); stop both on exit."""
+async def operator_env(
+    settings: ReconcileSettings | None = None, namespaces: tuple[str, ...] = ()
+) -> AsyncIterator[OperatorEnv]:
+    """Start the emulator and the operator (standalone; cluster-wide unless `namespaces`); stop both on exit."""
     settings = settings or ReconcileSettings(resync_interval_s=0.5, retry_delay_s=0.2, scrape_timeout_s=1.0)
     async with contextlib.AsyncExitStack() as stack:
         emulator = await stack.enter_async_context(Emulator())
@@ -168,6 +170,8 @@ async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterat
         def tune(kopf_settings: kopf.OperatorSettings) -> None:
             # Retry the emulator quickly rather than with kopf's production backoffs (seconds).
             kopf_settings.networking.error_backoffs = [0.1, 0.2, 0.5]
+            # Exact namespace names need no scanning (the emulator cannot list namespaces).
+            kopf_settings.scanning.disabled = bool(namespaces)
 
         ctx = OperatorContext(Applier(api), settings, login=login, tune=tune)
         stop, ready = threading.Event(), threading.Event()
@@ -178,8 +182,9 @@ async def operator_env(settings: ReconcileSettings | None = None) -> AsyncIterat
             # exit it waits for, then cancels, every task of its loop, which must not be the
             # emulator's.
             try:
-                asyncio.run(kopf.operator(registry=build_registry(ctx), clusterwide=True, standalone=True,
-                                          stop_flag=stop, ready_flag=ready))
+                asyncio.run(kopf.operator(registry=build_registry(ctx), clusterwide=not namespaces,
+                                          namespaces=namespaces, standalone=True, stop_flag=stop,
+                                          ready_flag=ready))
             except BaseException as exc:  # reported by the test that owns the operator
                 failure.append(exc)
 
