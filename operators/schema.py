@@ -190,6 +190,12 @@ KVCACHE = Kind(
                      default="/var/lib/kvgate/l3"),
                   default=None),
              rules=(("!(has(self.redis) && has(self.pvc))", "l3 takes redis or pvc, not both"),)),
+        _obj("auth", "The cluster token cache nodes demand of every caller (the engines' connectors get it "
+             "too). Default none: nodes accept anyone who reaches their port (keep them behind a "
+             "NetworkPolicy).",
+             _f("secretName", "string", "Secret holding the token.", required=True),
+             _f("key", "string", "Key of the token in the Secret. Default `token`.", default="token"),
+             default=None),
         _placement("cache", "preferred"),
         _resources("cache node"),
         _pdb(1),

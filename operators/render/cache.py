@@ -4,14 +4,15 @@ Children: the headless Service `<name>-nodes` (stable DNS names
 `<name>-<i>.<name>-nodes.<ns>.svc`), the StatefulSet `<name>` (stable pod
 names are the ring's node IDs, so a rolling update moves only the restarted
 node's share), the ServiceAccount/Role/RoleBinding `<name>-cache` that lets
-nodes find each other by label, and the PodDisruptionBudget `<name>`.
+nodes find each other by label (`--membership kubernetes`), and the
+PodDisruptionBudget `<name>`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from operators.meta import Owner, child_metadata, format_mib, quantity_bytes, selector_labels
+from operators.meta import PORT_ANNOTATION, Owner, child_metadata, format_mib, quantity_bytes, selector_labels
 from operators.placement import disruption_budget, place, pod_downward_env, resources
 from operators.render.base import Refs, pod_reader
 
@@ -24,26 +25,29 @@ NODE_OVERHEAD_BYTES = 256 << 20
 EXIT_MARGIN_S = 15
 
 
-#: The node's zone, for placing a block's replicas in different zones. Kubernetes (1.33+, the
-#: PodTopologyLabels admission) copies the node's zone label onto the pod; elsewhere it is empty.
-ZONE_ENV = {"name": "NODE_ZONE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}}
+#: Where cache nodes and engines mount the cluster token of a KVCache with `auth`.
+TOKEN_DIR = "/etc/kvgate/cache-token"
+TOKEN_FILE = f"{TOKEN_DIR}/token"
+
+
+def token_volume(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The (volume, mount) of the KVCache's token Secret, or None without `auth`."""
+    auth = spec.get("auth")
+    if not auth:
+        return None
+    volume = {"name": "cache-token",
+              "secret": {"secretName": auth["secretName"], "items": [{"key": auth["key"], "path": "token"}]}}
+    return volume, {"name": "cache-token", "mountPath": TOKEN_DIR, "readOnly": True}
+
+
+def member_selector(name: str) -> str:
+    """The label selector (`K=V,...`) of the cache-node pods of KVCache `name`."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(Owner("KVCache", name, "", ""), COMPONENT).items())
 
 
 def headless_service_name(name: str) -> str:
     """The headless Service that gives the nodes of KVCache `name` their DNS names."""
     return f"{name}-nodes"
-
-
-def node_addresses(name: str, namespace: str, spec: dict[str, Any]) -> list[str]:
-    """The ring members as static peer specs (`ID=HOST:PORT`), from the stable pod names.
-
-    Args:
-        name: the KVCache.
-        namespace: its namespace.
-        spec: its defaulted spec.
-    """
-    service = headless_service_name(name)
-    return [f"{name}-{i}={name}-{i}.{service}.{namespace}.svc:{spec['port']}" for i in range(spec["replicas"])]
 
 
 def cache_node_args(owner: Owner, spec: dict[str, Any]) -> list[str]:
@@ -53,17 +57,17 @@ def cache_node_args(owner: Owner, spec: dict[str, Any]) -> list[str]:
         "--host", "0.0.0.0",
         "--port", str(spec["port"]),
         "--node-id", "$(POD_NAME)",
-        "--advertise-host", f"$(POD_NAME).{headless_service_name(owner.name)}.{owner.namespace}.svc",
-        "--labels", "host=$(NODE_NAME),zone=$(NODE_ZONE)",
+        "--advertise-host", "$(POD_IP)",
         "--capacity-bytes", str(quantity_bytes(spec["capacityPerNode"], "spec.capacityPerNode")),
         "--policy", spec["evictionPolicy"],
         "--replicas", str(spec["replicationFactor"]),
         "--vnodes", str(spec["vnodes"]),
         "--membership", "kubernetes",
-        "--selector", ",".join(f"{k}={v}" for k, v in selector_labels(owner, COMPONENT).items()),
+        "--selector", member_selector(owner.name),
         "--namespace", owner.namespace,
         "--handoff-timeout-s", str(max(5, spec["terminationGracePeriodSeconds"] - EXIT_MARGIN_S)),
     ]
+    args += ["--token-file", TOKEN_FILE] if spec.get("auth") else ["--allow-unauthenticated"]
     if spec["metricsPort"]:
         args += ["--metrics-port", str(spec["metricsPort"])]
     return args
@@ -91,22 +95,23 @@ def render_cache(owner: Owner, spec: dict[str, Any], refs: Refs = Refs()) -> lis
         "name": "cache-node",
         "image": spec["image"],
         "args": cache_node_args(owner, spec),
-        "env": pod_downward_env() + [ZONE_ENV],
+        "env": pod_downward_env(),
         "ports": ports,
         "readinessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6},
         "resources": resources(spec["resources"], requests={"cpu": "500m", "memory": memory}),
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
     }
-    pod_spec = place(
-        {
-            "serviceAccountName": rbac_name,
-            "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"],
-            "containers": [container],
-        },
-        spec["placement"],
-        match,
-    )
+    pod: dict[str, Any] = {
+        "serviceAccountName": rbac_name,
+        "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"],
+        "containers": [container],
+    }
+    token = token_volume(spec)
+    if token:
+        pod["volumes"] = [token[0]]
+        container["volumeMounts"] = [token[1]]
+    pod_spec = place(pod, spec["placement"], match)
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -130,7 +135,14 @@ def render_cache(owner: Owner, spec: dict[str, Any], refs: Refs = Refs()) -> lis
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
             "selector": {"matchLabels": match},
-            "template": {"metadata": {"labels": child_metadata(owner, "", COMPONENT)["labels"]}, "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": child_metadata(owner, "", COMPONENT)["labels"],
+                    # Kubernetes membership reads a member's port here.
+                    "annotations": {PORT_ANNOTATION: str(spec["port"])},
+                },
+                "spec": pod_spec,
+            },
         },
     }
     children = [service, *pod_reader(owner, rbac_name, COMPONENT), statefulset]

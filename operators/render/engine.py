@@ -1,7 +1,8 @@
 """Render an EnginePool: a Deployment of vLLM engines, their Service and PDB.
 
 With a `kvCacheRef`, every engine loads the kvgate tiered connector
-(`--kv-transfer-config`) pointed at the KVCache's nodes (L2) and its L3; with
+(`--kv-transfer-config`) pointed at the KVCache's nodes (L2, found by their
+pod labels like the nodes find each other) and its L3; with
 `kvEvents.enabled`, every engine binds a ZMQ publisher of its KV cache events
 on its own port, which the pod announces in the annotation
 `kvgate.io/kv-events-port` next to `kvgate.io/port`, so every gateway replica
@@ -23,8 +24,8 @@ from operators.meta import (
     selector_labels,
 )
 from operators.placement import disruption_budget, place, pod_downward_env, resources
-from operators.render.base import Refs, prestop_sleep
-from operators.render.cache import node_addresses
+from operators.render.base import Refs, pod_reader, prestop_sleep
+from operators.render.cache import TOKEN_FILE, member_selector, token_volume
 
 COMPONENT = "engine"
 
@@ -51,12 +52,18 @@ def connector_config(spec: dict[str, Any], cache: tuple[str, dict[str, Any]], na
     cache_name, cache_spec = cache
     extra: dict[str, Any] = {
         "l1": {"capacity_bytes": quantity_bytes(spec["kvCacheRef"]["l1Capacity"], "spec.kvCacheRef.l1Capacity")},
-        # NOTE: the StatefulSet's stable DNS names make a correct static member list; scaling the
-        # KVCache therefore rolls the engines, which Kubernetes membership in the connector avoids.
-        "l2": {"peers": node_addresses(cache_name, namespace, cache_spec), "replicas": cache_spec["replicationFactor"],
-               "vnodes": cache_spec["vnodes"]},
+        # The same Kubernetes membership the cache nodes use, so engines and nodes build one ring.
+        "l2": {
+            "kubernetes_selector": member_selector(cache_name),
+            "kubernetes_namespace": namespace,
+            "kubernetes_port": cache_spec["port"],
+            "replicas": cache_spec["replicationFactor"],
+            "vnodes": cache_spec["vnodes"],
+        },
         "connector": {"model": served_name(spec)},
     }
+    if cache_spec.get("auth"):
+        extra["l2"]["token_file"] = TOKEN_FILE
     l3 = cache_spec.get("l3") or {}
     if l3.get("redis"):
         extra["l3"] = {"kind": "redis", "url": f"$({L3_REDIS_ENV})", "prefix": l3["redis"]["prefix"]}
@@ -101,7 +108,9 @@ def render_engine(owner: Owner, spec: dict[str, Any], refs: Refs = Refs()) -> li
         refs: `kv_cache` when the spec has a `kvCacheRef`.
 
     Returns:
-        Manifests: Deployment, Service and the PodDisruptionBudget when enabled.
+        Manifests: with a `kvCacheRef` a ServiceAccount/Role/RoleBinding
+        `<name>-engine` (the connector watches cache-node pods); Deployment,
+        Service and the PodDisruptionBudget when enabled.
 
     Raises:
         DependencyError: the referenced KVCache is not in `refs`.
@@ -125,6 +134,10 @@ def render_engine(owner: Owner, spec: dict[str, Any], refs: Refs = Refs()) -> li
     elif l3.get("pvc"):
         volumes.append({"name": "l3", "persistentVolumeClaim": {"claimName": l3["pvc"]["claimName"]}})
         mounts.append({"name": "l3", "mountPath": l3["pvc"]["mountPath"]})
+    token = token_volume(refs.kv_cache[1]) if refs.kv_cache and spec.get("kvCacheRef") else None
+    if token:
+        volumes.append(token[0])
+        mounts.append(token[1])
     gpus = {"nvidia.com/gpu": str(spec["gpus"])} if spec["gpus"] else {}
     health = {"httpGet": {"path": "/health", "port": "http"}}
     lifecycle = spec["lifecycle"]
@@ -144,12 +157,14 @@ def render_engine(owner: Owner, spec: dict[str, Any], refs: Refs = Refs()) -> li
     }
     if not container["lifecycle"]:
         del container["lifecycle"]
-    pod_spec = place(
-        {"terminationGracePeriodSeconds": lifecycle["terminationGracePeriodSeconds"], "containers": [container],
-         "volumes": volumes},
-        spec["placement"],
-        match,
-    )
+    pod: dict[str, Any] = {"terminationGracePeriodSeconds": lifecycle["terminationGracePeriodSeconds"],
+                           "containers": [container], "volumes": volumes}
+    rbac: list[dict[str, Any]] = []
+    if spec.get("kvCacheRef"):
+        # The connector lists the cache-node pods (Kubernetes membership of the L2 ring).
+        pod["serviceAccountName"] = f"{owner.name}-engine"
+        rbac = pod_reader(owner, pod["serviceAccountName"], COMPONENT)
+    pod_spec = place(pod, spec["placement"], match)
     template_meta = {"labels": child_metadata(owner, "", COMPONENT)["labels"], "annotations": annotations}
     deployment = {
         "apiVersion": "apps/v1",
@@ -170,4 +185,4 @@ def render_engine(owner: Owner, spec: dict[str, Any], refs: Refs = Refs()) -> li
         "spec": {"selector": match, "ports": [{"name": "http", "port": spec["port"], "targetPort": "http"}]},
     }
     budget = disruption_budget(owner, COMPONENT, spec["podDisruptionBudget"])
-    return [deployment, service] + ([budget] if budget else [])
+    return [*rbac, deployment, service] + ([budget] if budget else [])

@@ -54,7 +54,7 @@ async def test_sample_fleet_creates_children_wired_and_placed():
         gateway = await wait_for(lambda: env.obj("Deployment", "gateway"), what="gateway Deployment")
         for name in ("kvcache", "llama", "gateway"):
             await wait_for(lambda: env.obj("PodDisruptionBudget", name), what=f"PDB {name}")
-        for name in ("gateway-gateway", "kvcache-cache"):
+        for name in ("gateway-gateway", "kvcache-cache", "llama-engine"):
             for kind in ("ServiceAccount", "Role", "RoleBinding"):
                 await wait_for(lambda: env.obj(kind, name), what=f"{kind} {name}")
         await wait_for(lambda: env.obj("ConfigMap", "gateway-config"), what="gateway ConfigMap")
@@ -62,7 +62,7 @@ async def test_sample_fleet_creates_children_wired_and_placed():
         # Every child is owned by its custom resource (by UID), so deleting the CR deletes it.
         owners = {"kvcache": "KVCache", "llama": "EnginePool", "gateway": "KVGateway"}
         children = env.children()
-        assert len(children) == 16
+        assert len(children) == 19
         for child in children:
             (ref,) = child["metadata"]["ownerReferences"]
             instance = child["metadata"]["labels"]["app.kubernetes.io/instance"]
@@ -81,7 +81,10 @@ async def test_sample_fleet_creates_children_wired_and_placed():
         assert pod_spec(engines)["terminationGracePeriodSeconds"] == 120
         assert engines["spec"]["template"]["metadata"]["annotations"]["kvgate.io/kv-events-port"] == "5557"
         transfer = json.loads(arg(engine, "--kv-transfer-config"))
-        assert len(transfer["kv_connector_extra_config"]["l2"]["peers"]) == 3
+        l2 = transfer["kv_connector_extra_config"]["l2"]
+        assert "app.kubernetes.io/instance=kvcache" in l2["kubernetes_selector"]
+        assert l2["token_file"] == "/etc/kvgate/cache-token/token"
+        assert pod_spec(engines)["serviceAccountName"] == "llama-engine"
         assert transfer["kv_connector_extra_config"]["l3"]["kind"] == "redis"
 
         # Gateways: discover the engine pods, preStop and grace, keys from the Secret.
@@ -107,7 +110,7 @@ async def test_update_patches_children():
         await wait_for(lambda: env.obj("StatefulSet", "kvcache"), what="cache")
 
         await env.update_spec("EnginePool", "llama", {"replicas": 4, "lifecycle": {"preStopDelaySeconds": 20}})
-        await env.update_spec("KVCache", "kvcache", {"replicas": 5})
+        await env.update_spec("KVCache", "kvcache", {"replicas": 5, "replicationFactor": 3})
 
         def engine_updated():
             d = env.obj("Deployment", "llama")
@@ -117,12 +120,12 @@ async def test_update_patches_children():
         await wait_for(engine_updated, what="engine Deployment patched")
         await wait_for(lambda: env.obj("StatefulSet", "kvcache")["spec"]["replicas"] == 5, what="StatefulSet patched")
 
-        # The engines follow the cache's new membership (resync), through the connector config.
-        def peers():
+        # The engines follow the cache's replication factor (resync), through the connector config.
+        def replicas():
             c = pod_spec(env.obj("Deployment", "llama"))["containers"][0]
-            return len(json.loads(arg(c, "--kv-transfer-config"))["kv_connector_extra_config"]["l2"]["peers"]) == 5
+            return json.loads(arg(c, "--kv-transfer-config"))["kv_connector_extra_config"]["l2"]["replicas"] == 3
 
-        await wait_for(peers, what="engines see 5 cache nodes")
+        await wait_for(replicas, what="engines write 3 copies of each block")
         await wait_for(lambda: env.obj("KVCache", "kvcache")["status"]["observedGeneration"] == 2,
                        what="observedGeneration follows")
 

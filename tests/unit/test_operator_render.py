@@ -21,8 +21,12 @@ def by_kind(children, kind):
     return next(c for c in children if c["kind"] == kind)
 
 
+def pod_of(children, kind):
+    return by_kind(children, kind)["spec"]["template"]["spec"]
+
+
 def container(children, kind):
-    return by_kind(children, kind)["spec"]["template"]["spec"]["containers"][0]
+    return pod_of(children, kind)["containers"][0]
 
 
 def fleet(cache_spec=None, pool_spec=None, gateway_spec=None):
@@ -100,15 +104,16 @@ def test_cache_nodes_have_stable_identities_and_kubernetes_membership():
     flag = lambda name: args[args.index(name) + 1]  # noqa: E731
     assert args[0] == "cache-node"
     assert flag("--node-id") == "$(POD_NAME)"
-    assert flag("--advertise-host") == "$(POD_NAME).c-nodes.ns.svc"
+    assert flag("--advertise-host") == "$(POD_IP)"
     assert flag("--capacity-bytes") == str(2 << 30)
     assert flag("--replicas") == "3"
     assert flag("--membership") == "kubernetes"
     assert flag("--namespace") == "ns"
-    assert flag("--labels") == "host=$(NODE_NAME),zone=$(NODE_ZONE)"
+    assert "--labels" not in args  # host and zone come from the Kubernetes membership
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container(children, "StatefulSet")["env"]}
-    assert env["NODE_NAME"] == "spec.nodeName"
-    assert env["NODE_ZONE"] == "metadata.labels['topology.kubernetes.io/zone']"
+    assert env["POD_NAME"] == "metadata.name" and env["POD_IP"] == "status.podIP"
+    assert sts["spec"]["template"]["metadata"]["annotations"] == {"kvgate.io/port": "50051"}
+    assert "--allow-unauthenticated" in args and "--token-file" not in args
     selector = dict(item.split("=") for item in flag("--selector").split(","))
     assert selector.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     # Memory request covers the block budget plus the process.
@@ -140,8 +145,9 @@ def test_engines_get_the_connector_wired_to_the_cache(l3, env, volume, expected)
     assert config["kv_connector"] == "TieredKVConnector"
     assert config["kv_connector_module_path"] == "kvcache.vllm_connector"
     extra = config["kv_connector_extra_config"]
-    assert extra["l2"]["peers"] == [f"c-{i}=c-{i}.c-nodes.ns.svc:50051" for i in range(3)]
-    assert extra["l2"]["replicas"] == 2
+    assert extra["l2"] == {"kubernetes_selector": "app.kubernetes.io/name=kvgate,app.kubernetes.io/instance=c,"
+                                                  "app.kubernetes.io/component=cache",
+                           "kubernetes_namespace": "ns", "kubernetes_port": 50051, "replicas": 2, "vnodes": 160}
     assert extra.get("l3") == expected
     cont = container(children, "Deployment")
     secret_env = [e["valueFrom"]["secretKeyRef"] for e in cont["env"] if "secretKeyRef" in e.get("valueFrom", {})]
@@ -158,7 +164,27 @@ def test_connector_config_is_what_the_kvcache_settings_accept():
     config = _connector(fleet(cache_spec={"l3": {"pvc": {"claimName": "kv"}}})["EnginePool"])
     assert (config["kv_connector"], config["kv_connector_module_path"]) == (CONNECTOR_CLASS, CONNECTOR_MODULE)
     settings = CacheSettings.from_mapping(config["kv_connector_extra_config"])
-    assert settings.l2.replicas == 2 and len(settings.l2.peers) == 3
+    assert settings.l2.replicas == 2 and settings.l2.kubernetes_port == 50051
+    assert settings.l2.token_file == "" and settings.l2.enabled
+
+
+def test_cache_token_reaches_nodes_and_engines():
+    children = fleet(cache_spec={"auth": {"secretName": "tok"}})
+    node = container(children["KVCache"], "StatefulSet")
+    assert node["args"][node["args"].index("--token-file") + 1] == "/etc/kvgate/cache-token/token"
+    assert "--allow-unauthenticated" not in node["args"]
+    for kind, workload in (("KVCache", "StatefulSet"), ("EnginePool", "Deployment")):
+        pod = pod_of(children[kind], workload)
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "cache-token"]
+        assert volume["secret"] == {"secretName": "tok", "items": [{"key": "token", "path": "token"}]}
+        assert {"name": "cache-token", "mountPath": "/etc/kvgate/cache-token", "readOnly": True} in \
+            pod["containers"][0]["volumeMounts"]
+    assert _connector(children["EnginePool"])["kv_connector_extra_config"]["l2"]["token_file"] == \
+        "/etc/kvgate/cache-token/token"
+    # The connector watches cache-node pods: the engines get their own pod reader.
+    engine_pod = pod_of(children["EnginePool"], "Deployment")
+    assert engine_pod["serviceAccountName"] == "p-engine"
+    assert by_kind(children["EnginePool"], "Role")["rules"][0]["resources"] == ["pods"]
 
 
 def test_engine_pods_announce_ports_bind_events_and_drain_before_sigterm():
