@@ -164,7 +164,7 @@ def test_kustomize_default_installs_crds_rbac_and_the_operator():
     assert deployment["metadata"]["namespace"] == "kvgate-system"
     assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][0] == "operator"
     # The operator may do everything its reconcile does.
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kvgate-operator")
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
                for v in rule["verbs"]}
     plurals = {"StatefulSet": ("apps", "statefulsets"), "Deployment": ("apps", "deployments"),
