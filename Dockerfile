@@ -22,6 +22,8 @@ COPY kvcache ./kvcache
 COPY operators ./operators
 COPY proto ./proto
 # vLLM (and torch) come from the base image: install kvgate's own dependencies only.
+# (The variable lets pip write to an interpreter marked as system-managed.)
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir . \
     && python3 -c "import kvcache.vllm_connector, vllm"
 ENV PYTHONUNBUFFERED=1
