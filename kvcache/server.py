@@ -260,6 +260,7 @@ class CacheNode:
             name="node",
             metrics=metrics.store,
         )
+        metrics.store.prime("node")
         self.batch_bytes = max(1, settings.max_message_bytes - (64 << 10))
         self.leaving = False
         self._membership = membership

@@ -30,12 +30,17 @@ class VirtualTokenCounters:
         self.output_weight = output_weight
         self._counters: dict[UserId, float] = {}
         self._active: Counter[UserId] = Counter()
+        self._served: dict[UserId, float] = {}
 
     def get(self, user: UserId) -> float:
         return self._counters.get(user, 0.0)
 
     def snapshot(self) -> dict[UserId, float]:
         return dict(self._counters)
+
+    def served(self) -> dict[UserId, float]:
+        """Weighted tokens each user has received, never lifted (for service shares)."""
+        return dict(self._served)
 
     def arrive(self, user: UserId) -> None:
         """Mark one more request of `user` as active, lifting its counter first if it was idle."""
@@ -60,6 +65,7 @@ class VirtualTokenCounters:
         cost = self.input_weight * input_tokens + self.output_weight * output_tokens
         if cost:
             self._counters[user] = self._counters.get(user, 0.0) + cost
+            self._served[user] = self._served.get(user, 0.0) + cost
 
     def active_users(self) -> int:
         return len(self._active)

@@ -31,6 +31,8 @@ class EngineStats:
     external_hits: float = 0.0
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    cached_by_source: dict[str, float] = field(default_factory=dict)
+    """Cached prompt tokens by the tier that supplied them (`vllm:prompt_tokens_cached_by_source`)."""
     scraped_at: float = 0.0
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from router.admission import AdmissionQueue, Waiter
+from router.decisions import DECISIONS_KEPT, Candidate, Decision
 from router.errors import NoCapacity
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
@@ -99,6 +101,10 @@ class Router:
         self.metrics = metrics
         self.queue = AdmissionQueue(counters, settings.max_queue)
         self._rng = rng or random.Random()
+        self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
+        """The most recent decisions, for the live dashboard."""
+        metrics.watch_users(counters)
+        metrics.queue_limit.set(settings.max_queue)
 
     def candidates(self, model: str, exclude: Collection[PodId] = ()) -> list[Pod]:
         """Healthy pods serving `model` (pods whose models are not yet known count as serving it)."""
@@ -126,6 +132,13 @@ class Router:
         best = min(range(len(pods)), key=lambda i: (costs[i], pods[i].in_flight, self._rng.random()))
         pod = pods[best]
         matched = request.matched_blocks.get(pod.id, 0)
+        blocks = request.matched_blocks
+        self.decisions.append(
+            Decision(
+                time.time(), request.user, request.model, policy_name, pod.id, request.prompt_tokens, request.block_size,
+                tuple(Candidate(p.id, c, blocks.get(p.id, 0), p.in_flight) for p, c in zip(pods, costs)),
+            )
+        )
         uncached = max(request.prompt_tokens - matched * request.block_size, 0)
         pod.in_flight += 1
         pod.pending_prefill += uncached
@@ -168,6 +181,7 @@ class Router:
         self.metrics.queue_length.set(len(self.queue))
         self.dispatch_waiting()
         limit = self.settings.queue_timeout_s if timeout is None else timeout
+        queued_at = time.perf_counter()
         # NOTE: asyncio.wait, not wait_for: wait never cancels the future, and a
         # cancellation that races the hand-over still raises here, so the lease
         # handed over in that instant is given back below, never lost.
@@ -176,6 +190,8 @@ class Router:
         except asyncio.CancelledError:
             self._give_up(waiter)
             raise
+        finally:
+            self.metrics.admission_wait_seconds.observe(time.perf_counter() - queued_at)
         if not done:
             self._give_up(waiter)
             raise NoCapacity(f"no pod had a free slot within {limit:g}s; retry later")

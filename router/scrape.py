@@ -25,6 +25,7 @@ _SUMMED = {
     "vllm:external_prefix_cache_hits_total": "external_hits",
 }
 _CACHE_INFO = "vllm:cache_config_info"
+_BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -40,6 +41,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None) -> EngineStats:
     """
     sums: dict[str, float] = {}
     block_size = num_gpu_blocks = None
+    by_source: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -53,6 +55,13 @@ def parse_engine_metrics(text: str, *, now: float | None = None) -> EngineStats:
             if labels.get("num_gpu_blocks", "").isdigit():
                 # Several engines behind one URL: their capacities add up.
                 num_gpu_blocks = (num_gpu_blocks or 0) + int(labels["num_gpu_blocks"])
+            continue
+        if name == _BY_SOURCE:
+            source = dict(_LABEL.findall(line[brace : line.rfind("}")])).get("source", "")
+            try:
+                by_source[source] = by_source.get(source, 0.0) + float(line[line.rfind("}") + 1 :].split()[0])
+            except (IndexError, ValueError):
+                pass
             continue
         field = _SUMMED.get(name)
         if field is None:
@@ -75,5 +84,6 @@ def parse_engine_metrics(text: str, *, now: float | None = None) -> EngineStats:
         external_hits=sums.get("external_hits", 0.0),
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
+        cached_by_source=by_source,
         scraped_at=time.monotonic() if now is None else now,
     )
