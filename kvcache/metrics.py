@@ -114,10 +114,11 @@ class StoreMetrics:
         Args:
             tier: the tier's name (its ``tier`` label).
         """
-        for child in (self.hits, self.evictions, self.dropped_bytes, self.stored_bytes):
+        for child in (self.hits, self.evictions, self.dropped_bytes, self.stored_bytes, self.pending_write_bytes):
             child.labels(tier)
         for op in OPS:
-            self.skipped.labels(tier, op)
+            for child in (self.skipped, self.bytes, self.seconds):
+                child.labels(tier, op)
         for reason in CHECK_REASONS:
             self.checksum_failures.labels(tier, reason)
         for reason in DROP_REASONS:
