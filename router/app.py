@@ -15,6 +15,7 @@ import random
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.dashboard import add_dashboard
 from router.discovery import Discovery
 from router.errors import GatewayError, PayloadTooLarge
 from router.gateway import Gateway
@@ -119,6 +120,7 @@ def create_app(
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
+    add_dashboard(app, gateway, interval_s=max(settings.scrape.interval_s, 0.5))
 
     async def _start(app: web.Application) -> None:
         await gateway.start()
