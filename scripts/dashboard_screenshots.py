@@ -169,9 +169,13 @@ async def run(args: argparse.Namespace) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         prom = await asyncio.to_thread(stack.enter_context, run_prometheus(workdir, jobs, relabel_pod=["vllm"]))
         start = time.time()
-        answered = await traffic(gateway, args.model, args.seconds)
+
+        async def shoot_while_busy() -> None:
+            await asyncio.sleep(max(args.seconds - 8.0, 1.0))
+            await screenshot_live(gateway, args.out / "live.png")
+
+        answered, _ = await asyncio.gather(traffic(gateway, args.model, args.seconds), shoot_while_busy())
         print(f"{answered} answers in {args.seconds:.0f}s", file=sys.stderr)
-        await screenshot_live(gateway, args.out / "live.png")
         await asyncio.sleep(2)
         end = time.time()
         for name, build in BOARDS.items():
