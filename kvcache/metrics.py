@@ -114,11 +114,13 @@ class StoreMetrics:
         Args:
             tier: the tier's name (its ``tier`` label).
         """
-        for child in (self.hits, self.evictions, self.dropped_bytes, self.stored_bytes, self.pending_write_bytes):
+        for child in (self.hits, self.evictions, self.dropped_bytes, self.pending_write_bytes):
             child.labels(tier)
         for op in OPS:
-            for child in (self.skipped, self.bytes, self.seconds):
+            for child in (self.skipped, self.seconds):
                 child.labels(tier, op)
+        for op in ("get", "put"):
+            self.bytes.labels(tier, op)
         for reason in CHECK_REASONS:
             self.checksum_failures.labels(tier, reason)
         for reason in DROP_REASONS:

@@ -110,14 +110,18 @@ def render_board(prom, board: dict, start: float, end: float, path: Path, rate_w
         for target in panel.get("targets", []):
             expr = substitute(target["expr"], rate_window)
             data = prom.api("/api/v1/query_range", query=expr, start=str(start), end=str(end), step=f"{step}s")
-            for series in data["result"][:8]:
+            results = data["result"][:8]
+            for n, series in enumerate(results):
                 xs = [float(t) - end for t, _ in series["values"]]
                 ys = [float(v) for _, v in series["values"]]
                 if panel["type"] == "stat":
                     finite = [y for y in ys if y == y]
                     value = finite[-1] if finite else float("nan")
                     text = f"{100 * value:.1f}%" if unit == "percentunit" else f"{value:.3g}"
-                    ax.text(0.5, 0.5, text, fontsize=28, ha="center", va="center", transform=ax.transAxes, color="#73bf69")
+                    label = _legend(target.get("legendFormat", ""), series["metric"]) if len(results) > 1 else ""
+                    y = 0.5 + 0.25 * ((len(results) - 1) / 2 - n)
+                    ax.text(0.5, y, f"{label}  {text}".strip(), fontsize=28 if len(results) == 1 else 18,
+                            ha="center", va="center", transform=ax.transAxes, color="#73bf69")
                 else:
                     ax.plot(xs, ys, linewidth=1.4, label=_legend(target.get("legendFormat", ""), series["metric"]))
         if panel["type"] == "stat":
@@ -171,7 +175,7 @@ async def run(args: argparse.Namespace) -> int:
         start = time.time()
 
         async def shoot_while_busy() -> None:
-            await asyncio.sleep(max(args.seconds - 8.0, 1.0))
+            await asyncio.sleep(max(args.seconds - 25.0, 1.0))
             await screenshot_live(gateway, args.out / "live.png")
 
         answered, _ = await asyncio.gather(traffic(gateway, args.model, args.seconds), shoot_while_busy())
