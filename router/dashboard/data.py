@@ -45,33 +45,38 @@ def _series(samples: Sequence[Sample]) -> dict[str, Any]:
     by_pod: dict[str, list[float | None]] = {}
     by_tier: dict[str, list[float]] = {name: [] for name in TIERS.values()}
     for i in range(1, len(samples)):
-        a, b = samples[max(0, i - RATE_SPAN)], samples[i]
-        dt = b.at - a.at
-        if dt <= 0:
-            continue
-        hits = queries = pred = routed = ext_hits = 0.0
+        b = samples[i]
+        window = samples[max(0, i - RATE_SPAN) : i]
+        # Per-second rates summed over pods; each pod from its oldest sample in the window.
+        hits = queries = pred = routed = cached = 0.0
         tiers = dict.fromkeys(by_tier, 0.0)
+        rates: dict[str, float | None] = {}
         for pod, now in b.pods.items():
-            then = a.pods.get(pod)
-            if then is None:
+            a = next((s for s in window if pod in s.pods), None)
+            dt = b.at - a.at if a is not None else 0.0
+            if a is None or dt <= 0:
+                rates[pod] = None
                 continue
-            dq, dh = now.prefix_queries - then.prefix_queries, now.prefix_hits - then.prefix_hits
+            then = a.pods[pod]
+            dq, dh = (now.prefix_queries - then.prefix_queries) / dt, (now.prefix_hits - then.prefix_hits) / dt
             hits, queries = hits + dh, queries + dq
-            ext_hits += now.external_hits - then.external_hits
-            pred, routed = pred + now.predicted - then.predicted, routed + now.routed - then.routed
-            by_pod.setdefault(pod, [None] * len(t)).append(_ratio(dh, dq))
+            cached += dh + (now.external_hits - then.external_hits) / dt
+            pred += (now.predicted - then.predicted) / dt
+            routed += (now.routed - then.routed) / dt
+            rates[pod] = _ratio(dh, dq)
             for source, name in TIERS.items():
-                tiers[name] += now.cached_by_source.get(source, 0.0) - then.cached_by_source.get(source, 0.0)
-        for values in by_pod.values():  # pods that were not there get a gap
+                tiers[name] += (now.cached_by_source.get(source, 0.0) - then.cached_by_source.get(source, 0.0)) / dt
+        for pod, rate in rates.items():
+            by_pod.setdefault(pod, [None] * len(t)).append(rate)
+        for values in by_pod.values():  # pods not there now get a gap
             values.extend([None] * (len(t) + 1 - len(values)))
         t.append(b.at)
-        cached = hits + ext_hits
-        saved.append(max(cached, 0.0) / dt)
-        computed.append(max(queries - cached, 0.0) / dt)
+        saved.append(max(cached, 0.0))
+        computed.append(max(queries - cached, 0.0))
         fleet.append(_ratio(hits, queries))
         predicted.append(_ratio(pred, routed))
         for name, value in tiers.items():
-            by_tier[name].append(max(value, 0.0) / dt)
+            by_tier[name].append(max(value, 0.0))
     return {
         "t": t,
         "saved_tokens_per_s": saved,
@@ -139,7 +144,7 @@ def snapshot(gateway: Gateway, samples: Sequence[Sample], interval_s: float) -> 
         "interval_s": interval_s,
         "samples": len(samples),
         "updated_at": samples[-1].at if samples else None,
-        "series": _series(samples),
+        "series": _series(list(samples)),
         "pods": pods,
         "queue": {"length": len(gateway.router.queue), "limit": gateway.settings.admission.max_queue},
         "users": users,
