@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @contextlib.asynccontextmanager
-async def launch() -> AsyncIterator["object"]:
+async def launch() -> AsyncIterator[Any]:
     """A headless Chromium browser (Playwright's async API) for the duration of the block."""
     if not shutil.which(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (scripts/install.sh installs it)")
