@@ -44,8 +44,10 @@ class StubPrefixCache:
 
     A prompt is its request body's JSON, 4 characters to a token; a block is
     `block_size` tokens. Every full block whose whole prefix was seen before
-    is a hit (unbounded capacity: nothing is evicted).
+    is a hit. Capacity is `max_blocks`; past it everything is evicted at once.
     """
+
+    max_blocks: int = 1 << 20
 
     seen: set[int] = field(default_factory=set)
     queries: int = 0
@@ -68,14 +70,16 @@ class StubPrefixCache:
         """Count one prompt; returns its tokens found cached."""
         tokens = len(text) // 4
         step = block_size * 4
-        hit_blocks, missed = 0, False
+        hit_blocks, missed, key = 0, False, 0
         for end in range(step, tokens * 4 + 1, step):
-            key = hash(text[:end])
+            key = hash((key, text[end - step : end]))  # chained: one key names the whole prefix
             if key in self.seen and not missed:
                 hit_blocks += 1
             else:
                 missed = True
                 self.seen.add(key)
+        if len(self.seen) > self.max_blocks:
+            self.seen.clear()
         self.queries += tokens
         self.prompt_tokens += tokens
         self.hits += hit_blocks * block_size
