@@ -19,7 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from router.admission import AdmissionQueue, Waiter
-from router.decisions import DECISIONS_KEPT, Candidate, Decision
+from router.decisions import DECISIONS_KEPT, DecisionRecord
 from router.errors import NoCapacity
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
@@ -101,8 +101,8 @@ class Router:
         self.metrics = metrics
         self.queue = AdmissionQueue(counters, settings.max_queue)
         self._rng = rng or random.Random()
-        self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
-        """The most recent decisions, for the live dashboard."""
+        self.decisions: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
+        """The most recent decisions, for the live dashboard (`router.decisions.decision` reads one)."""
         metrics.watch_users(counters)
         metrics.queue_limit.set(settings.max_queue)
 
@@ -132,13 +132,7 @@ class Router:
         best = min(range(len(pods)), key=lambda i: (costs[i], pods[i].in_flight, self._rng.random()))
         pod = pods[best]
         matched = request.matched_blocks.get(pod.id, 0)
-        blocks = request.matched_blocks
-        self.decisions.append(
-            Decision(
-                time.time(), request.user, request.model, policy_name, pod.id, request.prompt_tokens, request.block_size,
-                tuple(Candidate(p.id, c, blocks.get(p.id, 0), p.in_flight) for p, c in zip(pods, costs)),
-            )
-        )
+        self.decisions.append((time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods]))
         uncached = max(request.prompt_tokens - matched * request.block_size, 0)
         pod.in_flight += 1
         pod.pending_prefill += uncached

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from router.dashboard.samples import Sample, gateway_counters
-from router.decisions import Decision
+from router.decisions import decision
 from router.gateway import Gateway
 
 #: Rates are taken between samples this many intervals apart (smooths jitter).
@@ -92,7 +92,8 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _decision(d: Decision) -> dict[str, Any]:
+def _decision(record: Any) -> dict[str, Any]:
+    d = decision(record)
     return {
         "at": d.at,
         "user": d.user,
@@ -100,10 +101,10 @@ def _decision(d: Decision) -> dict[str, Any]:
         "policy": d.policy,
         "pod": d.pod,
         "prompt_tokens": d.prompt_tokens,
-        "matched_tokens": min(next((c.matched_blocks for c in d.candidates if c.pod == d.pod), 0) * d.block_size, d.prompt_tokens),
+        "matched_tokens": d.matched_tokens,
         "candidates": [
             {"pod": c.pod, "cost": _finite(c.cost), "matched_blocks": c.matched_blocks, "in_flight": c.in_flight, "won": c.pod == d.pod}
-            for c in sorted(d.candidates, key=lambda c: c.cost)
+            for c in d.candidates
         ],
     }
 
