@@ -86,6 +86,8 @@ async def run(args: argparse.Namespace) -> int:
             engine_args = await tiers.start()
             for spec in tiers.specs:
                 print(f"cache-node: {spec}", flush=True)
+            for url in tiers.metrics_urls:
+                print(f"cache-node-metrics: {url}", flush=True)
             print(f"l3: {tiers.l3}", flush=True)
         ports = free_ports(2 * args.engines)
         engines = [

@@ -1,6 +1,7 @@
 """Screenshots of kvgate's dashboards under real traffic, for the README.
 
-    python scripts/dashboard_screenshots.py [--gateway URL --engines URL,URL] [--seconds 90] [--out docs/dashboards]
+    python scripts/dashboard_screenshots.py [--gateway URL --engines URL,URL --cache-nodes URL,URL]
+                                            [--seconds 90] [--out docs/dashboards]
 
 Drives chat traffic (several users, shared system prompts, multi-turn
 follow-ups) through a gateway while a real Prometheus (Debian's package)
@@ -169,7 +170,7 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(1.0)
         jobs = {"kvgate-gateway": [gateway.removeprefix("http://")], "vllm": [e.removeprefix("http://") for e in engines]}
         if args.cache_nodes:
-            jobs["kvgate-cache-node"] = args.cache_nodes.split(",")
+            jobs["kvgate-cache-node"] = [u.removeprefix("http://").removesuffix("/metrics") for u in args.cache_nodes.split(",")]
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         prom = await asyncio.to_thread(stack.enter_context, run_prometheus(workdir, jobs, relabel_pod=["vllm"]))
         start = time.time()
@@ -195,7 +196,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateway", help="a running gateway (default: start stub engines and a gateway)")
     parser.add_argument("--engines", default="", help="comma-separated engine URLs to scrape (with --gateway)")
-    parser.add_argument("--cache-nodes", default="", help="comma-separated host:port of cache nodes' metrics")
+    parser.add_argument("--cache-nodes", default="", help="comma-separated cache-node metrics URLs (kvgate up prints them)")
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--seconds", type=float, default=60.0, help="traffic duration")
     parser.add_argument("--boards", default="fleet.json,routing.json", help="dashboards to draw")
