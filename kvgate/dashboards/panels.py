@@ -162,7 +162,11 @@ def dashboard(title: str, uid: str, description: str, rows: Sequence[Row]) -> di
         timezone="browser",
         schemaVersion=39,
     ).auto_panel_ids()
-    return json.loads(json.dumps(board.to_json_data(), cls=DashboardEncoder))
+    exported = json.loads(json.dumps(board.to_json_data(), cls=DashboardEncoder))
+    for variable in exported["templating"]["list"]:
+        if variable.get("includeAll"):  # start on "All", in the shape Grafana saves it
+            variable["current"] = {"selected": True, "text": ["All"], "value": ["$__all"]}
+    return exported
 
 
 def panel_queries(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
