@@ -14,6 +14,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "kvgate_kvcache"
+#: Values of the ``op`` label.
+OPS = ("get", "put", "exists")
+#: Values of ``reason`` on checksum failures (`kvcache.framing.corruption_reason`).
+CHECK_REASONS = ("length", "magic", "key", "checksum")
+#: Values of ``reason`` on dropped writes.
+DROP_REASONS = ("queue_full", "tier_down", "write_failed")
 
 #: Latency buckets in seconds, from an L1 hit to a slow remote batch.
 LATENCY_BUCKETS = (
@@ -108,6 +114,24 @@ class StoreMetrics:
             registry=registry,
         )
 
+    def prime(self, tier: str) -> None:
+        """Create `tier`'s series at zero, so dashboards and alerts see them before the first event.
+
+        Args:
+            tier: the tier's name (its ``tier`` label).
+        """
+        for child in (self.hits, self.evictions, self.dropped_bytes, self.pending_write_bytes):
+            child.labels(tier)
+        for op in OPS:
+            for child in (self.skipped, self.seconds):
+                child.labels(tier, op)
+        for op in ("get", "put"):
+            self.bytes.labels(tier, op)
+        for reason in CHECK_REASONS:
+            self.checksum_failures.labels(tier, reason)
+        for reason in DROP_REASONS:
+            self.dropped_writes.labels(tier, reason)
+
 
 class NodeMetrics:
     """Metrics of one L2 cache node.
@@ -146,3 +170,5 @@ class NodeMetrics:
             "Bytes reserved for frames still being streamed in (bounded by the upload budget).",
             registry=registry,
         )
+        for outcome in ("sent", "failed"):
+            self.handoff_blocks.labels(outcome)

@@ -134,6 +134,7 @@ class CacheNode:
             name="node",
             metrics=metrics.store,
         )
+        metrics.store.prime("node")
         self.batch_bytes = max(1, settings.max_message_bytes - (64 << 10))
         self.max_block_bytes = min(settings.max_block_bytes, settings.capacity_bytes)
         self.uploads = UploadBudget(min(settings.upload_budget_bytes, settings.capacity_bytes))

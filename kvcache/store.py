@@ -127,6 +127,8 @@ class TieredStore:
         self.settings = settings
         self._clock = clock
         self._health = {tier.name: _Health() for tier in self.tiers}
+        for tier in self.tiers:
+            metrics.prime(tier.name)
         self._queues: dict[str, _WriteQueue] = {}
         self._started = False
 

@@ -49,6 +49,8 @@ class CacheTiers:
     node_capacity_bytes: int = 1 << 30
     model: str = "tiny-llama"
     specs: list[str] = field(default_factory=list)
+    metrics_urls: list[str] = field(default_factory=list)
+    """Each node's Prometheus endpoint."""
     l3: str = ""
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
@@ -62,14 +64,15 @@ class CacheTiers:
             TimeoutError: a node did not come up in time (the others are stopped).
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        ports = free_ports(2 * self.nodes)  # one call: the ports are distinct
         infos = [
             NodeInfo.make(f"n{i}", f"127.0.0.1:{port}", {"host": "local", "zone": f"z{i}"})
-            for i, port in enumerate(free_ports(self.nodes))
+            for i, port in enumerate(ports[: self.nodes])
         ]
         peers = [info.spec() for info in infos]
         token_file = write_token_file(self.state_dir / "cache.token")
         try:
-            for info in infos:
+            for info, metrics_port in zip(infos, ports[self.nodes :]):
                 ready = self.state_dir / f"{info.node_id}.ready.json"
                 ready.unlink(missing_ok=True)
                 argv = cache_node_argv(
@@ -80,7 +83,8 @@ class CacheTiers:
                     capacity_bytes=self.node_capacity_bytes,
                     peers=peers,
                     token_file=token_file,
-                )
+                ) + ["--metrics-port", str(metrics_port)]
+                self.metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
                 with open(self.state_dir / f"{info.node_id}.log", "ab") as log:
                     self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
                 self.specs.append((await asyncio.to_thread(wait_ready, ready)).spec())

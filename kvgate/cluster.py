@@ -5,7 +5,8 @@ nodes; L3 in Redis when one answers, else a local directory), starts N real
 vLLM CPU engines (one OpenMP thread each, fixed KV capacity) loading the
 tiered-cache connector, waits until every one answers, then runs the gateway
 in front of them with the model's own tokenizer. It prints one `engine: URL`
-line per engine and one `gateway: URL` line (scripts rely on these), and on
+line per engine, one `gateway: URL` line and one `dashboard: URL` line (the
+live page; scripts rely on these), and on
 Ctrl-C or SIGTERM drains the gateway, stops every engine, then the cache
 nodes (which hand their blocks off). Nothing is downloaded.
 """
@@ -102,6 +103,8 @@ async def run(args: argparse.Namespace) -> int:
             engine_args = await tiers.start()
             for spec in tiers.specs:
                 print(f"cache-node: {spec}", flush=True)
+            for url in tiers.metrics_urls:
+                print(f"cache-node-metrics: {url}", flush=True)
             print(f"l3: {tiers.l3}", flush=True)
         ports = free_ports(2 * args.engines)
         engines = [
@@ -141,6 +144,7 @@ async def run(args: argparse.Namespace) -> int:
             settings,
             discovery=StaticDiscovery(settings.discovery.worker_urls),
             encoder=load_encoder(settings),
+            on_listening=lambda url: print(f"gateway: {url}\ndashboard: {url}/dashboard", flush=True),
         )
     finally:
         stop_engines(engines)

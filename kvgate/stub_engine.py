@@ -34,6 +34,58 @@ class StubBehaviour:
     """Completion tokens per answer (unless max_tokens is lower)."""
 
 
+#: Upper bounds of the stub's time-to-first-token histogram, in seconds (a subset of vLLM's).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class StubPrefixCache:
+    """A stand-in for vLLM's prefix cache, so the stub's counters behave like an engine's.
+
+    A prompt is its request body's JSON, 4 characters to a token; a block is
+    `block_size` tokens. Every full block whose whole prefix was seen before
+    is a hit. Capacity is `max_blocks`; past it everything is evicted at once.
+    """
+
+    max_blocks: int = 1 << 20
+
+    seen: set[int] = field(default_factory=set)
+    queries: int = 0
+    hits: int = 0
+    prompt_tokens: int = 0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    """Cumulative count per bucket of `TTFT_BUCKETS`, as Prometheus exposes them."""
+    ttft_count: int = 0
+    ttft_sum: float = 0.0
+
+    def first_token(self, seconds: float) -> None:
+        """Observe one time to first token."""
+        for i, le in enumerate(TTFT_BUCKETS):
+            if seconds <= le:
+                self.ttft_buckets[i] += 1
+        self.ttft_count += 1
+        self.ttft_sum += seconds
+
+    def lookup(self, text: str, block_size: int) -> int:
+        """Count one prompt; returns its tokens found cached."""
+        tokens = len(text) // 4
+        step = block_size * 4
+        hit_blocks, missed, key = 0, False, 0
+        for end in range(step, tokens * 4 + 1, step):
+            key = hash((key, text[end - step : end]))  # chained: one key names the whole prefix
+            if key in self.seen and not missed:
+                hit_blocks += 1
+            else:
+                missed = True
+                self.seen.add(key)
+        if len(self.seen) > self.max_blocks:
+            self.seen.clear()
+        self.queries += tokens
+        self.prompt_tokens += tokens
+        self.hits += hit_blocks * block_size
+        return hit_blocks * block_size
+
+
 @dataclass
 class StubEngine:
     model: str = "tiny-llama"
@@ -47,6 +99,12 @@ class StubEngine:
     running: int = 0
     healthy: bool = True
     url: str = ""
+    prefix: "StubPrefixCache" = field(default_factory=lambda: StubPrefixCache())
+
+    def restart(self) -> None:
+        """Behave as a restarted engine: calls forgotten, prefix cache and its counters from zero."""
+        self.calls.clear()
+        self.prefix = StubPrefixCache(self.prefix.max_blocks)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -66,15 +124,38 @@ class StubEngine:
         return web.json_response({"object": "list", "data": [base, *loras]})
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        labels = f'engine="0",model_name="{self.model}"'
+        cache = self.prefix
         lines = [
             "# HELP vllm:num_requests_running Number of requests running.",
             "# TYPE vllm:num_requests_running gauge",
             f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} {float(self.running)}',
             f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0',
             f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0',
-            f'vllm:prefix_cache_queries_total{{engine="0",model_name="{self.model}"}} {float(len(self.calls) * 100)}',
-            f'vllm:prefix_cache_hits_total{{engine="0",model_name="{self.model}"}} {float(len(self.calls) * 10)}',
+            "# TYPE vllm:prefix_cache_queries counter",
+            f"vllm:prefix_cache_queries_total{{{labels}}} {float(cache.queries)}",
+            "# TYPE vllm:prefix_cache_hits counter",
+            f"vllm:prefix_cache_hits_total{{{labels}}} {float(cache.hits)}",
+            "# TYPE vllm:external_prefix_cache_queries counter",
+            f"vllm:external_prefix_cache_queries_total{{{labels}}} {float(cache.queries - cache.hits)}",
+            "# TYPE vllm:external_prefix_cache_hits counter",
+            f"vllm:external_prefix_cache_hits_total{{{labels}}} 0.0",
+            "# TYPE vllm:prompt_tokens counter",
+            f"vllm:prompt_tokens_total{{{labels}}} {float(cache.prompt_tokens)}",
+            "# TYPE vllm:prompt_tokens_cached_by_source counter",
+            *(
+                f'vllm:prompt_tokens_cached_by_source_total{{{labels},source="{source}"}} {float(cache.hits if source == "device" else 0)}'
+                for source in ("device", "host", "p2p", "disk", "external_unspecified")
+            ),
             f'vllm:cache_config_info{{block_size="{self.block_size}",engine="0",num_gpu_blocks="{self.num_gpu_blocks}"}} 1.0',
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+            *(
+                f'vllm:time_to_first_token_seconds_bucket{{{labels},le="{le}"}} {float(n)}'
+                for le, n in zip(TTFT_BUCKETS, cache.ttft_buckets)
+            ),
+            f'vllm:time_to_first_token_seconds_bucket{{{labels},le="+Inf"}} {float(cache.ttft_count)}',
+            f"vllm:time_to_first_token_seconds_count{{{labels}}} {float(cache.ttft_count)}",
+            f"vllm:time_to_first_token_seconds_sum{{{labels}}} {cache.ttft_sum}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -89,9 +170,12 @@ class StubEngine:
         if b.fail_status is not None:
             return web.json_response({"error": {"message": "stub failure", "type": "stub", "code": b.fail_status}}, status=b.fail_status)
         self.running += 1
+        started = asyncio.get_running_loop().time()
+        self.prefix.lookup(json.dumps(body.get("messages") or body.get("prompt")), self.block_size)
         try:
             if b.delay_s:
                 await asyncio.sleep(b.delay_s)
+            self.prefix.first_token(asyncio.get_running_loop().time() - started)
             n = min(b.tokens, body.get("max_tokens") or b.tokens)
             chat = request.path.endswith("chat/completions")
             prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt"))) // 4

@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.body import read_body
+from router.dashboard import add_dashboard
 from router.discovery import Discovery
 from router.errors import GatewayError, NoCapacity, PayloadTooLarge
 from router.gateway import Gateway
@@ -162,6 +163,7 @@ def create_app(
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
+    add_dashboard(app, gateway, interval_s=max(settings.scrape.interval_s, 0.5))
 
     async def _start(app: web.Application) -> None:
         await gateway.start()

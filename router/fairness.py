@@ -50,12 +50,17 @@ class VirtualTokenCounters:
         self._peer_active: dict[UserId, int] = {}
         self.observer: CounterObserver | None = None
         """Told of every charge and activity change (the shared state, with gateway replicas)."""
+        self._served: dict[UserId, float] = {}
 
     def get(self, user: UserId) -> float:
         return self._counters.get(user, 0.0)
 
     def snapshot(self) -> dict[UserId, float]:
         return dict(self._counters)
+
+    def served(self) -> dict[UserId, float]:
+        """Weighted tokens each user has received, never lifted (for service shares)."""
+        return dict(self._served)
 
     def arrive(self, user: UserId) -> None:
         """Mark one more request of `user` as active, lifting its counter first if it was idle."""
@@ -91,6 +96,7 @@ class VirtualTokenCounters:
         cost = self.input_weight * input_tokens + self.output_weight * output_tokens
         if cost:
             self._counters[user] = self._counters.get(user, 0.0) + cost
+            self._served[user] = self._served.get(user, 0.0) + cost
             if self.observer is not None:
                 self.observer.charged(user, cost)
 
@@ -108,6 +114,7 @@ class VirtualTokenCounters:
         while len(self._idle) > self.max_idle_users:
             forgotten, _ = self._idle.popitem(last=False)
             self._counters.pop(forgotten, None)
+            self._served.pop(forgotten, None)
 
     def set_peer_active(self, user: UserId, count: int) -> None:
         """Requests of `user` active on other replicas (they count for the lift on arrival)."""

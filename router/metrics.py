@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.fairness import VirtualTokenCounters
 from router.pods import Pod
 
 _DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1)
@@ -57,6 +58,31 @@ class _EngineCollector(Collector):
         yield from (queries, hits, ext_queries, ext_hits, running, waiting, kv, healthy)
 
 
+class _UserCollector(Collector):
+    """Per-user fairness figures, read from the VTC counters at collection time.
+
+    NOTE: one series per user the gateway has seen, as many as the counters
+    themselves keep; users come from API keys or the user header, so their
+    number is the deployment's number of clients.
+    """
+
+    def __init__(self, counters: VirtualTokenCounters) -> None:
+        self._counters = counters
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        virtual = GaugeMetricFamily(
+            "kvgate_user_virtual_tokens", "The user's virtual token counter (VTC; lifted when idle).", labels=["user"]
+        )
+        served = CounterMetricFamily(
+            "kvgate_user_service_tokens", "Weighted tokens the user has received (input plus weighted output).", labels=["user"]
+        )
+        for user, value in self._counters.snapshot().items():
+            virtual.add_metric([user], value)
+        for user, value in self._counters.served().items():
+            served.add_metric([user], value)
+        yield from (virtual, served)
+
+
 class GatewayMetrics:
     """Every metric the gateway exports.
 
@@ -90,6 +116,10 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.queue_limit = Gauge("kvgate_admission_queue_limit", "Requests the admission queue holds at most.", registry=r)
+        self.admission_wait_seconds = Histogram(
+            "kvgate_admission_wait_seconds", "Time requests that found every pod full spent in the admission queue.", registry=r
+        )
         self.retries = Counter("kvgate_upstream_retries", "Requests re-sent to another pod after a failure.", ["pod"], registry=r)
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended with an error event after the pod broke off.", ["pod"], registry=r
@@ -112,6 +142,10 @@ class GatewayMetrics:
         self._per_pod: dict[str, tuple[Counter, Counter, Gauge]] = {}
         self._outcomes: dict[tuple[str, str, str], Counter] = {}
         self._ttft: dict[str, Histogram] = {}
+
+    def watch_users(self, counters: VirtualTokenCounters) -> None:
+        """Export per-user VTC counters and service received (call once)."""
+        self.registry.register(_UserCollector(counters))
 
     def _pod(self, pod: str) -> tuple[Counter, Counter, Gauge]:
         children = self._per_pod.get(pod)

@@ -67,6 +67,8 @@ class EngineStats:
     num_gpu_blocks: int | None = None
     started_at: float | None = None
     """The engine process's start (`process_start_time_seconds`, Unix seconds), where it exports it."""
+    cached_by_source: dict[str, float] = field(default_factory=dict)
+    """Cached prompt tokens by the tier that supplied them (`vllm:prompt_tokens_cached_by_source`)."""
     scraped_at: float = 0.0
 
 

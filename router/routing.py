@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from router.admission import AdmissionQueue, Waiter
+from router.decisions import DECISIONS_KEPT, DecisionRecord
 from router.errors import NoCapacity
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
@@ -106,6 +108,10 @@ class Router:
         self.metrics = metrics
         self.queue = AdmissionQueue(counters, settings.max_queue)
         self._rng = rng or random.Random()
+        self.decisions: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
+        """The most recent decisions, for the live dashboard (`router.decisions.decision` reads one)."""
+        metrics.watch_users(counters)
+        metrics.queue_limit.set(settings.max_queue)
 
     def candidates(self, model: str, exclude: Collection[PodId] = ()) -> list[Pod]:
         """Healthy, not ejected pods serving `model` (pods whose models are not yet known count as serving it).
@@ -139,6 +145,7 @@ class Router:
         best = min(range(len(pods)), key=lambda i: (costs[i], pods[i].in_flight, self._rng.random()))
         pod = pods[best]
         matched = request.matched_blocks.get(pod.id, 0)
+        self.decisions.append((time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods]))
         uncached = max(request.prompt_tokens - matched * request.block_size, 0)
         pod.in_flight += 1
         pod.pending_prefill += uncached
@@ -182,6 +189,7 @@ class Router:
         self.metrics.queue_length.set(len(self.queue))
         self.dispatch_waiting()
         limit = self.settings.queue_timeout_s if timeout is None else timeout
+        queued_at = time.perf_counter()
         # NOTE: asyncio.wait, not wait_for: wait never cancels the future, and a
         # cancellation that races the hand-over still raises here, so the lease
         # handed over in that instant is given back below, never lost.
@@ -190,6 +198,8 @@ class Router:
         except asyncio.CancelledError:
             self._give_up(waiter)
             raise
+        finally:
+            self.metrics.admission_wait_seconds.observe(time.perf_counter() - queued_at)
         if not done:
             self._give_up(waiter)
             raise NoCapacity(f"no pod had a free slot within {limit:g}s; retry later")

@@ -41,6 +41,8 @@ _COUNTERS = ("prefix_queries", "prefix_hits", "external_queries", "external_hits
 _CACHE_INFO = "vllm:cache_config_info"
 #: prometheus_client's process collector: vLLM exports it unless it runs several API server processes.
 _STARTED = "process_start_time_seconds"
+_BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
+_MAX_SOURCES = 16
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 #: Largest block size and block count believed; larger labels are garbage.
 _MAX_BLOCK_SIZE = 1 << 16
@@ -82,6 +84,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
     sums: dict[str, float] = {}
     block_size = num_gpu_blocks = None
     started_at = None
+    by_source: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -99,6 +102,16 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
             if blocks is not None:
                 # Several engines behind one URL: their capacities add up.
                 num_gpu_blocks = min((num_gpu_blocks or 0) + blocks, _MAX_BLOCKS)
+            continue
+        if name == _BY_SOURCE:
+            source = dict(_LABEL.findall(line[brace : line.rfind("}")])).get("source", "") if brace >= 0 else ""
+            try:
+                value = float(line[line.rfind("}") + 1 :].split()[0])
+            except (IndexError, ValueError):
+                continue
+            # Bounded: a pod inventing sources cannot grow this map (vLLM has a handful).
+            if math.isfinite(value) and value >= 0 and (source in by_source or len(by_source) < _MAX_SOURCES):
+                by_source[source] = by_source.get(source, 0.0) + value
             continue
         field = _SUMMED.get(name)
         if field is None and name != _STARTED:
@@ -129,6 +142,7 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
         started_at=started_at,
+        cached_by_source=by_source,
         scraped_at=time.monotonic() if now is None else now,
     )
 

@@ -14,3 +14,10 @@ if ! python -c "import vllm.entrypoints.openai.api_server" >/dev/null 2>&1; then
     # its torch and break `import vllm`; vLLM's text path does not need them.
     python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
+# Dashboard tests: a real Prometheus (with promtool) and a headless Chromium
+# that Playwright drives (its own browser downloads are never used).
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus chromium >/dev/null
+fi

@@ -34,11 +34,12 @@ def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
             if not line:
                 break
             lines.append(line.rstrip())
-            if line.startswith("gateway: "):
+            if line.startswith("dashboard: "):
                 break
         engines = [line.split(" ", 1)[1] for line in lines if line.startswith("engine: ")]
         gateway = next((line.split(" ", 1)[1] for line in lines if line.startswith("gateway: ")), None)
         assert len(engines) == 1 and gateway == f"http://127.0.0.1:{port}", lines
+        assert f"dashboard: {gateway}/dashboard" in lines, lines
         assert sum(line.startswith("cache-node: ") for line in lines) == 1, lines
         assert any(line.startswith("l3: ") for line in lines), lines
 
