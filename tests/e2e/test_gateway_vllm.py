@@ -128,7 +128,10 @@ async def test_engine_kv_events_confirm_and_correct_the_index(vllm_engines, vllm
                 model=MODEL, messages=shared_prefix_workload(1, 400, 1, seed=100 + i)[0], max_tokens=1,
                 extra_headers={"x-routing-strategy": "session-affinity", "x-session-id": "pin"},
             )
-        await asyncio.sleep(0.5)
+        for _ in range(100):  # the engine publishes its evictions with its next steps
+            if sum(e.removed for e in listener.engines.values()) > 0:
+                break
+            await asyncio.sleep(0.05)
         assert sum(e.removed for e in listener.engines.values()) > 0
         for pod in f.gateway.pods:
             assert f.gateway.index.blocks(pod.id) <= pod.stats.num_gpu_blocks

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from tests.loopback.conftest import fast_settings, start_cluster
+from tests.loopback.conftest import fast_settings, start_cluster, wait_until
 
 CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
@@ -52,7 +52,8 @@ async def test_clients_that_give_up_leave_no_slot_behind():
                 pass
 
         await asyncio.gather(*(impatient(i) for i in range(10)))
-        await asyncio.sleep(0.6)  # let the pod finish what it started
+        # The gateway lets go of each slot when its client hangs up.
+        await wait_until(lambda: all(p.in_flight == 0 for p in cluster.gateway.pods) and not len(cluster.gateway.router.queue))
         no_leaks(cluster)
         async with await cluster.post("/v1/chat/completions", CHAT) as r:
             assert r.status == 200
@@ -100,7 +101,8 @@ async def test_light_user_is_not_starved_by_a_heavy_one():
                 assert r.status == 200
 
         heavy = [asyncio.create_task(send("heavy")) for _ in range(8)]
-        await asyncio.sleep(0.08)  # the heavy user's first request runs, the rest wait
+        # The heavy user's first request runs, the other seven wait.
+        await wait_until(lambda: len(cluster.gateway.router.queue) == 7)
         light = [asyncio.create_task(send("light")) for _ in range(2)]
         await asyncio.gather(*heavy, *light)
         order = [c["body"]["user"] for c in engine.calls]

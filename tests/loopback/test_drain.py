@@ -34,6 +34,18 @@ async def _wait_ready(http: aiohttp.ClientSession, url: str) -> None:
     raise AssertionError("gateway never became ready")
 
 
+async def _wait_draining(http: aiohttp.ClientSession, url: str) -> dict:
+    """Poll /ready until the gateway says it is draining; returns its last answer."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        async with http.get(url + "/ready") as r:
+            body = await r.json()
+            if r.status == 503 and body.get("draining"):
+                return body
+        assert asyncio.get_running_loop().time() < deadline, "the gateway never started draining"
+        await asyncio.sleep(0.02)
+
+
 async def test_sigterm_drains_in_flight_streams_then_exits_zero():
     engine = StubEngine()
     engine.behaviour.tokens = 8
@@ -47,10 +59,7 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero():
                 assert r.status == 200
                 first = await r.content.readuntil(b"\n\n")
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                async with http.get(url + "/ready") as ready:
-                    assert ready.status == 503
-                    assert (await ready.json())["draining"] is True
+                assert (await _wait_draining(http, url))["draining"] is True
                 rest = await r.read()
             events = (first + rest).decode().split("\n\n")
             assert sum(e.startswith("data: {") for e in events) == 8  # every token arrived

@@ -65,7 +65,16 @@ async def test_a_burst_spreads_over_pods_even_with_one_shared_prefix():
         assert counts == [4, 4, 4], counts
 
 
-async def test_weighted_mix_header_is_accepted():
+async def test_weighted_mix_header_changes_the_routing():
+    """A mix led by round-robin alternates pods where the default policy would keep the prefix on one."""
     async with start_cluster(2) as cluster:
-        pod = await _pod(cluster, chat("a", "b"), **{"x-routing-strategy": "prefix-cache:2,least-request:1"})
-        assert pod in {e.url for e in cluster.engines}
+        same = chat("a shared preamble. " * 40, "the same question")
+        default = [await _pod(cluster, same) for _ in range(4)]
+        assert len(set(default)) == 1, "without the header the prefix stays on its pod"
+        mixed = [await _pod(cluster, same, **{"x-routing-strategy": "round-robin:3,least-request:1"}) for _ in range(4)]
+        assert len(set(mixed)) == 2, mixed
+        decisions = cluster.gateway.metrics.registry.get_sample_value
+        assert sum(
+            decisions("kvgate_requests_total", {"pod": pod, "policy": "mix", "status": "200"}) or 0
+            for pod in set(mixed)
+        ) == 4, "the mix is counted under its own label"
