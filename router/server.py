@@ -30,7 +30,6 @@ from router.app import GATEWAY, IN_FLIGHT, create_app
 from router.connections import GatewayRunner
 from router.discovery import Discovery, make_discovery
 from router.errors import StartupError
-from router.kv_events import parse_event_sources
 from router.policies import REGISTRY
 from router.prompts import PromptEncoder
 from router.settings import Settings

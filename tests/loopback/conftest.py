@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,6 +18,7 @@ from router.discovery import StaticDiscovery
 from router.gateway import Gateway
 from router.settings import Settings
 from kvgate.stub_engine import StubEngine, run_stub
+from tests.support.kvcache_servers import RedisServer
 
 
 @dataclass
@@ -69,3 +71,12 @@ async def start_cluster(n: int = 2, settings: Settings | None = None, **engine_k
 async def cluster() -> AsyncIterator[Cluster]:
     async with start_cluster() as c:
         yield c
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server on a free port, for tests that kill and restart their store."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -15,17 +15,14 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
-import pytest
 
 from kvgate.stub_engine import StubEngine, run_app, run_stub
 from router.app import GATEWAY, RUNNER_OPTIONS, create_app
 from router.discovery import StaticDiscovery
 from router.gateway import Gateway
 from tests.loopback.conftest import fast_settings, wait_until
-from tests.support.kvcache_servers import RedisServer
 
 
 @dataclass
@@ -50,14 +47,6 @@ class Fleet:
         async with self.http.post(self.replicas[replica].url + "/v1/chat/completions", json=payload) as r:
             assert r.status == 200, await r.text()
             return r.headers["x-kvgate-pod"]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def replica_settings(state_url: str | None, *, lease_s: float = 1.0):

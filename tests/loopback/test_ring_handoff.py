@@ -125,14 +125,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.stdout.close()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 async def test_sigterm_hands_off_every_block_before_exit(tmp_path: Path, redis_server: RedisServer) -> None:
     processes = [_spawn(tmp_path, f"p{i}", redis_server.url)[0] for i in range(3)]
     client = PeerTier(RedisMembership(redis_server.url, cluster="t"), read_fallback=0)
