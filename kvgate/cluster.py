@@ -4,8 +4,10 @@ Builds the tiny model if it is missing, starts the shared KV cache (L2 cache
 nodes; L3 in Redis when one answers, else a local directory), starts N real
 vLLM CPU engines (one OpenMP thread each, fixed KV capacity) loading the
 tiered-cache connector, waits until every one answers, then runs the gateway
-in front of them with the model's own tokenizer. It prints one `engine: URL`
-line per engine and one `gateway: URL` line (scripts rely on these), and on
+in front of them with the model's own tokenizer (`--gateways N`: N replicas
+sharing routing state through the same Redis, see `kvgate.gateways`). It
+prints one `engine: URL` line per engine and one `gateway: URL` line per
+gateway (scripts rely on these), and on
 Ctrl-C or SIGTERM drains the gateway, stops every engine, then the cache
 nodes (which hand their blocks off). Nothing is downloaded.
 """
@@ -32,9 +34,10 @@ from kvgate.engines import (
     start_engines,
     stop_engines,
 )
+from kvgate.gateways import serve_replicas
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
-from router.server import load_encoder, serve
+from router.server import load_encoder
 from router.settings import Settings
 
 
@@ -42,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
     parser.add_argument("--engines", type=int, default=2, help="vLLM engines to start (default 2)")
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    parser.add_argument(
+        "--gateways", type=int, default=1, help="gateway replicas on --port and after, sharing state via --redis-url (default 1)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     parser.add_argument("--model", type=Path, help="model directory (built here if missing; default .kvgate/models/tiny-llama)")
     parser.add_argument("--policy", default="kv-aware", help="routing policy (default kv-aware)")
@@ -120,9 +126,11 @@ async def run(args: argparse.Namespace) -> int:
         settings.admission.max_inflight_per_pod = min(64, max(2, args.kv_blocks * CPU_BLOCK_SIZE // 2048))
         settings.discovery.worker_urls = tuple(e.url for e in engines)
         settings.discovery.kv_event_sources = tuple(f"{e.url}={kv_events_endpoint(e.spec.extra_args)}" for e in engines)
-        return await serve(
+        return await serve_replicas(
             settings,
-            discovery=StaticDiscovery(settings.discovery.worker_urls),
+            args.gateways,
+            redis_url=args.redis_url or None,
+            discovery=lambda: StaticDiscovery(settings.discovery.worker_urls),
             encoder=load_encoder(settings),
         )
     finally:
@@ -132,8 +140,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.engines < 1 or args.kv_blocks < 2:
-        print("kvgate up: --engines must be at least 1 and --kv-blocks at least 2", file=sys.stderr)
+    if args.engines < 1 or args.kv_blocks < 2 or args.gateways < 1:
+        print("kvgate up: --engines and --gateways must be at least 1 and --kv-blocks at least 2", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
