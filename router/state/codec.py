@@ -37,8 +37,10 @@ def split_hashes(blob: bytes) -> list[BlockHash]:
     """The block hashes of a `reserved` event.
 
     Raises:
-        ValueError: the blob is not a whole number of hashes.
+        ValueError: the blob is not bytes, or not a whole number of hashes.
     """
+    if not isinstance(blob, bytes):
+        raise ValueError(f"block hashes must be bytes, not {type(blob).__name__}")
     if len(blob) % HASH_BYTES:
         raise ValueError(f"block hashes of {len(blob)} bytes are not a multiple of {HASH_BYTES}")
     return [BlockHash(blob[i : i + HASH_BYTES]) for i in range(0, len(blob), HASH_BYTES)]
