@@ -72,6 +72,7 @@ async def serve_replicas(
     redis_url: str | None,
     discovery: Callable[[], Discovery],
     encoder: PromptEncoder | None,
+    stop: asyncio.Event | None = None,
 ) -> int:
     """Serve `gateways` replicas until SIGTERM or SIGINT, then drain them all.
 
@@ -81,17 +82,18 @@ async def serve_replicas(
         redis_url: the Redis to share routing state through (see `state_url_for`).
         discovery: makes each replica's pod discovery.
         encoder: the model's tokenizer, shared by the replicas.
+        stop: set to drain every replica; SIGTERM and SIGINT set it too.
 
     Returns:
         0 once every replica drained.
     """
     if gateways == 1:
-        return await serve(settings, discovery=discovery(), encoder=encoder)
+        return await serve(settings, discovery=discovery(), encoder=encoder, stop=stop)
     state_url = await asyncio.to_thread(
         state_url_for, redis_url, gateways, warn=lambda line: print(line, file=sys.stderr, flush=True)
     )
     cluster = f"up-{os.getpid()}"
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [

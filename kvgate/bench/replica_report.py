@@ -165,7 +165,7 @@ def markdown_lines(results: BenchResults) -> list[str]:
             )
     if costs:
         lines += [
-            "",
+            *([""] if comparisons else []),
             "Latency sharing routing state adds per request (stub engine, sequential requests): the `+state` "
             "gateway's added latency minus the same gateway's without.",
             "",
