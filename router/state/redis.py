@@ -44,9 +44,11 @@ transaction with one of those, so a replica writes one stream entry per
 change of load, not per event.
 
 NOTE: a user's counter and activity reach the peers up to `batch_linger_s`
-late, a fairness error of one request's cost at most, for fewer writes. The lease loop
-only renews the key's expiry: the key's content is written with the stream
-entries, so it always matches a stream position.
+late, a fairness error of one request's cost at most, for fewer writes.
+
+The lease loop only renews the key's expiry: the key's content is written in
+the transaction that appends to the stream, so it always matches a stream
+position (a starting replica reads both in one step).
 
 Not here: the choice of pod (the router decides on the merged view), the
 engines' KV events, the admission queue (each replica queues its own
@@ -317,7 +319,7 @@ class RedisState:
                     pipe.hincrbyfloat(self._vtc, user, cost)
                 replies = await pipe.execute()
                 self.metrics.events.labels("sent").inc(len(batch))
-                if replies[1] is None and batch[0][0] != codec.SNAPSHOT:
+                if not replies[1] and batch[0][0] != codec.SNAPSHOT:
                     self._announce("its lease key was gone")
             except _STORE_ERRORS as exc:
                 self._down(exc)
@@ -333,13 +335,10 @@ class RedisState:
                 future.set_result(None)
 
     def _put_snapshot(self, pipe: Any) -> None:
-        """Write our snapshot with the batch (its reply: the previous value, None if the key was gone)."""
-        pipe.set(
-            self._snapshots + self.replica_id,
-            codec.encode(codec.snapshot(self._own, self._own_users)),
-            px=self._lease_ms,
-            get=True,
-        )
+        """Write our snapshot with the batch; the first reply says whether the key was still there."""
+        key = self._snapshots + self.replica_id
+        pipe.exists(key)
+        pipe.set(key, codec.encode(codec.snapshot(self._own, self._own_users)), px=self._lease_ms)
         pipe.sadd(self._replicas, self.replica_id)
 
     def _announce(self, why: str) -> None:
