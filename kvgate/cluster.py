@@ -30,11 +30,10 @@ from kvgate.engines import (
     EngineSpec,
     free_ports,
     kv_events_args,
-    kv_events_endpoint,
     start_engines,
     stop_engines,
 )
-from kvgate.gateways import serve_replicas
+from kvgate.gateways import engine_events_host, event_source, serve_replicas
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
 from router.server import load_encoder
@@ -101,7 +100,10 @@ async def run(args: argparse.Namespace) -> int:
                     num_gpu_blocks=args.kv_blocks,
                     max_model_len=args.max_model_len,
                     # Each engine reports what it stores and evicts to the gateway.
-                    extra_args=(*engine_args, *kv_events_args(event_port, topic=f"kv@engine-{i}")),
+                    extra_args=(
+                        *engine_args,
+                        *kv_events_args(event_port, topic=f"kv@engine-{i}", host=engine_events_host(args.gateways)),
+                    ),
                 ),
                 log_path=log_dir / f"engine-{i}.log",
             )
@@ -125,7 +127,7 @@ async def run(args: argparse.Namespace) -> int:
         # instead they are ordered by the VTC fairness counters.
         settings.admission.max_inflight_per_pod = min(64, max(2, args.kv_blocks * CPU_BLOCK_SIZE // 2048))
         settings.discovery.worker_urls = tuple(e.url for e in engines)
-        settings.discovery.kv_event_sources = tuple(f"{e.url}={kv_events_endpoint(e.spec.extra_args)}" for e in engines)
+        settings.discovery.kv_event_sources = tuple(f"{e.url}={event_source(e.spec.extra_args, args.gateways)}" for e in engines)
         return await serve_replicas(
             settings,
             args.gateways,

@@ -6,7 +6,9 @@ printing its `gateway: URL` line. With more than one, they share routing
 state (predicted placements, load per pod, fairness counters; see
 `router.state`) through the Redis that `kvgate up` already uses, under a
 replica group name of their own, so that they route as one gateway would; a
-load balancer in front of them may send any request to any of them. When no
+load balancer in front of them may send any request to any of them. Every
+replica follows every engine's KV events (the engines bind their publishers,
+the replicas connect: `engine_events_host`). When no
 Redis answers, it says so in one warning line and the replicas run without
 shared state, each routing on its own view. On stop every replica drains, and
 the group's keys are deleted from the store.
@@ -26,10 +28,12 @@ import contextlib
 import copy
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvcache.launch import redis_reachable
+from kvgate.engines import kv_events_endpoint
 from router.discovery import Discovery
+from router.kv_events import LISTEN
 from router.prompts import PromptEncoder
 from router.server import serve
 from router.settings import Settings
@@ -53,6 +57,26 @@ def state_url_for(redis_url: str | None, gateways: int, *, warn: Callable[[str],
         "each routing on its own view of the engines"
     )
     return None
+
+
+def engine_events_host(gateways: int) -> str:
+    """Where an engine publishes its KV events: to one gateway that listens, or bound for several to connect to.
+
+    vLLM's publisher connects when its endpoint names a host and binds when it
+    is a wildcard. One gateway listens on 127.0.0.1 (`kvgate.engines.kv_events_args`);
+    several cannot all listen on one port, so the engine binds and every
+    replica connects (NOTE: the engine's event port then listens on every
+    interface of this machine).
+    """
+    return "127.0.0.1" if gateways < 2 else "*"
+
+
+def event_source(extra_args: Sequence[str], gateways: int) -> str | None:
+    """The gateways' side of an engine's KV events (see `engine_events_host`), None if it sends none."""
+    endpoint = kv_events_endpoint(extra_args)
+    if endpoint is None or gateways < 2:
+        return endpoint
+    return endpoint.removeprefix(LISTEN).replace("tcp://*:", "tcp://127.0.0.1:")
 
 
 def replica_settings(base: Settings, index: int, *, state_url: str | None, cluster: str) -> Settings:

@@ -67,7 +67,8 @@ def test_kvgate_up_runs_replicas_that_share_state(tmp_path, tiny_model_dir):
 
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        code = proc.wait(timeout=60)
+        assert code == 0, proc.stdout.read()[-3000:]
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"processes left behind: {alive}"
     finally:

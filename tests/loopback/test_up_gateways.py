@@ -7,14 +7,15 @@ redis-server. Without a Redis they still serve, after one warning line.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import aiohttp
 import pytest
 import redis
 
-from kvgate.engines import free_port
-from kvgate.gateways import replica_settings, serve_replicas, state_url_for
+from kvgate.engines import free_port, kv_events_args
+from kvgate.gateways import engine_events_host, event_source, replica_settings, serve_replicas, state_url_for
 from kvgate.stub_engine import StubEngine, run_stub
 from router.discovery import StaticDiscovery
 from tests.loopback.conftest import fast_settings
@@ -112,3 +113,18 @@ def test_replica_ports_and_state(port, index, expected):
 
     assert settings.server.port == expected and base.server.port == port
     assert (settings.state.url, settings.state.cluster) == ("redis://h:1/0", "up-1")
+
+
+@pytest.mark.parametrize(
+    ("gateways", "engine_endpoint", "gateway_side"),
+    [
+        pytest.param(1, "tcp://127.0.0.1:5555", "listen:tcp://127.0.0.1:5555", id="one-gateway-listens"),
+        pytest.param(3, "tcp://*:5555", "tcp://127.0.0.1:5555", id="replicas-connect-to-the-engine"),
+    ],
+)
+def test_every_replica_can_follow_the_engines_kv_events(gateways, engine_endpoint, gateway_side):
+    args = kv_events_args(5555, topic="t", host=engine_events_host(gateways))
+
+    assert json.loads(args[1])["endpoint"] == engine_endpoint
+    assert event_source(args, gateways) == gateway_side
+    assert event_source((), gateways) is None
