@@ -69,6 +69,19 @@ def decode(payload: bytes) -> list[list[Any]]:
     return events
 
 
+def decode_snapshot(payload: bytes) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The load and users of a replica's snapshot key (one `["s", ...]` event, not a batch).
+
+    Raises:
+        ValueError: undecodable, or not a well-formed snapshot.
+    """
+    try:
+        event = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise ValueError(f"undecodable snapshot: {exc}") from exc
+    return check_snapshot(event)
+
+
 def check_snapshot(event: Any) -> tuple[dict[str, list[int]], dict[str, int]]:
     """The load and users of a snapshot event.
 

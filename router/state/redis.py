@@ -417,7 +417,7 @@ class RedisState:
             if replica == self.replica_id or not snapshots[i + 1]:
                 continue
             try:
-                load, users = codec.check_snapshot(codec.decode(snapshots[i + 1]))
+                load, users = codec.decode_snapshot(snapshots[i + 1])
             except ValueError:
                 continue
             self._ledger.replace(replica, {PodId(p): row for p, row in load.items()}, {UserId(u): n for u, n in users.items()})

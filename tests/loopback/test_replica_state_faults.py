@@ -59,3 +59,21 @@ async def test_stopping_a_replica_returns_even_if_a_blocking_read_swallowed_its_
             await asyncio.gather(stopping, return_exceptions=True)
         assert done, "stop() hung on a loop that swallowed its cancellation"
         assert not state._tasks
+
+
+async def test_a_replica_that_starts_counts_the_load_its_peers_already_have(redis_server):  # noqa: F811
+    async with fleet(redis_server.url, replicas=1) as f:
+        for engine in f.engines:
+            engine.behaviour.delay_s = 1.5
+        busy = asyncio.create_task(f.chat(0, "already running", system="a request in flight " * 10))
+        first = f.replicas[0].gateway
+        # The request reaches the engine only once its reservation is in the store.
+        await wait_until(lambda: sum(e.running for e in f.engines) == 1)
+        try:
+            async with fleet(redis_server.url, replicas=1, seed=5) as g:
+                newcomer = g.replicas[0].gateway
+                # The newcomer's pods are other stub engines: compare the load it holds for its peer in total.
+                assert newcomer.state._ledger.knows(first.state.replica_id)
+                assert sum(row[0] for row in newcomer.state._ledger._load.get(first.state.replica_id, {}).values()) == 1
+        finally:
+            await busy

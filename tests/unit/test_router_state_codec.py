@@ -87,3 +87,22 @@ def test_snapshot_is_checked_and_split():
 def test_malformed_snapshots_raise_value_error(event):
     with pytest.raises(ValueError):
         codec.check_snapshot(event)
+
+
+def test_a_snapshot_key_decodes_to_its_load_and_users():
+    payload = codec.encode(codec.snapshot({"http://a": (2, 64, 1)}, {"alice": 2}))
+
+    assert codec.decode_snapshot(payload) == ({"http://a": [2, 64, 1]}, {"alice": 2})
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"\xc1", id="not-msgpack"),
+        pytest.param(codec.encode([codec.snapshot({}, {})]), id="a-batch-not-one-snapshot"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_malformed_snapshot_keys_raise_value_error(payload):
+    with pytest.raises(ValueError):
+        codec.decode_snapshot(payload)
