@@ -4,9 +4,11 @@ Builds the tiny model if it is missing, starts the shared KV cache (L2 cache
 nodes; L3 in Redis when one answers, else a local directory), starts N real
 vLLM CPU engines (one OpenMP thread each, fixed KV capacity) loading the
 tiered-cache connector, waits until every one answers, then runs the gateway
-in front of them with the model's own tokenizer. It prints one `engine: URL`
-line per engine, one `gateway: URL` line and one `dashboard: URL` line (the
-live page; scripts rely on these), and on
+in front of them with the model's own tokenizer (`--gateways N`: N replicas
+sharing routing state through the same Redis, see `kvgate.gateways`). It
+prints one `engine: URL` line per engine and, per gateway, one `gateway: URL`
+line followed by its `dashboard: URL` line (the live page; scripts rely on
+these), and on
 Ctrl-C or SIGTERM drains the gateway, stops every engine, then the cache
 nodes (which hand their blocks off). Nothing is downloaded.
 """
@@ -29,16 +31,16 @@ from kvgate.engines import (
     EngineSpec,
     free_ports,
     kv_events_args,
-    kv_events_endpoint,
     start_engines,
     stop_engines,
     vllm_missing,
 )
+from kvgate.gateways import engine_events_host, event_source, serve_replicas
 from kvgate.model import build_model, default_model_dir
 from router.discovery import StaticDiscovery
 from router.errors import InvalidRequest, StartupError
 from router.policies import parse_spec
-from router.server import load_encoder, serve
+from router.server import load_encoder
 from router.settings import Settings
 from router.startup import CommandParser, check_listen
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
     parser.add_argument("--engines", type=int, default=2, help="vLLM engines to start (default 2)")
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    parser.add_argument(
+        "--gateways", type=int, default=1, help="gateway replicas on --port and after, sharing state via --redis-url (default 1)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     parser.add_argument("--model", type=Path, help="model directory (built here if missing; default .kvgate/models/tiny-llama)")
     parser.add_argument("--policy", default="kv-aware", help="routing policy (default kv-aware)")
@@ -115,7 +120,10 @@ async def run(args: argparse.Namespace) -> int:
                     num_gpu_blocks=args.kv_blocks,
                     max_model_len=args.max_model_len,
                     # Each engine reports what it stores and evicts to the gateway.
-                    extra_args=(*engine_args, *kv_events_args(event_port, topic=f"kv@engine-{i}")),
+                    extra_args=(
+                        *engine_args,
+                        *kv_events_args(event_port, topic=f"kv@engine-{i}", host=engine_events_host(args.gateways)),
+                    ),
                 ),
                 log_path=log_dir / f"engine-{i}.log",
             )
@@ -139,10 +147,12 @@ async def run(args: argparse.Namespace) -> int:
         # instead they are ordered by the VTC fairness counters.
         settings.admission.max_inflight_per_pod = min(64, max(2, args.kv_blocks * CPU_BLOCK_SIZE // 2048))
         settings.discovery.worker_urls = tuple(e.url for e in engines)
-        settings.discovery.kv_event_sources = tuple(f"{e.url}={kv_events_endpoint(e.spec.extra_args)}" for e in engines)
-        return await serve(
+        settings.discovery.kv_event_sources = tuple(f"{e.url}={event_source(e.spec.extra_args, args.gateways)}" for e in engines)
+        return await serve_replicas(
             settings,
-            discovery=StaticDiscovery(settings.discovery.worker_urls),
+            args.gateways,
+            redis_url=args.redis_url or None,
+            discovery=lambda: StaticDiscovery(settings.discovery.worker_urls),
             encoder=load_encoder(settings),
             on_listening=lambda url: print(f"gateway: {url}\ndashboard: {url}/dashboard", flush=True),
         )
@@ -159,6 +169,8 @@ def check_args(args: argparse.Namespace) -> None:
     """
     if args.engines < 1 or args.kv_blocks < 2:
         raise StartupError("--engines must be at least 1 and --kv-blocks at least 2")
+    if args.gateways < 1:
+        raise StartupError("--gateways must be at least 1")
     if args.max_model_len < 1:
         raise StartupError("--max-model-len must be at least 1")
     try:

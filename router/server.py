@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="redis://HOST:PORT/DB shared by gateway replicas so they route as one (default: this replica alone)",
     )
     parser.add_argument(
+        "--state-cluster", metavar="NAME", help="replica group name in the state store (default 'default')"
+    )
+    parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS, help="logging level (default INFO)"
     )
     return parser
@@ -105,6 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("admission", "max_inflight_per_pod", args.max_inflight_per_pod)
     put("admission", "max_queue", args.max_queue)
     put("state", "url", args.state_url)
+    put("state", "cluster", args.state_cluster)
     return settings_module.load(args.config, overrides)
 
 

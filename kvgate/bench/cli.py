@@ -3,13 +3,20 @@
     kvgate bench [--quick] [--out DIR] [--routers LIST] [--workloads LIST]
                  [--overhead-routers LIST] [--engines N] [--kv-blocks N]
                  [--seed N] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
-                 [--[no-]kvgate-kv-events] [--no-progress]
+                 [--[no-]kvgate-kv-events] [--gateway-replicas N]
+                 [--state-url URL] [--no-progress]
 
 Lists are comma-separated; `none` empties one (e.g. `--workloads none` only
 measures the gateways against the stub engine). The results folder defaults
 to `results/bench-<UTC timestamp>`. Exit status: 0 when every router ran on
 every workload and every figure was produced, 1 when something failed (the
 folder still holds what was measured), 2 for bad arguments.
+
+`--gateway-replicas N` adds, beside each router, N replicas of it with
+requests spread round-robin over them (`kvgate.bench.replicas.replica_rows`):
+for kvgate N replicas sharing state through `--state-url` and N without, for
+a peer N independent routers; beside each kvgate gateway of the stub
+benchmark, the same gateway with shared state (what sharing costs).
 
 This module is the only one of the benchmark that reads the environment
 (`KVGATE_HOME`, where `kvgate up` also keeps the model).
@@ -34,6 +41,7 @@ from typing import Any
 
 from kvgate.bench import config as presets
 from kvgate.bench.fleet import FleetError
+from kvgate.bench.replicas import DEFAULT_STATE_URL, overhead_rows, replica_rows
 from kvgate.bench.load import RequestRecord
 from kvgate.bench.routers import (
     DEFAULT_OVERHEAD_ROUTERS,
@@ -100,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="feed kvgate the engines' KV events, as `kvgate up` does (default on)",
+    )
+    parser.add_argument(
+        "--gateway-replicas",
+        type=int,
+        metavar="N",
+        help="also run N replicas of each router, requests spread round-robin (kvgate: with and without shared state)",
+    )
+    parser.add_argument(
+        "--state-url",
+        default=DEFAULT_STATE_URL,
+        metavar="URL",
+        help=f"Redis where kvgate replicas with shared state (+state) meet (default {DEFAULT_STATE_URL})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -241,6 +261,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
         kvgate_kv_events=args.kvgate_kv_events,
         repeats=args.repeat,
         progress=TqdmProgress(enabled=not args.no_progress),
+        state_url=args.state_url,
     )
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     write_json(results, meta, out)
@@ -275,11 +296,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in args.workloads if name not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    if args.gateway_replicas is not None and not 2 <= args.gateway_replicas <= 64:
+        parser.error("--gateway-replicas must be from 2 to 64")
     try:
         routers = parse_routers(args.routers)
         overhead = parse_routers(args.overhead_routers)
+        if args.gateway_replicas:
+            routers = replica_rows(routers, args.gateway_replicas)
+            overhead = overhead_rows(overhead)
     except ValueError as exc:
         parser.error(str(exc))
+    grouped = [spec.name for spec in overhead if spec.replicas > 1]
+    if grouped:
+        parser.error(f"the stub benchmark measures one gateway at a time, not {', '.join(grouped)}")
+    if any(spec.shared_state for spec in routers + overhead):
+        from kvcache.launch import redis_reachable
+
+        if not redis_reachable(args.state_url):
+            parser.error(f"kvgate replicas with shared state need a Redis: none answers at {args.state_url}")
     for spec in routers + overhead:
         reason = missing_executable(spec)
         if reason:

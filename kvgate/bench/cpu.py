@@ -85,14 +85,20 @@ class CpuSample:
     bench: float
 
 
-def sample(engine_pgids: Iterable[int], router_pid: int | None) -> CpuSample:
-    """Sample the machine, the engines' process groups, the router and this process."""
+def sample(engine_pgids: Iterable[int], router_pid: int | Iterable[int] | None) -> CpuSample:
+    """Sample the machine, the engines' process groups, the router (its replicas, summed) and this process."""
     times = os.times()
+    router = None
+    if isinstance(router_pid, int):
+        router = process_cpu_seconds(router_pid)
+    elif router_pid is not None:
+        seconds = [process_cpu_seconds(pid) for pid in router_pid]
+        router = None if not seconds or None in seconds else sum(s for s in seconds if s is not None)
     return CpuSample(
         at=time.monotonic(),
         machine=machine_busy_seconds(),
         engines=group_cpu_seconds(engine_pgids),
-        router=None if router_pid is None else process_cpu_seconds(router_pid),
+        router=router,
         bench=times.user + times.system,
     )
 

@@ -6,6 +6,11 @@ previous answer has fully arrived (closed loop: at most `clients` requests in
 flight, no think time). With `workload.duration_s` set, clients stop issuing
 new requests when the duration is over and the requests in flight finish.
 
+Given several router URLs (replicas of one router), each request goes to the
+next URL in turn, whichever client sends it, as a round-robin load balancer
+in front of the replicas would: consecutive turns of one session usually land
+on different replicas.
+
 Every request is a streamed chat completion (SSE). Its time to first token is
 the arrival of the first event that carries a choice (vLLM sends it once the
 prefill is done and the first token exists); its token counts come from the
@@ -18,10 +23,11 @@ Called by `kvgate.bench.runner`; it knows nothing of routers or engines.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,7 +195,7 @@ async def send(
 
 
 async def run_workload(
-    url: str,
+    url: str | Sequence[str],
     workload: Workload,
     *,
     model: str,
@@ -199,7 +205,8 @@ async def run_workload(
     """Replay `workload` against `url`, closed loop.
 
     Args:
-        url: base URL of the router under test.
+        url: base URL of the router under test, or of each of its replicas
+            (requests go round them in turn).
         workload: the trace and its clients.
         model: served model name.
         request_timeout_s: longest one request may take before it counts as failed.
@@ -208,6 +215,10 @@ async def run_workload(
     Returns:
         Every request's record and the run's wall time.
     """
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("run_workload needs at least one router URL")
+    turn = itertools.count()
     queue: deque[Session] = deque(workload.sessions)
     records: list[RequestRecord] = []
     exhausted = 0
@@ -226,7 +237,8 @@ async def run_workload(
             for request in session.requests:
                 if expired():
                     return
-                record = await send(http, url, request, model=model, session_id=session.id, origin=origin)
+                target = urls[next(turn) % len(urls)]
+                record = await send(http, target, request, model=model, session_id=session.id, origin=origin)
                 records.append(record)
                 if on_record is not None:
                     on_record(record)

@@ -39,7 +39,8 @@ from pathlib import Path
 import aiohttp
 
 from kvgate.bench.config import OverheadSpec
-from kvgate.bench.routers import LaunchContext, RouterProcess, RouterSpec
+from kvgate.bench.replicas import DEFAULT_STATE_URL, RouterGroup
+from kvgate.bench.routers import LaunchContext, RouterSpec
 from kvgate.bench.stats import percentile
 from kvgate.model import SERVED_MODEL_NAME
 
@@ -245,7 +246,7 @@ def _best(points: Sequence[RatePoint]) -> RatePoint:
 
 
 async def _measure_gateway(
-    http: aiohttp.ClientSession, router: RouterProcess, stub_url: str, body: bytes, spec: OverheadSpec, ceiling: float
+    http: aiohttp.ClientSession, router: RouterGroup, stub_url: str, body: bytes, spec: OverheadSpec, ceiling: float
 ) -> GatewayOverhead:
     await sequential_latencies(http, stub_url, body, spec.warmup_requests)
     await sequential_latencies(http, router.url, body, spec.warmup_requests)
@@ -286,6 +287,7 @@ async def measure_overhead(
     model_dir: Path,
     log_dir: Path,
     on_step: Callable[[str], None] | None = None,
+    state_url: str = DEFAULT_STATE_URL,
 ) -> OverheadReport:
     """Measure each gateway in front of a fresh stub engine.
 
@@ -295,6 +297,8 @@ async def measure_overhead(
         model_dir: kvgate's tokenizer directory.
         log_dir: where the stub's and routers' logs go.
         on_step: called with a short label as each step starts (progress).
+        state_url: the Redis a kvgate with shared state (`+state`) writes to;
+            its row minus the same gateway's row without is what sharing costs.
 
     Returns:
         The report; a gateway that fails to start is listed in `failures`.
@@ -321,7 +325,7 @@ async def measure_overhead(
                     ctx = LaunchContext(
                         worker_urls=(stub_url,), model_dir=model_dir, log_dir=log_dir, cpus=gateway_cpus
                     )
-                    router = RouterProcess(router_spec, ctx)
+                    router = RouterGroup(router_spec, ctx, state_url=state_url)
                     try:
                         router.start()
                         await router.wait_ready(http)

@@ -6,7 +6,8 @@
 - `records/<workload>--<router>.jsonl`: every request of every run (send,
   first-token and end times, status, tokens, serving pod when known);
 - `results.md`: one table per workload (routers as rows) and one for the
-  gateway overhead, with the command and the machine they came from;
+  gateway overhead, with the command and the machine they came from; when
+  replicas ran, their ratios to one router (`kvgate.bench.replica_report`);
 - `hit_rate.png`, `ttft.png`, `fairness.png`, `overhead.png` (matplotlib,
   headless).
 
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kvgate.bench.aggregate import rows
+from kvgate.bench.replica_report import markdown_lines as replica_lines
+from kvgate.bench.routers import file_label
 from kvgate.bench.runner import BenchResults
 
 #: Files every complete run writes (plots only for what was measured).
@@ -65,7 +68,7 @@ def write_records(results: BenchResults, out: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for run in results.runs:
-        path = folder / f"{run.workload}--{run.router.replace(':', '-')}.jsonl"
+        path = folder / f"{run.workload}--{file_label(run.router)}.jsonl"
         path.write_text("".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in run.records))
         written.append(path)
     return written
@@ -207,6 +210,7 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
                 )
             for name, why in overhead.failures.items():
                 lines.append(f"| {name} | failed: {why.splitlines()[0][:120]} |")
+    lines += replica_lines(results)
     return "\n".join(lines) + "\n"
 
 

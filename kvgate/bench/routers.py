@@ -11,6 +11,13 @@ A router is named `family:policy`:
   and asks each engine to render the prompt to tokens
   (`/v1/chat/completions/render`, served with `--enable-scale-out`).
 
+A name may end in `*N` (N replicas, each request sent to the next one in
+turn, as a load balancer in front of them does) and, for kvgate, `+state`
+(the replicas share routing state through Redis, `--state-url`):
+`kvgate:kv-aware*3+state`, `kvgate:kv-aware*3` (three independent replicas),
+`sglang:cache_aware*3`, `kvgate:kv-aware+state` (one replica paying the cost
+of sharing). `kvgate.bench.replicas` runs such a group.
+
 Every router runs in its own process group on 127.0.0.1, optionally pinned
 to CPUs with `taskset`, and is stopped with SIGTERM, then SIGKILL. The peers
 (SGLang's router, vllm-router) are test-time dependencies: a missing one is
@@ -82,26 +89,64 @@ class RouterError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RouterSpec:
-    """A router under test, `family:policy`."""
+    """A router under test, `family:policy[*replicas][+state]`.
+
+    Attributes:
+        family: kvgate, sglang or vllm-router.
+        policy: the family's routing policy.
+        replicas: router processes behind a round-robin client (1: one router).
+        shared_state: kvgate replicas share routing state (`--state-url`).
+    """
 
     family: str
     policy: str
+    replicas: int = 1
+    shared_state: bool = False
 
     @property
     def name(self) -> str:
-        """`family:policy`."""
-        return f"{self.family}:{self.policy}"
+        """`family:policy`, then `*N` for N replicas and `+state` for shared state."""
+        name = f"{self.family}:{self.policy}"
+        if self.replicas > 1:
+            name += f"*{self.replicas}"
+        return name + ("+state" if self.shared_state else "")
+
+    @property
+    def single(self) -> RouterSpec:
+        """One replica of this router, without shared state: what each process of a group runs."""
+        return RouterSpec(self.family, self.policy)
+
+    def with_replicas(self, replicas: int, *, shared_state: bool) -> RouterSpec:
+        """The same router as a group of `replicas` (shared state only for kvgate).
+
+        Raises:
+            ValueError: shared state asked of a router other than kvgate, or fewer than one replica.
+        """
+        return RouterSpec.parse(f"{self.family}:{self.policy}*{replicas}" + ("+state" if shared_state else ""))
 
     @classmethod
     def parse(cls, name: str) -> RouterSpec:
-        """Parse `family:policy`.
+        """Parse `family:policy[*N][+state]`.
 
         Raises:
-            ValueError: an unknown family or policy.
+            ValueError: an unknown family or policy, a bad replica count, or
+                `+state` on a router other than kvgate.
         """
-        family, sep, policy = name.strip().partition(":")
+        text = name.strip()
+        shared = text.endswith("+state")
+        if shared:
+            text = text[: -len("+state")]
+        replicas = 1
+        if "*" in text:
+            text, _, count = text.rpartition("*")
+            if not count.isdigit() or not 1 <= int(count) <= 64:
+                raise ValueError(f"router {name!r}: replicas after '*' must be a number from 1 to 64")
+            replicas = int(count)
+        family, sep, policy = text.partition(":")
         if not sep or not policy:
             raise ValueError(f"router {name!r} is not family:policy (e.g. kvgate:kv-aware, sglang:cache_aware)")
+        if shared and family != "kvgate":
+            raise ValueError(f"router {name!r}: only kvgate replicas share state (+state)")
         if family == "kvgate":
             from router.errors import InvalidRequest
             from router.policies import parse_spec
@@ -115,7 +160,7 @@ class RouterSpec:
                 raise ValueError(f"router {name!r}: {family} policies are {', '.join(PEER_POLICIES[family])}")
         else:
             raise ValueError(f"router {name!r}: family must be kvgate, sglang or vllm-router")
-        return cls(family=family, policy=policy)
+        return cls(family=family, policy=policy, replicas=replicas, shared_state=shared)
 
     @property
     def needs_kv_events(self) -> bool:
@@ -229,6 +274,11 @@ def command(spec: RouterSpec, ctx: LaunchContext, port: int, metrics_port: int) 
     return argv
 
 
+def file_label(name: str) -> str:
+    """A router's name as a file name part: `kvgate:kv-aware*3+state` -> `kvgate-kv-aware-x3-state`."""
+    return name.replace(":", "-").replace("*", "-x").replace("+", "-")
+
+
 class RouterProcess:
     """One router subprocess: start, wait until it routes, scrape, stop.
 
@@ -237,13 +287,12 @@ class RouterProcess:
         ctx: workers and files.
     """
 
-    def __init__(self, spec: RouterSpec, ctx: LaunchContext) -> None:
+    def __init__(self, spec: RouterSpec, ctx: LaunchContext, *, log_name: str | None = None) -> None:
         self.spec = spec
         self.ctx = ctx
         self.port, self.metrics_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
-        safe = spec.name.replace(":", "-")
-        self.log_path = ctx.log_dir / f"router-{safe}.log"
+        self.log_path = ctx.log_dir / f"router-{log_name or file_label(spec.name)}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -39,7 +39,8 @@ from kvgate.bench.cpu import CpuUse
 from kvgate.bench.fleet import EngineFleet, FleetSpec
 from kvgate.bench.load import RequestRecord, run_workload
 from kvgate.bench.overhead import OverheadReport, measure_overhead
-from kvgate.bench.routers import LaunchContext, RouterError, RouterProcess, RouterSpec
+from kvgate.bench.replicas import DEFAULT_STATE_URL, RouterGroup
+from kvgate.bench.routers import LaunchContext, RouterError, RouterSpec
 from kvgate.bench.summary import RunSummary, summarize
 from kvgate.bench.workloads import BenchRequest, Workload, build_workload
 from kvgate.model import SERVED_MODEL_NAME
@@ -165,24 +166,25 @@ async def _run_one(
     http: aiohttp.ClientSession,
     progress: Progress,
     repeat: int,
+    state_url: str,
 ) -> RunOutcome:
     started = _now()
-    router = RouterProcess(router_spec, ctx)
+    router = RouterGroup(router_spec, ctx, state_url=state_url)
     try:
         await fleet.reset_prefix_caches(http)
         router.start()
         await router.wait_ready(http)
         await fleet.reset_prefix_caches(http)
         before = await fleet.counters(http)
-        cpu_before = cpu.sample(fleet.pgids, router.pid)
+        cpu_before = cpu.sample(fleet.pgids, router.pids)
         trace = await run_workload(
-            router.url,
+            router.urls,
             workload,
             model=SERVED_MODEL_NAME,
             request_timeout_s=config.request_timeout_s,
             on_record=progress.request,
         )
-        cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pid))
+        cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pids))
         await fleet.wait_idle(http)
         await asyncio.sleep(0.5)  # the engines' counters trail the last answer by a step
         after = await fleet.counters(http)
@@ -241,6 +243,7 @@ async def run_bench(
     repeats: int = 1,
     progress: Progress | None = None,
     on_engines: Callable[[list[str]], None] | None = None,
+    state_url: str = DEFAULT_STATE_URL,
 ) -> BenchResults:
     """Run the benchmark (see the module docstring).
 
@@ -260,6 +263,7 @@ async def run_bench(
             always runs first.
         progress: progress display.
         on_engines: called with the engine URLs once they are ready.
+        state_url: the Redis that kvgate replicas with shared state (`+state`) meet in.
 
     Returns:
         The results.
@@ -316,7 +320,8 @@ async def run_bench(
                                 progress.step(label if repeats == 1 else f"{label} ({repeat + 1}/{repeats})")
                                 runs.append(
                                     await _run_one(
-                                        fleet, router_spec, workload, config, ctx, tokens, http, progress, repeat
+                                        fleet, router_spec, workload, config, ctx, tokens, http, progress, repeat,
+                                        state_url,
                                     )
                                 )
                                 progress.advance()
@@ -340,6 +345,7 @@ async def run_bench(
                     model_dir=model_dir,
                     log_dir=log_dir,
                     on_step=overhead_step,
+                    state_url=state_url,
                 )
             except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
                 overhead_error = f"{type(exc).__name__}: {exc}"

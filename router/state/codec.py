@@ -37,8 +37,10 @@ def split_hashes(blob: bytes) -> list[BlockHash]:
     """The block hashes of a `reserved` event.
 
     Raises:
-        ValueError: the blob is not a whole number of hashes.
+        ValueError: the blob is not bytes, or not a whole number of hashes.
     """
+    if not isinstance(blob, bytes):
+        raise ValueError(f"block hashes must be bytes, not {type(blob).__name__}")
     if len(blob) % HASH_BYTES:
         raise ValueError(f"block hashes of {len(blob)} bytes are not a multiple of {HASH_BYTES}")
     return [BlockHash(blob[i : i + HASH_BYTES]) for i in range(0, len(blob), HASH_BYTES)]
@@ -65,6 +67,19 @@ def decode(payload: bytes) -> list[list[Any]]:
     if not isinstance(events, list) or not all(isinstance(e, list) and e and isinstance(e[0], str) for e in events):
         raise ValueError("state batch is not a list of tagged events")
     return events
+
+
+def decode_snapshot(payload: bytes) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The load and users of a replica's snapshot key (one `["s", ...]` event, not a batch).
+
+    Raises:
+        ValueError: undecodable, or not a well-formed snapshot.
+    """
+    try:
+        event = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise ValueError(f"undecodable snapshot: {exc}") from exc
+    return check_snapshot(event)
 
 
 def check_snapshot(event: Any) -> tuple[dict[str, list[int]], dict[str, int]]:

@@ -3,7 +3,10 @@
 `RedisState` feeds it the peers' events; it keeps each peer's contribution
 apart, so that a peer that restarts (and sends a fresh snapshot), dies (its
 lease expires) or is cut off (the store went away) can be subtracted exactly,
-leaving no load behind for ever. The sums per pod live in one `PeerLoad` per
+leaving no load behind for ever. A peer's changes count only on top of a
+whole state heard from it (a snapshot): once it is dropped, its changes are
+ignored until it sends a snapshot again, so a peer dropped while still alive
+never turns into negative load. The sums per pod live in one `PeerLoad` per
 pod, which the pod table's `Pod.peer` points at, so policies read the fleet's
 load with no lookup. Pure bookkeeping: no I/O, no awaiting.
 """
@@ -28,10 +31,17 @@ class PeerLedger:
         self._users: dict[str, dict[UserId, int]] = {}
         self._totals: dict[PodId, PeerLoad] = {}
         self._user_totals: defaultdict[UserId, int] = defaultdict(int)
+        # replicas whose whole state was heard (a snapshot) and not dropped since
+        self._known: set[str] = set()
 
     @property
     def replicas(self) -> frozenset[str]:
-        return frozenset(self._load) | frozenset(self._users)
+        """Peers whose state is held: heard whole (a snapshot) and not dropped since."""
+        return frozenset(self._known)
+
+    def knows(self, replica: str) -> bool:
+        """Whether `replica`'s changes count (its whole state was heard and it was not dropped since)."""
+        return replica in self._known
 
     def total(self, pod: PodId) -> PeerLoad:
         """The peers' summed load on `pod` (attached to the pod when it is in the table)."""
@@ -46,12 +56,16 @@ class PeerLedger:
             pod.peer = self.total(pod.id)
 
     def reserved(self, replica: str, pod: PodId, uncached: int) -> None:
-        self._add(replica, pod, 1, uncached, 0)
+        if replica in self._known:
+            self._add(replica, pod, 1, uncached, 0)
 
     def first_token(self, replica: str, pod: PodId, uncached: int) -> None:
-        self._add(replica, pod, 0, -uncached, 1)
+        if replica in self._known:
+            self._add(replica, pod, 0, -uncached, 1)
 
     def released(self, replica: str, pod: PodId, uncached: int, decoding: bool) -> None:
+        if replica not in self._known:
+            return
         if decoding:
             self._add(replica, pod, -1, 0, -1)
         else:
@@ -59,6 +73,8 @@ class PeerLedger:
         self._view.on_capacity()
 
     def user_active(self, replica: str, user: UserId, active: int) -> None:
+        if replica not in self._known:
+            return
         users = self._users.setdefault(replica, {})
         before = users.get(user, 0)
         if active > 0:
@@ -70,6 +86,7 @@ class PeerLedger:
     def replace(self, replica: str, load: Mapping[PodId, Sequence[int]], users: Mapping[UserId, int]) -> None:
         """Take `replica`'s whole state from a snapshot, replacing what was heard before."""
         self.drop(replica, notify=False)
+        self._known.add(replica)
         for pod, (in_flight, pending, decoding) in load.items():
             self._add(replica, pod, in_flight, pending, decoding)
         for user, active in users.items():
@@ -77,7 +94,8 @@ class PeerLedger:
         self._view.on_capacity()
 
     def drop(self, replica: str, *, notify: bool = True) -> bool:
-        """Forget `replica` (left, died or unreachable). Returns whether anything was held."""
+        """Forget `replica` (left, died or unreachable) until its next snapshot. Returns whether anything was held."""
+        self._known.discard(replica)
         load = self._load.pop(replica, None)
         users = self._users.pop(replica, None)
         for pod, (in_flight, pending, decoding) in (load or {}).items():

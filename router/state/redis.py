@@ -30,8 +30,25 @@ state at once (peers' load is forgotten, `kvgate_state_store_up` 0, one log
 line per outage, `kvgate_state_fallbacks_total`); it reconnects with backoff,
 reads everything back and sends its own snapshot, which replaces what peers
 held of it. A replica that dies stops renewing its lease; the others drop its
-load when the lease key is gone (within `lease_s` plus one check). A flush
-that takes longer than `flush_timeout_s` lets the request go on (counted).
+load when the lease key is gone (within `lease_s` plus one check) and it was
+not heard from since the check began. A replica whose lease key was gone
+(dropped by the others while still alive: it was slow, or the key was lost)
+sends its whole state again on the stream, and the others ignore its changes
+until they have it (`PeerLedger`). A flush that takes longer than
+`flush_timeout_s` lets the request go on (counted).
+
+Writes: changes of a pod's load (reservation, first token, release) are
+written at once, since a peer may be about to price that pod; the fairness
+updates (counters, active users) wait up to `batch_linger_s` to share a
+transaction with one of those, so a replica writes one stream entry per
+change of load, not per event.
+
+NOTE: a user's counter and activity reach the peers up to `batch_linger_s`
+late, a fairness error of one request's cost at most, for fewer writes.
+
+The lease loop only renews the key's expiry: the key's content is written in
+the transaction that appends to the stream, so it always matches a stream
+position (a starting replica reads both in one step).
 
 Not here: the choice of pod (the router decides on the merged view), the
 engines' KV events, the admission queue (each replica queues its own
@@ -75,6 +92,9 @@ return {last_id, snaps, redis.call('HGETALL', KEYS[3])}
 """
 
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+#: Seconds `stop()` keeps cancelling loops that swallowed their cancellation.
+_STOP_GRACE_S = 5.0
 
 
 class StateMetrics:
@@ -131,6 +151,9 @@ class RedisState:
         self._charges: dict[UserId, float] = {}
         self._waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        # peer -> when its last stream entry was applied (monotonic), so a lease check never drops a fresher peer
+        self._heard: dict[str, float] = {}
         self._up = False
         self._synced = asyncio.Event()
         self._last_id = "0-0"
@@ -172,12 +195,7 @@ class RedisState:
             self._synced.set()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await self._cancel_loops()
         if self._up:
             # Leave at once rather than when the lease runs out: peers drop our load now.
             with contextlib.suppress(*_STORE_ERRORS):
@@ -193,6 +211,26 @@ class RedisState:
         self._waiters.clear()
         await self._writer.aclose()
         await self._reader.aclose()
+
+    async def _cancel_loops(self) -> None:
+        """Cancel the loops and wait until they ended, cancelling again any that swallowed it.
+
+        NOTE: a blocking XREAD cancelled just as its read timeout fires can
+        swallow the cancellation (redis-py's read under `asyncio.timeout`) and
+        block again; awaiting it once would hang the gateway's shutdown.
+        """
+        pending = set(self._tasks)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while pending and time.monotonic() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            log.warning("shared routing state: %d loops did not stop", len(pending))
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("shared routing state: %s had failed: %r", task.get_name(), task.exception())
+        self._tasks.clear()
 
     # -- what this replica did ----------------------------------------------------------------
 
@@ -215,20 +253,21 @@ class RedisState:
         if not self._up:
             return
         self._charges[user] = self._charges.get(user, 0.0) + cost
-        self._send([codec.CHARGED, user, cost])
+        self._send([codec.CHARGED, user, cost], linger=True)
 
     def activity(self, user: UserId, active: int) -> None:
         if active > 0:
             self._own_users[user] = active
         else:
             self._own_users.pop(user, None)
-        self._send([codec.USER, user, active])
+        self._send([codec.USER, user, active], linger=True)
 
     async def flush(self) -> None:
         if not self._up or not self._outbox:
             return
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
+        self._urgent.set()
         self._wake.set()
         started = time.perf_counter()
         try:
@@ -246,9 +285,12 @@ class RedisState:
         if row == [0, 0, 0]:
             del self._own[pod]
 
-    def _send(self, event: list[Any]) -> None:
+    def _send(self, event: list[Any], *, linger: bool = False) -> None:
+        """Queue `event` for the writer; without `linger` it writes at once."""
         if self._up:
             self._outbox.append(event)
+            if not linger:
+                self._urgent.set()
             self._wake.set()
 
     # -- the loops -------------------------------------------------------------------------
@@ -256,7 +298,12 @@ class RedisState:
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
+            if self._up and self._outbox and not self._urgent.is_set():
+                # Only updates that change little: let the next urgent one (often a reservation) take them along.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), timeout=self.settings.batch_linger_s)
             self._wake.clear()
+            self._urgent.clear()
             if not self._up or not self._outbox:
                 self._release_waiters()
                 continue
@@ -270,8 +317,10 @@ class RedisState:
                 self._put_snapshot(pipe)
                 for user, cost in charges.items():
                     pipe.hincrbyfloat(self._vtc, user, cost)
-                await pipe.execute()
+                replies = await pipe.execute()
                 self.metrics.events.labels("sent").inc(len(batch))
+                if not replies[1] and batch[0][0] != codec.SNAPSHOT:
+                    self._announce("its lease key was gone")
             except _STORE_ERRORS as exc:
                 self._down(exc)
             finally:
@@ -286,8 +335,20 @@ class RedisState:
                 future.set_result(None)
 
     def _put_snapshot(self, pipe: Any) -> None:
-        pipe.set(self._snapshots + self.replica_id, codec.encode(codec.snapshot(self._own, self._own_users)), px=self._lease_ms)
+        """Write our snapshot with the batch; the first reply says whether the key was still there."""
+        key = self._snapshots + self.replica_id
+        pipe.exists(key)
+        pipe.set(key, codec.encode(codec.snapshot(self._own, self._own_users)), px=self._lease_ms)
         pipe.sadd(self._replicas, self.replica_id)
+
+    def _announce(self, why: str) -> None:
+        """Send our whole state next: peers may have dropped us (and ignore our changes until they have it)."""
+        if not self._up:
+            return
+        log.info("shared routing state: sending this replica's whole state again (%s)", why)
+        self._outbox.insert(0, codec.snapshot(self._own, self._own_users))
+        self._urgent.set()
+        self._wake.set()
 
     async def _read_loop(self) -> None:
         backoff = 0.05
@@ -313,9 +374,9 @@ class RedisState:
             if not self._up:
                 continue
             try:
-                pipe = self._writer.pipeline(transaction=True)
-                self._put_snapshot(pipe)
-                await pipe.execute()
+                checked = time.monotonic()
+                if not await self._writer.pexpire(self._snapshots + self.replica_id, self._lease_ms):
+                    self._announce("its lease had expired")
                 members = [m.decode() if isinstance(m, bytes) else m for m in await self._writer.smembers(self._replicas)]
                 others = [m for m in members if m != self.replica_id]
                 alive = []
@@ -329,7 +390,10 @@ class RedisState:
                         else:
                             await self._writer.srem(self._replicas, member)
                 assert self._ledger is not None
+                # A peer heard from since the check began is alive, whatever the check saw.
+                alive += [r for r, at in self._heard.items() if at >= checked]
                 for gone in self._ledger.keep_only(alive):
+                    self._heard.pop(gone, None)
                     log.info("gateway replica %s stopped renewing its lease; dropped its load", gone)
                 self.metrics.peers.set(len(self._ledger.replicas))
             except _STORE_ERRORS as exc:
@@ -353,7 +417,7 @@ class RedisState:
             if replica == self.replica_id or not snapshots[i + 1]:
                 continue
             try:
-                load, users = codec.check_snapshot(codec.decode(snapshots[i + 1]))
+                load, users = codec.decode_snapshot(snapshots[i + 1])
             except ValueError:
                 continue
             self._ledger.replace(replica, {PodId(p): row for p, row in load.items()}, {UserId(u): n for u, n in users.items()})
@@ -417,6 +481,7 @@ class RedisState:
             return
         replica, events = entry
         assert self._view is not None and self._ledger is not None
+        self._heard[replica] = time.monotonic()
         self.metrics.events.labels("received").inc(len(events))
         for event in events:
             try:
