@@ -29,6 +29,7 @@ from aiohttp import web
 from router.discovery import Discovery
 from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized, UpstreamError
 from router.fairness import VirtualTokenCounters
+from router.fleet_order import IndexOccupancy
 from router.index import PrefixIndex
 from router.kv_events import KVEventListener, parse_event_sources
 from router.metrics import GatewayMetrics
@@ -209,7 +210,7 @@ class Gateway:
             block_size=block_size,
             block_hashes=prompt.block_hashes,
             matched_blocks=self.index.match(prompt.block_hashes),
-            occupancy={pod.id: self.index.occupancy(pod.id) for pod in self.pods},
+            occupancy=IndexOccupancy(self.index.occupancy, self.pods),
             session_key=request.headers.get(self.settings.routing.session_header),
             max_tokens=call.max_tokens,
         )

@@ -152,6 +152,7 @@ class Monitor:
         pod.stats = stats
         if stats.num_gpu_blocks is not None and stats.num_gpu_blocks != self.index.capacity(pod.id):
             self.index.set_capacity(pod.id, stats.num_gpu_blocks)
+            pod.touch()  # its occupancy changed
         if stats.block_size is not None:
             self.block_size = stats.block_size
 
@@ -159,6 +160,7 @@ class Monitor:
         pod.healthy = False
         pod.changed_at = time.monotonic()
         dropped = self.index.drop_pod(pod.id)
+        pod.touch()  # its occupancy changed
         log.warning("pod %s is down (%s); forgot %d cached blocks", pod.url, why, dropped)
 
     def _forget(self, pod: Pod) -> None:

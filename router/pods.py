@@ -5,12 +5,18 @@ it has sent that the pod has not yet answered) next to what the pod reports
 about itself (scraped from its /metrics) and what health probes say. The
 `PodSet` is the table of them; discovery adds and removes pods, the monitor
 updates them, the router reads them. Nothing here does I/O.
+
+A pod of a `PodSet` tells the set's watchers (the router's load ordering,
+`router.fleet_order`) when a field routing reads is assigned (its counts,
+health, models, scraped figures or peers' load object), so orderings of the
+fleet stay current without every writer knowing of them. Writers that change
+a nested object in place (the peers' ledger) call `Pod.touch`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -99,6 +105,21 @@ class Pod:
     max_model_len: int | None = None
     stats: EngineStats = field(default_factory=EngineStats)
     changed_at: float = field(default_factory=time.monotonic)
+    on_change: Callable[[Pod], None] | None = field(default=None, repr=False, compare=False)
+    """Called after a field routing reads is assigned (set by `PodSet`)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _ROUTING_FIELDS:
+            # NOTE: the hook is set last in __init__; until then there is no watcher.
+            watcher = getattr(self, "on_change", None)
+            if watcher is not None:
+                watcher(self)
+
+    def touch(self) -> None:
+        """Tell the watchers that something routing reads changed in place (e.g. `peer`'s counts)."""
+        if self.on_change is not None:
+            self.on_change(self)
 
     @property
     def fleet_in_flight(self) -> int:
@@ -114,6 +135,10 @@ class Pod:
     def fleet_decoding(self) -> int:
         """Requests past their first token on the pod, from every gateway replica."""
         return self.decoding + self.peer.decoding
+
+
+#: The fields whose assignment can change a routing decision.
+_ROUTING_FIELDS = frozenset({"healthy", "in_flight", "pending_prefill", "decoding", "peer", "models", "stats"})
 
 
 def lora_adapters(served: Iterable[object]) -> frozenset[str]:
@@ -144,8 +169,24 @@ class PodSet:
 
     def __init__(self, urls: Iterable[str] = ()) -> None:
         self._pods: dict[PodId, Pod] = {}
+        self._watchers: list[Callable[[Pod], None]] = []
         for url in urls:
             self.add(url)
+
+    def watch(self, callback: Callable[[Pod], None]) -> None:
+        """Call `callback(pod)` whenever a pod joins, leaves, or a field routing reads changes.
+
+        Args:
+            callback: must be cheap and must not mutate pods (it is called
+                from inside attribute assignment).
+        """
+        self._watchers.append(callback)
+        for pod in self._pods.values():
+            pod.on_change = self._changed
+
+    def _changed(self, pod: Pod) -> None:
+        for callback in self._watchers:
+            callback(pod)
 
     def add(self, url: str, *, pod_id: PodId | None = None) -> Pod:
         """Add a pod (idempotent). Returns the pod.
@@ -159,10 +200,17 @@ class PodSet:
         pod = self._pods.get(pod_id)
         if pod is None:
             pod = self._pods[pod_id] = Pod(id=pod_id, url=url)
+            if self._watchers:
+                pod.on_change = self._changed
+                self._changed(pod)
         return pod
 
     def remove(self, pod_id: PodId) -> Pod | None:
-        return self._pods.pop(pod_id, None)
+        pod = self._pods.pop(pod_id, None)
+        if pod is not None and self._watchers:
+            self._changed(pod)
+            pod.on_change = None
+        return pod
 
     def get(self, pod_id: PodId) -> Pod | None:
         return self._pods.get(pod_id)

@@ -24,12 +24,27 @@ costs what it evicts: a pod holding the prefix wins until the work already
 queued on it outweighs recomputing (and, on a full pod, displacing) the prefix
 elsewhere, so a hot prefix spreads to a second pod instead of piling up, but
 not at the first sign of a queue.
+
+Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
+prefix of the request (or fewer than min_match_blocks) costs
+
+    prompt + prompt x full(p) + load(p),   load(p) = pending(p) + d * decoding(p)
+
+where neither full(p) nor load(p) depends on the request. So the policy prices
+the pods that hold a prefix, then walks the fleet ordered by load and by
+fullness in turn: every pod not yet visited costs at least prompt + prompt x
+(the last fullness seen) + (the last load seen), and the walk stops once the
+best cost found is below that bound. The choice is the full scan's argmin
+(Fagin's threshold algorithm over two sorted lists), within the limits the
+module `router.fleet_order` states (stale fullness, ties, the visit cap).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
+from router.fleet_order import MAX_VISITS, OCCUPANCY, TIE_CAP, FleetOrder, IndexOccupancy
 from router.policies.base import PolicyDeps, RouteRequest
 from router.pods import Pod
 
@@ -42,14 +57,57 @@ class KVAwarePolicy:
         self._min_match = deps.settings.min_match_blocks
 
     def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
-        costs = []
-        for pod in pods:
-            matched = request.matched_blocks.get(pod.id, 0)
-            if matched < self._min_match:
-                matched = 0
-            miss = max(request.prompt_tokens - matched * request.block_size, 0)
-            engine_load = pod.stats.running + pod.stats.waiting
-            decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
-            evicts = miss * request.occupancy.get(pod.id, 0.0)
-            costs.append(miss + evicts + pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
-        return costs
+        return [self._cost(request, pod) for pod in pods]
+
+    def load(self, pod: Pod) -> float:
+        """The request-independent part of a pod's cost: queued prefill plus d x decoding."""
+        engine_load = pod.stats.running + pod.stats.waiting
+        decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
+        return pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0)
+
+    def shortlist(self, request: RouteRequest, fleet: FleetOrder, eligible: Callable[[Pod], bool]) -> list[Pod]:
+        """The eligible pods of least cost, found without pricing the whole fleet (see the module docstring)."""
+        priced: dict[Pod, float] = {}
+        best = math.inf
+        ties = 0
+        for pod_id in request.matched_blocks:
+            pod = fleet.pods.get(pod_id)
+            if pod is not None and eligible(pod):
+                cost = priced[pod] = self._cost(request, pod)
+                best, ties = _better(cost, best, ties)
+        load_name = f"kv-aware-load:{self._decode_cost!r}"
+        fleet.ordering(load_name, self.load)
+        names: tuple[str, ...] = (load_name,)
+        if isinstance(request.occupancy, IndexOccupancy):
+            # Fullness read from the index, as the ordering reads it; any other
+            # mapping may disagree with it, so then only its lower bound 0 is used.
+            fleet.occupancy_ordering()
+            names = (load_name, OCCUPANCY)
+        prompt = max(request.prompt_tokens, 0)
+        last = [0.0, 0.0]  # last key seen in each ordering: load, fullness
+        for visits, (which, key, pod) in enumerate(fleet.walk(names), 1):
+            last[which] = key
+            if pod not in priced and eligible(pod):
+                cost = priced[pod] = self._cost(request, pod)
+                best, ties = _better(cost, best, ties)
+            bound = prompt + prompt * last[1] + last[0]
+            if best < bound or (best <= bound and ties >= TIE_CAP) or (visits >= MAX_VISITS and priced):
+                break
+        return [pod for pod, cost in priced.items() if cost <= best]
+
+    def _cost(self, request: RouteRequest, pod: Pod) -> float:
+        matched = request.matched_blocks.get(pod.id, 0)
+        if matched < self._min_match:
+            matched = 0
+        miss = max(request.prompt_tokens - matched * request.block_size, 0)
+        evicts = miss * request.occupancy.get(pod.id, 0.0)
+        return miss + evicts + self.load(pod)
+
+
+def _better(cost: float, best: float, ties: int) -> tuple[float, int]:
+    """The new best cost and how many pods share it."""
+    if cost < best:
+        return cost, 1
+    if cost == best:
+        return best, ties + 1
+    return best, ties
