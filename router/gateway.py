@@ -176,11 +176,11 @@ class Gateway:
         return UserId(call_user or request.headers.get(USER_HEADER) or _bearer(request) or "anonymous")
 
     def _check_model(self, model: str) -> None:
-        known = {m for pod in self.pods for m in pod.models}
-        if model in known:
+        if self.pods.serves(model):
             return
+        known = self.pods.model_names()
         if known:
-            raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(sorted(known))}", param="model")
+            raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(known)}", param="model")
         raise NoCapacity("no pod is up yet; retry shortly")
 
     async def complete(self, kind: Kind, request: web.Request) -> web.StreamResponse:
@@ -199,7 +199,7 @@ class Gateway:
         user = self._user(call.user, request)
 
         block_size = self.block_size
-        adapter = call.model if any(call.model in pod.adapters for pod in self.pods) else None
+        adapter = call.model if self.pods.is_adapter(call.model) else None
         prompt = await tokenize(self.encoder, call, block_size, lora_name=adapter)
         if prompt.unkeyed is not None:
             self.metrics.unkeyed_prompts.labels(prompt.unkeyed).inc()

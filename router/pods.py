@@ -16,6 +16,7 @@ a nested object in place (the peers' ledger) call `Pod.touch`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NewType
@@ -138,7 +139,7 @@ class Pod:
 
 
 #: The fields whose assignment can change a routing decision.
-_ROUTING_FIELDS = frozenset({"healthy", "in_flight", "pending_prefill", "decoding", "peer", "models", "stats"})
+_ROUTING_FIELDS = frozenset({"healthy", "in_flight", "pending_prefill", "decoding", "peer", "models", "adapters", "stats"})
 
 
 def lora_adapters(served: Iterable[object]) -> frozenset[str]:
@@ -170,6 +171,10 @@ class PodSet:
     def __init__(self, urls: Iterable[str] = ()) -> None:
         self._pods: dict[PodId, Pod] = {}
         self._watchers: list[Callable[[Pod], None]] = []
+        # What each pod lists, counted, so a request's model is checked without visiting every pod.
+        self._listed: dict[Pod, tuple[frozenset[str], frozenset[str]]] = {}
+        self._models: Counter[str] = Counter()
+        self._adapters: Counter[str] = Counter()
         for url in urls:
             self.add(url)
 
@@ -181,12 +186,42 @@ class PodSet:
                 from inside attribute assignment).
         """
         self._watchers.append(callback)
-        for pod in self._pods.values():
-            pod.on_change = self._changed
+
+    def serves(self, model: str) -> bool:
+        """Whether any pod in the table lists `model` (healthy or not). O(1)."""
+        return model in self._models
+
+    def is_adapter(self, model: str) -> bool:
+        """Whether any pod lists `model` as a LoRA adapter. O(1)."""
+        return model in self._adapters
+
+    def model_names(self) -> list[str]:
+        """Every model some pod lists, sorted."""
+        return sorted(self._models)
 
     def _changed(self, pod: Pod) -> None:
+        listed = (pod.models, pod.adapters) if self._pods.get(pod.id) is pod else (frozenset(), frozenset())
+        old = self._listed.get(pod)
+        if old is None or old[0] is not listed[0] or old[1] is not listed[1]:
+            self._relist(pod, old, listed)
         for callback in self._watchers:
             callback(pod)
+
+    def _relist(
+        self, pod: Pod, old: tuple[frozenset[str], frozenset[str]] | None, new: tuple[frozenset[str], frozenset[str]]
+    ) -> None:
+        before = old or (frozenset(), frozenset())
+        for counts, was, now in ((self._models, before[0], new[0]), (self._adapters, before[1], new[1])):
+            for name in was - now:
+                counts[name] -= 1
+                if counts[name] <= 0:
+                    del counts[name]
+            for name in now - was:
+                counts[name] += 1
+        if new[0] or new[1]:
+            self._listed[pod] = new
+        else:
+            self._listed.pop(pod, None)
 
     def add(self, url: str, *, pod_id: PodId | None = None) -> Pod:
         """Add a pod (idempotent). Returns the pod.
@@ -200,14 +235,13 @@ class PodSet:
         pod = self._pods.get(pod_id)
         if pod is None:
             pod = self._pods[pod_id] = Pod(id=pod_id, url=url)
-            if self._watchers:
-                pod.on_change = self._changed
-                self._changed(pod)
+            pod.on_change = self._changed
+            self._changed(pod)
         return pod
 
     def remove(self, pod_id: PodId) -> Pod | None:
         pod = self._pods.pop(pod_id, None)
-        if pod is not None and self._watchers:
+        if pod is not None:
             self._changed(pod)
             pod.on_change = None
         return pod

@@ -203,3 +203,17 @@ def test_an_idle_fleet_spreads_over_pods_and_prefers_fewer_in_flight() -> None:
     for _ in range(20):
         chosen.add(fleet.router.try_acquire(fleet.request(), policy, "least-request").pod)
     assert len(chosen) == 20  # each pick loaded a pod, so the next went elsewhere
+
+
+def test_the_table_counts_the_models_its_pods_list_as_they_change() -> None:
+    pods = PodSet(["http://a:1", "http://b:1"])
+    a, b = pods.get(PodId("http://a:1")), pods.get(PodId("http://b:1"))
+    assert not pods.serves("tiny") and pods.model_names() == []
+    a.models = frozenset({"tiny", "tiny-lora"})
+    a.adapters = frozenset({"tiny-lora"})
+    b.models = frozenset({"tiny"})
+    assert pods.serves("tiny") and pods.is_adapter("tiny-lora") and not pods.is_adapter("tiny")
+    pods.remove(a.id)
+    assert pods.model_names() == ["tiny"] and not pods.is_adapter("tiny-lora")
+    b.models = frozenset()
+    assert not pods.serves("tiny")
