@@ -102,11 +102,12 @@ class FleetOrder:
         self._seq: dict[Pod, int] = {}
         self._counter = itertools.count()
         self._dirty: set[Pod] = set()
-        pods.watch(self._dirty.add)
+        pods.watch(self.touch)
 
     def touch(self, pod: Pod) -> None:
         """Mark `pod` for re-keying at the next `sync` (something its keys read changed)."""
-        self._dirty.add(pod)
+        if self._orderings:  # nothing to keep current until a policy asks for an ordering
+            self._dirty.add(pod)
 
     def ordering(self, name: str, key: LoadKey) -> SortedList:
         """The healthy pods sorted by `key`, as `(key, in_flight, seq, pod)` entries, cheapest first.
@@ -136,7 +137,7 @@ class FleetOrder:
         if not self._dirty:
             return
         dirty = list(self._dirty)
-        self._dirty.clear()  # the same set: the table's watcher adds to it
+        self._dirty.clear()
         for pod in dirty:
             member = pod.healthy and self.pods.get(pod.id) is pod
             if not member and pod not in self._seq:

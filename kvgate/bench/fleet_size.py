@@ -33,7 +33,7 @@ import statistics
 import time
 import tracemalloc
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -252,7 +252,11 @@ def measure_memory(pods_n: int, settings: FleetSimSettings, prompts: _Prompts) -
     return used / resident * 1_000_000
 
 
-def run(settings: FleetSimSettings, out: Path, *, log=print) -> FleetSimResult:
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(settings: FleetSimSettings, out: Path, *, log: Callable[[str], None] = _print) -> FleetSimResult:
     """Measure every fleet size and write the figures and plots to `out`.
 
     Args:
