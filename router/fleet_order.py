@@ -62,8 +62,6 @@ LoadKey = Callable[[Pod], float]
 TIE_CAP = 16
 #: Pods a walk visits at most before it settles for the best so far (once it has one).
 MAX_VISITS = 512
-#: The ordering by `occupancy` (the prefix index's share of each pod's KV capacity in use).
-OCCUPANCY = "occupancy"
 
 
 class _Ordering:
@@ -128,9 +126,9 @@ class FleetOrder:
                 ordering.place(pod, self._seq_of(pod), pod.healthy)
         return ordering.sorted
 
-    def occupancy_ordering(self) -> SortedList:
-        """The healthy pods sorted by the prefix index's occupancy (`OCCUPANCY`)."""
-        return self.ordering(OCCUPANCY, lambda pod: self._occupancy(pod.id))
+    def occupancy(self, pod: PodId) -> float:
+        """The prefix index's occupancy of `pod` (0..1), as orderings may read it."""
+        return self._occupancy(pod)
 
     def sync(self) -> None:
         """Re-key every pod marked since the last call, in every ordering. O(dirty x log n)."""

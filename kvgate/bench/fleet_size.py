@@ -39,7 +39,7 @@ from pathlib import Path
 
 import msgpack
 
-from kvcache.keys import chain_hashes
+from kvcache.keys import chain_hashes, hash_block
 from router.fairness import VirtualTokenCounters
 from router.fleet_order import IndexOccupancy
 from router.index import PrefixIndex
@@ -229,8 +229,14 @@ def measure_ingestion(engines: int, settings: FleetSimSettings) -> tuple[float, 
 
 
 def measure_memory(pods_n: int, settings: FleetSimSettings, prompts: _Prompts) -> float:
-    """Bytes the prefix index takes per million resident blocks, filled over `pods_n` pods."""
+    """Bytes the prefix index takes per million resident blocks, filled over `pods_n` pods.
+
+    Each insert is a shared prefix with a fresh two-block tail, on a pod in
+    turn, until `settings.memory_blocks` blocks are resident.
+    """
+    rng = random.Random(settings.seed)
     pod_ids = [PodId(f"http://engine-{i}:8000") for i in range(pods_n)]
+    prefixes = [hashes[: settings.prefix_blocks] for _, hashes in prompts.hashes[: settings.prefixes]]
     gc.collect()
     tracemalloc.start()
     try:
@@ -239,10 +245,12 @@ def measure_memory(pods_n: int, settings: FleetSimSettings, prompts: _Prompts) -
         resident = 0
         n = 0
         while resident < settings.memory_blocks:
-            _, hashes = prompts.hashes[n % len(prompts.hashes)]
+            prefix = prefixes[rng.randrange(len(prefixes))]
+            tail = hash_block(prefix[-1], [rng.randrange(1 << 30) for _ in range(BLOCK)])
+            tail = (tail, hash_block(tail, [rng.randrange(1 << 30) for _ in range(BLOCK)]))
             pod = pod_ids[n % pods_n]
             held = index.blocks(pod)
-            index.insert(pod, hashes)
+            index.insert(pod, prefix + tail)
             resident += index.blocks(pod) - held
             n += 1
         used = tracemalloc.get_traced_memory()[0] - before

@@ -28,15 +28,19 @@ not at the first sign of a queue.
 Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
 prefix of the request (or fewer than min_match_blocks) costs
 
-    prompt + prompt x full(p) + load(p),   load(p) = pending(p) + d * decoding(p)
+    prompt + load(p) + prompt x full(p),   load(p) = pending(p) + d * decoding(p)
 
-where neither full(p) nor load(p) depends on the request. So the policy prices
-the pods that hold a prefix, then walks the fleet ordered by load and by
-fullness in turn: every pod not yet visited costs at least prompt + prompt x
-(the last fullness seen) + (the last load seen), and the walk stops once the
-best cost found is below that bound. The choice is the full scan's argmin
-(Fagin's threshold algorithm over two sorted lists), within the limits the
-module `router.fleet_order` states (stale fullness, ties, the visit cap).
+where neither full(p) nor load(p) depends on the request. The fleet is kept
+ordered by load(p) + S x full(p) for a few scales S (64, 256, 1024, ...
+prompt tokens, made as prompt lengths need them); for a prompt between two
+scales, its cost less the prompt is a fixed positive mix of those two keys on
+every pod. So the policy prices the pods that hold a prefix, then walks the
+two orderings in turn: every pod not yet visited costs at least prompt + the
+mix of the last keys seen, and the walk stops once the best cost found is
+below that bound. The choice is the full scan's argmin (Fagin's threshold
+algorithm over two sorted lists), within the limits `router.fleet_order`
+states (stale fullness, ties, the visit cap); a prompt near a scale is priced
+almost by that ordering alone, so the walk is short.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from router.fleet_order import MAX_VISITS, OCCUPANCY, TIE_CAP, FleetOrder, IndexOccupancy
+from router.fleet_order import MAX_VISITS, TIE_CAP, FleetOrder, IndexOccupancy
 from router.policies.base import PolicyDeps, RouteRequest
 from router.pods import Pod
 
@@ -75,25 +79,49 @@ class KVAwarePolicy:
             if pod is not None and eligible(pod):
                 cost = priced[pod] = self._cost(request, pod)
                 best, ties = _better(cost, best, ties)
-        load_name = f"kv-aware-load:{self._decode_cost!r}"
-        fleet.ordering(load_name, self.load)
-        names: tuple[str, ...] = (load_name,)
-        if isinstance(request.occupancy, IndexOccupancy):
-            # Fullness read from the index, as the ordering reads it; any other
-            # mapping may disagree with it, so then only its lower bound 0 is used.
-            fleet.occupancy_ordering()
-            names = (load_name, OCCUPANCY)
         prompt = max(request.prompt_tokens, 0)
-        last = [0.0, 0.0]  # last key seen in each ordering: load, fullness
+        names, weights = self._orderings(prompt, fleet, live=isinstance(request.occupancy, IndexOccupancy))
+        last = [0.0] * len(names)  # the last key seen in each ordering
         for visits, (which, key, pod) in enumerate(fleet.walk(names), 1):
             last[which] = key
             if pod not in priced and eligible(pod):
                 cost = priced[pod] = self._cost(request, pod)
                 best, ties = _better(cost, best, ties)
-            bound = prompt + prompt * last[1] + last[0]
+            bound = prompt + sum(w * k for w, k in zip(weights, last))
+            bound -= _SLACK * abs(bound)  # rounding must never make the bound exceed a cost
             if best < bound or (best <= bound and ties >= TIE_CAP) or (visits >= MAX_VISITS and priced):
                 break
         return [pod for pod, cost in priced.items() if cost <= best]
+
+    def _orderings(self, prompt: int, fleet: FleetOrder, *, live: bool) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The orderings whose weighted keys sum to every non-holder's cost less `prompt`.
+
+        Ordering j sorts by load + S_j x fullness, S_j = 64 x 4^j prompt tokens
+        (ordering "0" by load alone); a prompt of P tokens with S_lo < P <= S_hi
+        costs, less P, lam x key_lo + (1 - lam) x key_hi with lam = (S_hi - P) /
+        (S_hi - S_lo) on every pod, so walking those two bounds every unvisited
+        pod. Orderings are made on first use: a fleet maintains only those its
+        prompts' lengths need.
+        """
+        base = f"kv-aware:{self._decode_cost!r}"
+        if not live or prompt == 0:
+            # Fullness from another source than the index: only its lower bound 0 is safe.
+            fleet.ordering(f"{base}:0", self.load)
+            return (f"{base}:0",), (1.0,)
+        high = _STEP_BASE
+        while high < prompt:
+            high *= _STEP_RATIO
+        low = 0 if high == _STEP_BASE else high // _STEP_RATIO
+        for scale in (low, high):
+            fleet.ordering(f"{base}:{scale}", self._fullness_key(scale, fleet))
+        lam = (high - prompt) / (high - low)
+        return (f"{base}:{low}", f"{base}:{high}"), (lam, 1.0 - lam)
+
+    def _fullness_key(self, scale: int, fleet: FleetOrder) -> Callable[[Pod], float]:
+        def key(pod: Pod) -> float:
+            return self.load(pod) + scale * fleet.occupancy(pod.id)
+
+        return key
 
     def _cost(self, request: RouteRequest, pod: Pod) -> float:
         matched = request.matched_blocks.get(pod.id, 0)
@@ -102,6 +130,13 @@ class KVAwarePolicy:
         miss = max(request.prompt_tokens - matched * request.block_size, 0)
         evicts = miss * request.occupancy.get(pod.id, 0.0)
         return miss + evicts + self.load(pod)
+
+
+#: The smallest fullness scale, in prompt tokens, and the ratio between scales.
+_STEP_BASE = 64
+_STEP_RATIO = 4
+#: Relative slack taken off a walk's bound, far above float rounding and far below any real cost gap.
+_SLACK = 1e-9
 
 
 def _better(cost: float, best: float, ties: int) -> tuple[float, int]:

@@ -68,7 +68,7 @@ class RandomFleet:
 
     def prompt(self) -> list[int]:
         prefix = self.rng.choice(self.prefixes)[: BLOCK * self.rng.randint(0, 8)]
-        return prefix + [self.rng.randrange(50_000) for _ in range(self.rng.randint(1, 200))]
+        return prefix + [self.rng.randrange(50_000) for _ in range(self.rng.randint(1, self.rng.choice([64, 300, 3000])))]
 
     @staticmethod
     def hashes(tokens: list[int]) -> tuple:
@@ -166,15 +166,16 @@ def test_a_mix_with_a_part_that_needs_every_pod_is_not_shortlisted() -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_orderings_stay_sorted_by_the_current_load_as_it_changes(seed: int) -> None:
     fleet = RandomFleet(200 + seed)
-    kv_aware = fleet.book.get("kv-aware")
     order = fleet.router.fleet
     for _ in range(300):
         fleet.step("kv-aware")
         order.sync()
-        entries = order.ordering(f"kv-aware-load:{kv_aware._decode_cost!r}", kv_aware.load)
-        held = {entry[3]: entry[0] for entry in entries}
-        assert held == {pod: kv_aware.load(pod) for pod in fleet.pods if pod.healthy}
-        assert list(entries) == sorted(entries, key=lambda e: e[:3])
+        for ordering in order._orderings.values():
+            entries = ordering.sorted
+            held = {entry[3]: entry[0] for entry in entries}
+            assert held == {pod: ordering.key(pod) for pod in fleet.pods if pod.healthy}
+            assert list(entries) == sorted(entries, key=lambda e: e[:3])
+    assert len(order._orderings) >= 3  # load alone and fullness scales, as prompt lengths needed
 
 
 def test_pods_joining_and_leaving_the_table_enter_and_leave_the_orderings() -> None:
