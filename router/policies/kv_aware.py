@@ -41,6 +41,10 @@ below that bound. The choice is the full scan's argmin (Fagin's threshold
 algorithm over two sorted lists), within the limits `router.fleet_order`
 states (stale fullness, ties, the visit cap); a prompt near a scale is priced
 almost by that ordering alone, so the walk is short.
+
+NOTE: every ordering costs O(log n) per change of a pod's load; a workload
+whose prompts run from 64 to 64k tokens keeps seven. Scales closer together
+would shorten walks and add orderings to keep current.
 """
 
 from __future__ import annotations
