@@ -133,7 +133,10 @@ class KVAwarePolicy:
             matched = 0
         miss = max(request.prompt_tokens - matched * request.block_size, 0)
         evicts = miss * request.occupancy.get(pod.id, 0.0)
-        return miss + evicts + self.load(pod)
+        # `load` inlined: this runs once per pod on a full scan.
+        engine_load = pod.stats.running + pod.stats.waiting
+        decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
+        return miss + evicts + (pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
 
 
 #: The smallest fullness scale, in prompt tokens, and the ratio between scales.
