@@ -11,13 +11,14 @@ from kvgate.bench.fleet_size import FleetSimSettings, run
 
 def test_a_small_simulation_writes_figures_table_and_plot(tmp_path: Path) -> None:
     settings = FleetSimSettings(
-        sizes=(5, 40), decisions=60, full_scan_decisions=20, prefixes=20, event_batches=200, memory_blocks=2_000
+        sizes=(5, 40), decisions=60, full_scan_decisions=20, prefixes=20, event_batches=200, memory_blocks=2_000, rounds=2
     )
     lines: list[str] = []
     result = run(settings, tmp_path, log=lines.append)
     assert [s.pods for s in result.sizes] == [5, 40] and len(lines) == 2
     for size in result.sizes:
         assert 0 < size.decision_p50_us <= size.decision_p99_us
+        assert size.decision_p99_low_us <= size.decision_p99_us <= size.decision_p99_high_us and size.decision_cpu_p99_us > 0
         assert 0 < size.full_scan_p50_us <= size.full_scan_p99_us
         assert size.events_per_s > 0 and size.blocks_per_s > size.events_per_s
         assert size.index_bytes_per_million_blocks > 0
