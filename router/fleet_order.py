@@ -7,13 +7,15 @@ A routing decision used to price every healthy pod: about 0.6 µs a pod, so
 healthy pods sorted by each key in a `sortedcontainers.SortedList`. The
 policy then prices the pods holding a prefix of the request and walks the
 orderings from their cheap ends until no unvisited pod can beat the best
-found, so a decision visits tens of pods, not the fleet.
+found, so a decision prices the holders and a few of the least loaded pods,
+not the fleet.
 
 Keeping the orderings current: every pod of the `PodSet` reports assignments
 to the fields routing reads (counts, health, models, scraped figures, the
 peers' load object; see `router.pods`), the peers' ledger touches a pod when
-it changes its peers' counts in place, and the router touches a pod when it
-records blocks on it. Reports only mark the pod dirty (a set insert);
+it changes its peers' counts in place, and the monitor touches a pod whose
+index entries it drops or resizes (the router's own accounting on a pod is an
+assignment, so recording blocks on a pod re-keys it too). Reports only mark the pod dirty (a set insert);
 `sync()`, called at the start of each decision, re-keys the dirty pods at
 O(log n) each, so a burst of changes to one pod between two decisions costs
 one re-key.
@@ -37,10 +39,9 @@ What is approximate:
     the walk visit a pod early, which is safe; a fall (the engine evicted
     blocks) can leave a pod ranked later than it should be until its next
     re-key, at most one scrape interval.
-  - a walk that reaches `MAX_VISITS` pods stops with the best so far
-    (counted by the caller); with load keys that bound every unvisited pod
-    this happens only on fleets of near-equal pods, where the choice is
-    near-equal too.
+  - a walk that reaches `MAX_VISITS` pods stops with the best so far; that
+    takes many pods of nearly equal cost, among which the choice is nearly
+    equal too.
 
 Not here: the costs themselves (`router.policies`), admission (`router.routing`).
 """
