@@ -92,8 +92,10 @@ class KVAwarePolicy:
                 cost = priced[pod] = self._cost(request, pod)
                 best, ties = _better(cost, best, ties)
             bound = prompt + sum(w * k for w, k in zip(weights, last))
-            bound -= _SLACK * abs(bound)  # rounding must never make the bound exceed a cost
-            if best < bound or (best <= bound and ties >= TIE_CAP) or (visits >= MAX_VISITS and priced):
+            slack = _SLACK * abs(bound)  # rounding must never make the bound exceed a cost
+            if best < bound - slack or (best <= bound + slack and ties >= TIE_CAP):
+                break  # nobody left is cheaper; or enough pods tie and nobody left is cheaper than them
+            if visits >= MAX_VISITS and priced:
                 break
         return [pod for pod, cost in priced.items() if cost <= best]
 

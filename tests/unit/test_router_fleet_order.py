@@ -18,7 +18,7 @@ import pytest
 
 from kvcache.keys import chain_hashes
 from router.fairness import VirtualTokenCounters
-from router.fleet_order import FleetOrder, IndexOccupancy
+from router.fleet_order import TIE_CAP, FleetOrder, IndexOccupancy
 from router.index import PrefixIndex
 from router.metrics import GatewayMetrics
 from router.pods import EngineStats, PodId, PodSet, UserId
@@ -218,3 +218,19 @@ def test_the_table_counts_the_models_its_pods_list_as_they_change() -> None:
     assert pods.model_names() == ["tiny"] and not pods.is_adapter("tiny-lora")
     b.models = frozenset()
     assert not pods.serves("tiny")
+
+
+def test_on_an_idle_fleet_the_kv_aware_walk_stops_after_a_few_tied_pods() -> None:
+    pods = PodSet(f"http://pod-{i}:8000" for i in range(2_000))
+    index = PrefixIndex()
+    counters = VirtualTokenCounters()
+    router = Router(pods, index, counters, AdmissionSettings(), GatewayMetrics(), random.Random(0))
+    policy = PolicyBook(PolicyDeps(RoutingSettings(block_size=BLOCK), counters, random.Random(0))).get("kv-aware")
+    request = RouteRequest(
+        user=UserId("u"), model="tiny", prompt_tokens=300, block_size=BLOCK,
+        occupancy=IndexOccupancy(index.occupancy, pods),
+    )
+    router.fleet.sync()
+    shortlist = policy.shortlist(request, router.fleet, lambda pod: True)
+    assert 1 <= len(shortlist) <= TIE_CAP
+    assert {cost for cost in policy.costs(request, shortlist)} == {300.0}
