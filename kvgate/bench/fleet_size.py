@@ -257,27 +257,34 @@ def measure_memory(pods_n: int, settings: FleetSimSettings, prompts: _Prompts) -
     """Bytes the prefix index takes per million resident blocks, filled over `pods_n` pods.
 
     Each insert is a shared prefix with a fresh two-block tail, on a pod in
-    turn, until `settings.memory_blocks` blocks are resident.
+    turn, until `settings.memory_blocks` blocks are resident. The count is
+    worked out from the schedule (a prefix is new on a pod once; a tail always
+    is), so only the index's `insert` is used.
     """
     rng = random.Random(settings.seed)
     pod_ids = [PodId(f"http://engine-{i}:8000") for i in range(pods_n)]
-    prefixes = [hashes[: settings.prefix_blocks] for _, hashes in prompts.hashes[: settings.prefixes]]
+    # The prompts' distinct shared prefixes (prompts drawn from one share it).
+    prefixes = list(dict.fromkeys(hashes[: settings.prefix_blocks] for _, hashes in prompts.hashes))
+    schedule: list[tuple[PodId, int]] = []
+    placed: set[tuple[int, int]] = set()
+    resident = 0
+    while resident < settings.memory_blocks:
+        pod, k = len(schedule) % pods_n, rng.randrange(len(prefixes))
+        if (pod, k) not in placed:
+            placed.add((pod, k))
+            resident += len(prefixes[k])
+        resident += 2
+        schedule.append((pod_ids[pod], k))
+    del placed
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         index = PrefixIndex(default_capacity=1 << 30)
-        resident = 0
-        n = 0
-        while resident < settings.memory_blocks:
-            prefix = prefixes[rng.randrange(len(prefixes))]
+        for pod_id, k in schedule:
+            prefix = prefixes[k]
             tail = hash_block(prefix[-1], [rng.randrange(1 << 30) for _ in range(BLOCK)])
-            tail = (tail, hash_block(tail, [rng.randrange(1 << 30) for _ in range(BLOCK)]))
-            pod = pod_ids[n % pods_n]
-            held = index.blocks(pod)
-            index.insert(pod, prefix + tail)
-            resident += index.blocks(pod) - held
-            n += 1
+            index.insert(pod_id, prefix + (tail, hash_block(tail, [rng.randrange(1 << 30) for _ in range(BLOCK)])))
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
