@@ -60,7 +60,7 @@ Entry = tuple[float, int, int, Pod]
 LoadKey = Callable[[Pod], float]
 
 #: Equal-cost pods a walk collects before it stops (the full scan draws among all of them).
-TIE_CAP = 16
+TIE_CAP = 8
 #: Pods a walk visits at most before it settles for the best so far (once it has one).
 MAX_VISITS = 512
 
@@ -76,11 +76,14 @@ class _Ordering:
         self.entries: dict[Pod, Entry] = {}
 
     def place(self, pod: Pod, seq: int, member: bool) -> None:
-        old = self.entries.pop(pod, None)
+        entry = (self.key(pod), pod.in_flight, seq, pod) if member else None
+        old = self.entries.get(pod)
         if old is not None:
+            if entry is not None and old[:2] == entry[:2]:
+                return  # the change did not move it
+            del self.entries[pod]
             self.sorted.remove(old)
-        if member:
-            entry = (self.key(pod), pod.in_flight, seq, pod)
+        if entry is not None:
             self.entries[pod] = entry
             self.sorted.add(entry)
 
