@@ -38,6 +38,7 @@ from router.body import request_body
 from router.discovery import Discovery
 from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized
 from router.fairness import VirtualTokenCounters
+from router.fleet_order import IndexOccupancy
 from router.index import PrefixIndex
 from router.kv_events import KVEventListener, parse_event_sources
 from router.metrics import GatewayMetrics
@@ -196,11 +197,11 @@ class Gateway:
         return UserId(call_user or request.headers.get(USER_HEADER) or by_key or "anonymous")
 
     def _check_model(self, model: str) -> None:
-        known = {m for pod in self.pods for m in pod.models}
-        if model in known:
+        if self.pods.serves(model):
             return
+        known = self.pods.model_names()
         if known:
-            raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(sorted(known))}", param="model")
+            raise ModelNotFound(f"model {model!r} is not served here; known: {', '.join(known)}", param="model")
         raise NoCapacity("no pod is up yet; retry shortly")
 
     def _max_model_len(self, model: str) -> int | None:
@@ -234,7 +235,7 @@ class Gateway:
         user = self._user(call.user, request)
 
         block_size = self.block_size
-        adapter = call.model if any(call.model in pod.adapters for pod in self.pods) else None
+        adapter = call.model if self.pods.is_adapter(call.model) else None
         prompt = await tokenize(self.encoder, call, block_size, lora_name=adapter, max_model_len=self._max_model_len(call.model))
         if prompt.unkeyed is not None:
             self.metrics.unkeyed_prompts.labels(prompt.unkeyed).inc()
@@ -245,7 +246,7 @@ class Gateway:
             block_size=block_size,
             block_hashes=prompt.block_hashes,
             matched_blocks=self.index.match(prompt.block_hashes),
-            occupancy={pod.id: self.index.occupancy(pod.id) for pod in self.pods},
+            occupancy=IndexOccupancy(self.index.occupancy, self.pods),
             session_key=request.headers.get(self.settings.routing.session_header),
             max_tokens=call.max_tokens,
         )

@@ -211,6 +211,7 @@ class Monitor:
         pod.stats = stats
         if stats.num_gpu_blocks is not None and stats.num_gpu_blocks != self.index.capacity(pod.id):
             self.index.set_capacity(pod.id, stats.num_gpu_blocks)
+            pod.touch()  # its occupancy changed
         if stats.block_size is not None:
             self.block_size = stats.block_size
 

@@ -5,12 +5,19 @@ it has sent that the pod has not yet answered) next to what the pod reports
 about itself (scraped from its /metrics) and what health probes say. The
 `PodSet` is the table of them; discovery adds and removes pods, the monitor
 updates them, the router reads them. Nothing here does I/O.
+
+A pod of a `PodSet` tells the set's watchers (the router's load ordering,
+`router.fleet_order`) when a field routing reads is assigned (its counts,
+health, models, scraped figures or peers' load object), so orderings of the
+fleet stay current without every writer knowing of them. Writers that change
+a nested object in place (the peers' ledger) call `Pod.touch`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -107,6 +114,21 @@ class Pod:
     """Taken out of rotation by outlier detection (`router.outliers`) until a good probe re-admits it."""
     backoff_until: float = 0.0
     """`time.monotonic()` until which the pod is avoided as overloaded, if another pod can serve."""
+    on_change: Callable[[Pod], None] | None = field(default=None, repr=False, compare=False)
+    """Called after a field routing reads is assigned (set by `PodSet`)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _ROUTING_FIELDS:
+            # NOTE: the hook is set last in __init__; until then there is no watcher.
+            watcher = getattr(self, "on_change", None)
+            if watcher is not None:
+                watcher(self)
+
+    def touch(self) -> None:
+        """Tell the watchers that something routing reads changed in place (e.g. `peer`'s counts)."""
+        if self.on_change is not None:
+            self.on_change(self)
 
     @property
     def fleet_in_flight(self) -> int:
@@ -122,6 +144,12 @@ class Pod:
     def fleet_decoding(self) -> int:
         """Requests past their first token on the pod, from every gateway replica."""
         return self.decoding + self.peer.decoding
+
+
+#: The fields whose assignment can change a routing decision.
+_ROUTING_FIELDS = frozenset(
+    {"healthy", "ejected", "backoff_until", "in_flight", "pending_prefill", "decoding", "peer", "models", "adapters", "stats"}
+)
 
 
 def lora_adapters(served: Iterable[object]) -> frozenset[str]:
@@ -152,8 +180,58 @@ class PodSet:
 
     def __init__(self, urls: Iterable[str] = ()) -> None:
         self._pods: dict[PodId, Pod] = {}
+        self._watchers: list[Callable[[Pod], None]] = []
+        # What each pod lists, counted, so a request's model is checked without visiting every pod.
+        self._listed: dict[Pod, tuple[frozenset[str], frozenset[str]]] = {}
+        self._models: Counter[str] = Counter()
+        self._adapters: Counter[str] = Counter()
         for url in urls:
             self.add(url)
+
+    def watch(self, callback: Callable[[Pod], None]) -> None:
+        """Call `callback(pod)` whenever a pod joins, leaves, or a field routing reads changes.
+
+        Args:
+            callback: must be cheap and must not mutate pods (it is called
+                from inside attribute assignment).
+        """
+        self._watchers.append(callback)
+
+    def serves(self, model: str) -> bool:
+        """Whether any pod in the table lists `model` (healthy or not). O(1)."""
+        return model in self._models
+
+    def is_adapter(self, model: str) -> bool:
+        """Whether any pod lists `model` as a LoRA adapter. O(1)."""
+        return model in self._adapters
+
+    def model_names(self) -> list[str]:
+        """Every model some pod lists, sorted."""
+        return sorted(self._models)
+
+    def _changed(self, pod: Pod) -> None:
+        listed = (pod.models, pod.adapters) if self._pods.get(pod.id) is pod else (frozenset(), frozenset())
+        old = self._listed.get(pod)
+        if old is None or old[0] is not listed[0] or old[1] is not listed[1]:
+            self._relist(pod, old, listed)
+        for callback in self._watchers:
+            callback(pod)
+
+    def _relist(
+        self, pod: Pod, old: tuple[frozenset[str], frozenset[str]] | None, new: tuple[frozenset[str], frozenset[str]]
+    ) -> None:
+        before = old or (frozenset(), frozenset())
+        for counts, was, now in ((self._models, before[0], new[0]), (self._adapters, before[1], new[1])):
+            for name in was - now:
+                counts[name] -= 1
+                if counts[name] <= 0:
+                    del counts[name]
+            for name in now - was:
+                counts[name] += 1
+        if new[0] or new[1]:
+            self._listed[pod] = new
+        else:
+            self._listed.pop(pod, None)
 
     def add(self, url: str, *, pod_id: PodId | None = None) -> Pod:
         """Add a pod (idempotent). Returns the pod.
@@ -167,10 +245,16 @@ class PodSet:
         pod = self._pods.get(pod_id)
         if pod is None:
             pod = self._pods[pod_id] = Pod(id=pod_id, url=url)
+            pod.on_change = self._changed
+            self._changed(pod)
         return pod
 
     def remove(self, pod_id: PodId) -> Pod | None:
-        return self._pods.pop(pod_id, None)
+        pod = self._pods.pop(pod_id, None)
+        if pod is not None:
+            self._changed(pod)
+            pod.on_change = None
+        return pod
 
     def get(self, pod_id: PodId) -> Pod | None:
         return self._pods.get(pod_id)

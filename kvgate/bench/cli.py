@@ -5,6 +5,7 @@
                  [--seed N] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
                  [--[no-]kvgate-kv-events] [--gateway-replicas N]
                  [--state-url URL] [--no-progress]
+    kvgate bench --fleet-sim [--quick] [--out DIR] [--seed N]
 
 Lists are comma-separated; `none` empties one (e.g. `--workloads none` only
 measures the gateways against the stub engine). The results folder defaults
@@ -18,6 +19,10 @@ for kvgate N replicas sharing state through `--state-url` and N without, for
 a peer N independent routers; beside each kvgate gateway of the stub
 benchmark, the same gateway with shared state (what sharing costs).
 
+`--fleet-sim` runs only the fleet-size section (`fleet_size`): one gateway's
+routing decision time, KV event ingestion and prefix-index memory against
+simulated fleets of 10 to 10,000 pods, in process, without engines.
+
 This module is the only one of the benchmark that reads the environment
 (`KVGATE_HOME`, where `kvgate up` also keeps the model).
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import os
@@ -122,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Redis where kvgate replicas with shared state (+state) meet (default {DEFAULT_STATE_URL})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--fleet-sim",
+        action="store_true",
+        help="only the fleet-size section: decision time, KV event ingestion and index memory for"
+        " simulated fleets of 10 to 10,000 pods (no engines; a few minutes, --quick about one)",
+    )
     return parser
 
 
@@ -280,6 +292,23 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
     return 0 if results.complete else 1
 
 
+def _fleet_sim(args: argparse.Namespace) -> int:
+    from kvgate.bench.fleet_size import FleetSimSettings, run
+
+    problem = _check_tools()
+    if problem:
+        print(f"kvgate bench: {problem}", file=sys.stderr)
+        return 2
+    settings = FleetSimSettings.quick() if args.quick else FleetSimSettings()
+    if args.seed is not None:
+        settings = dataclasses.replace(settings, seed=args.seed)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("results") / f"fleet-{stamp}"
+    run(settings, out)
+    print(f"fleet-size figures in {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`kvgate bench ...`; see the module docstring.
 
@@ -293,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.fleet_sim:
+        return _fleet_sim(args)
     unknown = [name for name in args.workloads if name not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")

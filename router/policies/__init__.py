@@ -3,14 +3,20 @@
 `build("kv-aware", deps)` gives one policy; `build("prefix-cache:2,least-request:1", deps)`
 gives a `WeightedMix` whose cost is the weighted sum of each part's costs,
 each min-max normalised to [0, 1] first so no part dominates by its units.
+
+A mix shortlists (`router.fleet_order`) only when every part does: it prices
+the union of the parts' shortlists. NOTE: that is approximate, since the
+normalisation then spans the shortlist, not the fleet; a mix with a part that
+needs every pod prices every pod, as before.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from router.errors import InvalidRequest
+from router.fleet_order import FleetOrder
 from router.policies.base import Policy, PolicyDeps, RouteRequest
 from router.policies.kv_aware import KVAwarePolicy
 from router.policies.least_kv_cache import LeastKVCachePolicy
@@ -55,6 +61,14 @@ class WeightedMix:
 
     def __init__(self, parts: Sequence[tuple[float, Policy]]) -> None:
         self.parts = tuple(parts)
+        if all(hasattr(policy, "shortlist") for _, policy in self.parts):
+            self.shortlist = self._shortlist
+
+    def _shortlist(self, request: RouteRequest, fleet: FleetOrder, eligible: Callable[[Pod], bool]) -> list[Pod]:
+        union: dict[Pod, None] = {}
+        for _, policy in self.parts:
+            union.update(dict.fromkeys(policy.shortlist(request, fleet, eligible)))
+        return list(union)
 
     def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
         total = [0.0] * len(pods)

@@ -58,6 +58,16 @@ class Policy(Protocol):
         """One cost per pod in `pods` order; lower is better. No side effects on pods."""
         ...
 
+    # Optional, for large fleets (see `router.fleet_order`):
+    #
+    #     def shortlist(self, request, fleet: FleetOrder, eligible) -> list[Pod]
+    #
+    # The eligible pods among which `costs` has its minimum, found by walking
+    # the fleet's load orderings instead of pricing every pod; the router then
+    # prices only those. A policy without it (round-robin, random,
+    # session-affinity, vtc-basic, prefix-cache, least-kv-cache: each reads
+    # every pod, or the fleet's order or spread) is given every pod.
+
 
 def load(pod: Pod) -> int:
     """Requests on `pod`: the gateways' count (every replica's), or the engine's when others send it work too."""

@@ -24,12 +24,35 @@ costs what it evicts: a pod holding the prefix wins until the work already
 queued on it outweighs recomputing (and, on a full pod, displacing) the prefix
 elsewhere, so a hot prefix spreads to a second pod instead of piling up, but
 not at the first sign of a queue.
+
+Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
+prefix of the request (or fewer than min_match_blocks) costs
+
+    prompt + load(p) + prompt x full(p),   load(p) = pending(p) + d * decoding(p)
+
+where neither full(p) nor load(p) depends on the request. The fleet is kept
+ordered by load(p) + S x full(p) for a few scales S (64, 256, 1024, ...
+prompt tokens, made as prompt lengths need them); for a prompt between two
+scales, its cost less the prompt is a fixed positive mix of those two keys on
+every pod. So the policy prices the pods that hold a prefix, then walks the
+two orderings in turn: every pod not yet visited costs at least prompt + the
+mix of the last keys seen, and the walk stops once the best cost found is
+below that bound. The choice is the full scan's argmin (Fagin's threshold
+algorithm over two sorted lists), within the limits `router.fleet_order`
+states (stale fullness, ties, the visit cap); a prompt near a scale is priced
+almost by that ordering alone, so the walk is short.
+
+NOTE: every ordering costs O(log n) per change of a pod's load; a workload
+whose prompts run from 64 to 64k tokens keeps seven. Scales closer together
+would shorten walks and add orderings to keep current.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
+from router.fleet_order import MAX_VISITS, TIE_CAP, FleetOrder, IndexOccupancy
 from router.policies.base import PolicyDeps, RouteRequest
 from router.pods import Pod
 
@@ -42,14 +65,93 @@ class KVAwarePolicy:
         self._min_match = deps.settings.min_match_blocks
 
     def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
-        costs = []
-        for pod in pods:
-            matched = request.matched_blocks.get(pod.id, 0)
-            if matched < self._min_match:
-                matched = 0
-            miss = max(request.prompt_tokens - matched * request.block_size, 0)
-            engine_load = pod.stats.running + pod.stats.waiting
-            decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
-            evicts = miss * request.occupancy.get(pod.id, 0.0)
-            costs.append(miss + evicts + pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
-        return costs
+        return [self._cost(request, pod) for pod in pods]
+
+    def load(self, pod: Pod) -> float:
+        """The request-independent part of a pod's cost: queued prefill plus d x decoding."""
+        engine_load = pod.stats.running + pod.stats.waiting
+        decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
+        return pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0)
+
+    def shortlist(self, request: RouteRequest, fleet: FleetOrder, eligible: Callable[[Pod], bool]) -> list[Pod]:
+        """The eligible pods of least cost, found without pricing the whole fleet (see the module docstring)."""
+        priced: dict[Pod, float] = {}
+        best = math.inf
+        ties = 0
+        for pod_id in request.matched_blocks:
+            pod = fleet.pods.get(pod_id)
+            if pod is not None and eligible(pod):
+                cost = priced[pod] = self._cost(request, pod)
+                best, ties = _better(cost, best, ties)
+        prompt = max(request.prompt_tokens, 0)
+        names, weights = self._orderings(prompt, fleet, live=isinstance(request.occupancy, IndexOccupancy))
+        last = [0.0] * len(names)  # the last key seen in each ordering
+        for visits, (which, key, pod) in enumerate(fleet.walk(names), 1):
+            last[which] = key
+            if pod not in priced and eligible(pod):
+                cost = priced[pod] = self._cost(request, pod)
+                best, ties = _better(cost, best, ties)
+            bound = prompt + sum(w * k for w, k in zip(weights, last))
+            slack = _SLACK * abs(bound)  # rounding must never make the bound exceed a cost
+            if best < bound - slack or (best <= bound + slack and ties >= TIE_CAP):
+                break  # nobody left is cheaper; or enough pods tie and nobody left is cheaper than them
+            if visits >= MAX_VISITS and priced:
+                break
+        return [pod for pod, cost in priced.items() if cost <= best]
+
+    def _orderings(self, prompt: int, fleet: FleetOrder, *, live: bool) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The orderings whose weighted keys sum to every non-holder's cost less `prompt`.
+
+        Ordering j sorts by load + S_j x fullness, S_j = 64 x 4^j prompt tokens
+        (ordering "0" by load alone); a prompt of P tokens with S_lo < P <= S_hi
+        costs, less P, lam x key_lo + (1 - lam) x key_hi with lam = (S_hi - P) /
+        (S_hi - S_lo) on every pod, so walking those two bounds every unvisited
+        pod. Orderings are made on first use: a fleet maintains only those its
+        prompts' lengths need.
+        """
+        base = f"kv-aware:{self._decode_cost!r}"
+        if not live or prompt == 0:
+            # Fullness from another source than the index: only its lower bound 0 is safe.
+            fleet.ordering(f"{base}:0", self.load)
+            return (f"{base}:0",), (1.0,)
+        high = _STEP_BASE
+        while high < prompt:
+            high *= _STEP_RATIO
+        low = 0 if high == _STEP_BASE else high // _STEP_RATIO
+        for scale in (low, high):
+            fleet.ordering(f"{base}:{scale}", self._fullness_key(scale, fleet))
+        lam = (high - prompt) / (high - low)
+        return (f"{base}:{low}", f"{base}:{high}"), (lam, 1.0 - lam)
+
+    def _fullness_key(self, scale: int, fleet: FleetOrder) -> Callable[[Pod], float]:
+        def key(pod: Pod) -> float:
+            return self.load(pod) + scale * fleet.occupancy(pod.id)
+
+        return key
+
+    def _cost(self, request: RouteRequest, pod: Pod) -> float:
+        matched = request.matched_blocks.get(pod.id, 0)
+        if matched < self._min_match:
+            matched = 0
+        miss = max(request.prompt_tokens - matched * request.block_size, 0)
+        evicts = miss * request.occupancy.get(pod.id, 0.0)
+        # `load` inlined: this runs once per pod on a full scan.
+        engine_load = pod.stats.running + pod.stats.waiting
+        decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
+        return miss + evicts + (pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
+
+
+#: The smallest fullness scale, in prompt tokens, and the ratio between scales.
+_STEP_BASE = 64
+_STEP_RATIO = 4
+#: Relative slack taken off a walk's bound, far above float rounding and far below any real cost gap.
+_SLACK = 1e-9
+
+
+def _better(cost: float, best: float, ties: int) -> tuple[float, int]:
+    """The new best cost and how many pods share it."""
+    if cost < best:
+        return cost, 1
+    if cost == best:
+        return best, ties + 1
+    return best, ties

@@ -103,6 +103,7 @@ class PeerLedger:
             total.in_flight -= in_flight
             total.pending_prefill -= pending
             total.decoding -= decoding
+            self._touch(pod)
         for user, active in (users or {}).items():
             self._set_user_total(user, self._user_totals[user] - active)
         if notify and (load or users):
@@ -135,8 +136,15 @@ class PeerLedger:
         total.in_flight += in_flight
         total.pending_prefill += pending
         total.decoding += decoding
+        if live is not None:
+            live.touch()  # the counts changed in place: re-order the pod by load
         if row == [0, 0, 0]:
             del self._load[replica][pod]
+
+    def _touch(self, pod: PodId) -> None:
+        live = self._view.pods.get(pod)
+        if live is not None:
+            live.touch()
 
     def _set_user_total(self, user: UserId, total: int) -> None:
         if total > 0:
