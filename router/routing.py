@@ -128,15 +128,24 @@ class Router:
         metrics.watch_users(counters)
         metrics.queue_limit.set(settings.max_queue)
 
-    def candidates(self, model: str, exclude: Collection[PodId] = ()) -> list[Pod]:
+    def candidates(self, model: str, exclude: Collection[PodId] = (), limit: int | None = None) -> list[Pod]:
         """Healthy, not ejected pods serving `model` (pods whose models are not yet known count as serving it).
+
+        Args:
+            model: the model asked for.
+            exclude: pods already tried for this request.
+            limit: leave out pods with this many requests in flight (every replica's).
 
         Pods backing off as overloaded (`router.outliers`) are left out while another pod can serve.
         """
         pods = [
             pod
             for pod in self.pods
-            if pod.healthy and not pod.ejected and pod.id not in exclude and (not pod.models or model in pod.models)
+            if pod.healthy
+            and not pod.ejected
+            and pod.id not in exclude
+            and (not pod.models or model in pod.models)
+            and (limit is None or pod.fleet_in_flight < limit)
         ]
         now = time.monotonic()
         rested = [pod for pod in pods if pod.backoff_until <= now]
@@ -182,7 +191,7 @@ class Router:
             # Pods backing off as overloaded only when no other pod can take the request.
             pods = shortlist(request, self.fleet, rested) or shortlist(request, self.fleet, eligible)
         else:
-            pods = [pod for pod in self.candidates(request.model, exclude) if pod.fleet_in_flight < limit]
+            pods = self.candidates(request.model, exclude, limit)
         if not pods:
             return None
         costs = policy.costs(request, pods)

@@ -12,6 +12,7 @@ equal costs, of the fewest requests in flight.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import replace
 
 import pytest
@@ -98,8 +99,13 @@ class RandomFleet:
             self.leases[self.rng.randrange(len(self.leases))].first_token()
         elif roll < 0.7 and self.leases:
             self.leases.pop(self.rng.randrange(len(self.leases))).release()
-        elif roll < 0.75:
+        elif roll < 0.72:
             pod.healthy = not pod.healthy
+        elif roll < 0.74:
+            pod.ejected = not pod.ejected  # outlier detection took it out, or let it back
+        elif roll < 0.75:
+            # Overloaded (429/503): avoided while another pod with a free slot can serve.
+            pod.backoff_until = 0.0 if pod.backoff_until else time.monotonic() + 3600
         elif roll < 0.85:
             replica = f"peer-{self.rng.randint(0, 2)}"
             if self.rng.random() < 0.1:
@@ -117,7 +123,7 @@ class RandomFleet:
         policy = self.book.get(spec)
         request = self.request()
         exclude = {self.rng.choice(list(self.pods)).id} if self.rng.random() < 0.2 else set()
-        eligible = [p for p in self.router.candidates("tiny", exclude) if p.fleet_in_flight < self.limit]
+        eligible = self.router.candidates("tiny", exclude, self.limit)
         costs = dict(zip(eligible, policy.costs(request, eligible), strict=True))
         best = min(((cost, pod.in_flight) for pod, cost in costs.items()), default=None)
         lease = self.router.try_acquire(request, policy, spec, exclude)
