@@ -10,7 +10,6 @@ import time
 
 import openai
 import psutil
-import pytest
 
 from kvgate.engines import free_port
 

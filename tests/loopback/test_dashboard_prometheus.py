@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -25,7 +24,7 @@ from kvcache.settings import CacheSettings, L1Settings, L2Settings, L3Settings
 from kvcache.wiring import build_store
 from kvgate.engines import free_ports
 from kvgate.stub_engine import StubBehaviour, run_app
-from tests.loopback.conftest import Cluster, fast_settings, start_cluster, wait_until
+from tests.loopback.conftest import Cluster, fast_settings, start_cluster
 from tests.support import kvcache_blocks as blocks
 from tests.support.dashboards import shipped_queries, substitute
 from tests.support.kvcache_cluster import CacheNodeProcess

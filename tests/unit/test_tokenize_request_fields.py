@@ -10,7 +10,6 @@ against a real engine.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
