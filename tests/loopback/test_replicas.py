@@ -55,6 +55,9 @@ def replica_settings(state_url: str | None, *, lease_s: float = 1.0):
     settings.state.lease_s = lease_s
     settings.state.cluster = "test"
     settings.state.warmup_timeout_s = 2.0
+    # A loaded test machine can stall a flush past the default 50 ms; these tests are about
+    # what replicas share, not about going on without the store (test_replica_state_faults).
+    settings.state.flush_timeout_s = 2.0
     return settings
 
 
