@@ -97,6 +97,7 @@ async def serve_replicas(
     discovery: Callable[[], Discovery],
     encoder: PromptEncoder | None,
     stop: asyncio.Event | None = None,
+    on_listening: Callable[[str], None] | None = None,
 ) -> int:
     """Serve `gateways` replicas until SIGTERM or SIGINT, then drain them all.
 
@@ -107,12 +108,14 @@ async def serve_replicas(
         discovery: makes each replica's pod discovery.
         encoder: the model's tokenizer, shared by the replicas.
         stop: set to drain every replica; SIGTERM and SIGINT set it too.
+        on_listening: called with each replica's base URL once it listens
+            (default: print its `gateway: URL` line).
 
     Returns:
         0 once every replica drained.
     """
     if gateways == 1:
-        return await serve(settings, discovery=discovery(), encoder=encoder, stop=stop)
+        return await serve(settings, discovery=discovery(), encoder=encoder, stop=stop, on_listening=on_listening)
     state_url = await asyncio.to_thread(
         state_url_for, redis_url, gateways, warn=lambda line: print(line, file=sys.stderr, flush=True)
     )
@@ -127,6 +130,7 @@ async def serve_replicas(
                         discovery=discovery(),
                         encoder=encoder,
                         stop=stop,
+                        on_listening=on_listening,
                     )
                 )
                 for i in range(gateways)
