@@ -211,12 +211,7 @@ class Gateway:
         one pod configured shorter must not make the gateway refuse what the
         others serve; a prompt routed to it gets that pod's own 400.
         """
-        lens = [
-            p.max_model_len
-            for p in self.pods
-            if p.healthy and model in p.models and isinstance(p.max_model_len, int) and not isinstance(p.max_model_len, bool)
-        ]
-        return max(lens) if lens else None
+        return self.pods.max_model_len(model)
 
     async def complete(self, kind: Kind, request: web.Request) -> web.StreamResponse:
         """Serve one completion or chat completion call. Raises `GatewayError` for the app to render."""

@@ -148,8 +148,11 @@ class Pod:
 
 #: The fields whose assignment can change a routing decision.
 _ROUTING_FIELDS = frozenset(
-    {"healthy", "ejected", "backoff_until", "in_flight", "pending_prefill", "decoding", "peer", "models", "adapters", "stats"}
-)
+    {
+        "healthy", "ejected", "backoff_until", "in_flight", "pending_prefill", "decoding", "peer",
+        "models", "adapters", "max_model_len", "stats",
+    }
+)  # fmt: skip
 
 
 def lora_adapters(served: Iterable[object]) -> frozenset[str]:
@@ -185,6 +188,9 @@ class PodSet:
         self._listed: dict[Pod, tuple[frozenset[str], frozenset[str]]] = {}
         self._models: Counter[str] = Counter()
         self._adapters: Counter[str] = Counter()
+        # Healthy pods' context lengths per model, counted, for the same reason.
+        self._context: dict[Pod, tuple[frozenset[str], int]] = {}
+        self._lengths: dict[str, Counter[int]] = {}
         for url in urls:
             self.add(url)
 
@@ -205,6 +211,11 @@ class PodSet:
         """Whether any pod lists `model` as a LoRA adapter. O(1)."""
         return model in self._adapters
 
+    def max_model_len(self, model: str) -> int | None:
+        """The longest context a healthy pod serving `model` reports, or None. O(distinct lengths)."""
+        lengths = self._lengths.get(model)
+        return max(lengths) if lengths else None
+
     def model_names(self) -> list[str]:
         """Every model some pod lists, sorted."""
         return sorted(self._models)
@@ -214,6 +225,7 @@ class PodSet:
         old = self._listed.get(pod)
         if old is None or old[0] is not listed[0] or old[1] is not listed[1]:
             self._relist(pod, old, listed)
+        self._recount_context(pod)
         for callback in self._watchers:
             callback(pod)
 
@@ -232,6 +244,27 @@ class PodSet:
             self._listed[pod] = new
         else:
             self._listed.pop(pod, None)
+
+    def _recount_context(self, pod: Pod) -> None:
+        length = pod.max_model_len
+        serving = self._pods.get(pod.id) is pod and pod.healthy and type(length) is int
+        new = (pod.models, length) if serving else None
+        old = self._context.get(pod)
+        if old == new:
+            return
+        if old is not None:
+            for model in old[0]:
+                counts = self._lengths[model]
+                counts[old[1]] -= 1
+                if counts[old[1]] <= 0:
+                    del counts[old[1]]
+                if not counts:
+                    del self._lengths[model]
+            del self._context[pod]
+        if new is not None:
+            for model in new[0]:
+                self._lengths.setdefault(model, Counter())[new[1]] += 1
+            self._context[pod] = new
 
     def add(self, url: str, *, pod_id: PodId | None = None) -> Pod:
         """Add a pod (idempotent). Returns the pod.

@@ -226,6 +226,26 @@ def test_the_table_counts_the_models_its_pods_list_as_they_change() -> None:
     assert not pods.serves("tiny")
 
 
+def test_the_table_knows_the_longest_context_of_healthy_pods_serving_a_model() -> None:
+    pods = PodSet(["http://a:1", "http://b:1", "http://c:1"])
+    a, b, c = (pods.get(PodId(f"http://{n}:1")) for n in "abc")
+    for pod, length in ((a, 4096), (b, 8192), (c, 8192)):
+        pod.models = frozenset({"tiny"})
+        pod.max_model_len = length
+    assert pods.max_model_len("tiny") == 8192 and pods.max_model_len("other") is None
+    b.healthy = False
+    assert pods.max_model_len("tiny") == 8192  # c still serves that much
+    pods.remove(c.id)
+    assert pods.max_model_len("tiny") == 4096
+    b.healthy = True
+    a.max_model_len = None
+    assert pods.max_model_len("tiny") == 8192
+    b.models = frozenset({"other"})
+    assert pods.max_model_len("tiny") is None and pods.max_model_len("other") == 8192
+    b.max_model_len = True  # not a length
+    assert pods.max_model_len("other") is None
+
+
 def test_on_an_idle_fleet_the_kv_aware_walk_stops_after_a_few_tied_pods() -> None:
     pods = PodSet(f"http://pod-{i}:8000" for i in range(2_000))
     index = PrefixIndex()
