@@ -509,4 +509,5 @@ class RedisState:
         elif kind == codec.SNAPSHOT:
             load, users = codec.check_snapshot(event)
             self._ledger.replace(replica, {PodId(p): row for p, row in load.items()}, {UserId(u): n for u, n in users.items()})
-        self.metrics.peers.set(len(self._ledger.replicas))
+            # Only a snapshot makes a peer known (its other events count once it is).
+            self.metrics.peers.set(len(self._ledger.replicas))
