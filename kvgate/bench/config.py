@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from kvgate.bench.workloads import (
+    MixedSpec,
     MultiTurnSpec,
     SharedPrefixSpec,
     SkewedUsersSpec,
@@ -98,7 +99,9 @@ def full() -> BenchConfig:
     shared-prefix: 12 groups of a 1,024-token prompt (8 full blocks): one
     engine holds about 5 of them, the fleet about 16. multi-turn: 6
     conversations at a time, each growing to up to 32 blocks, against 144
-    blocks in all. skewed-users: 24 clients for 60 s.
+    blocks in all. skewed-users: 24 clients for 60 s. mixed: 10 groups of a
+    1,024-token prompt (80 blocks, more than one engine holds) under 64
+    one-off prompts of 5 to 15 blocks each.
     """
     return BenchConfig(
         engines=3,
@@ -107,6 +110,7 @@ def full() -> BenchConfig:
             shared_prefix=SharedPrefixSpec(groups=12, requests_per_group=16, prefix_tokens=1024, clients=8),
             multi_turn=MultiTurnSpec(conversations=24, clients=6, max_turns=8),
             skewed_users=SkewedUsersSpec(light_users=6, heavy_clients=12, light_clients=2, duration_s=60.0),
+            mixed=MixedSpec(groups=10, requests=160, prefix_tokens=1024, one_offs=64, one_off_tokens=1280, clients=8),
             max_model_len=4096,
         ),
         overhead=OverheadSpec(),
@@ -132,6 +136,16 @@ def quick() -> BenchConfig:
                 question_tokens=48,
                 max_tokens=16,
                 requests_per_client=40,
+            ),
+            mixed=MixedSpec(
+                groups=4,
+                requests=16,
+                prefix_tokens=512,
+                question_tokens=32,
+                one_offs=8,
+                one_off_tokens=512,
+                max_tokens=16,
+                clients=4,
             ),
             max_model_len=2048,
         ),

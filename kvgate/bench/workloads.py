@@ -7,7 +7,7 @@ other, each as soon as the previous one has finished, so the number of
 requests in flight never exceeds the number of clients. A workload with a
 duration stops issuing requests when the duration is over.
 
-Three workloads, each built from a seed by `build_workload`:
+Four workloads, each built from a seed by `build_workload`:
 
 - `shared-prefix`: groups (tenants) whose requests share one long system
   prompt, each with its own question; more groups than one engine's KV cache
@@ -19,6 +19,10 @@ Three workloads, each built from a seed by `build_workload`:
   could not be computed once for all). A conversation ends before the first
   turn whose prompt plus answer would not fit `max_model_len`; several
   conversations run at once, one per client.
+- `mixed`: shared-prefix groups of unequal popularity interleaved with
+  one-off prompts (long, unique, never repeated), all in one shuffled order:
+  the one-offs churn the engines' caches, so a router must keep the groups'
+  prefixes resident while it finds room for prompts no one will send again.
 - `skewed-users`: one heavy user with many clients and several light users
   with few, each user with its own system prompt, all sending for a fixed
   duration so the engines stay saturated; for fairness.
@@ -199,12 +203,40 @@ class SkewedUsersSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MixedSpec:
+    """Sizes of `mixed`.
+
+    Attributes:
+        groups: tenants, each with its own system prompt.
+        requests: requests of all groups together; group g gets a share
+            proportional to 1 / (g + 1) (Zipf), at least one each.
+        prefix_tokens: least length of each system prompt, in tokens.
+        question_tokens: least length of each grouped request's question.
+        one_offs: prompts sharing nothing with any other.
+        one_off_tokens: mean length of a one-off prompt; each is drawn
+            uniformly from half to one and a half times this.
+        max_tokens: tokens generated per request.
+        clients: closed-loop clients.
+    """
+
+    groups: int = 10
+    requests: int = 160
+    prefix_tokens: int = 1024
+    question_tokens: int = 48
+    one_offs: int = 64
+    one_off_tokens: int = 1280
+    max_tokens: int = 32
+    clients: int = 8
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadSizes:
     """Every workload's sizes, plus the engines' context limit they must fit."""
 
     shared_prefix: SharedPrefixSpec = SharedPrefixSpec()
     multi_turn: MultiTurnSpec = MultiTurnSpec()
     skewed_users: SkewedUsersSpec = SkewedUsersSpec()
+    mixed: MixedSpec = MixedSpec()
     max_model_len: int = 4096
 
 
@@ -241,6 +273,56 @@ def shared_prefix(spec: SharedPrefixSpec, seed: int, encoder: PromptEncoder) -> 
         description=(
             f"{spec.groups} groups x {spec.requests_per_group} requests sharing a >= {spec.prefix_tokens}-token "
             f"system prompt, shuffled, {spec.clients} closed-loop clients"
+        ),
+        seed=seed,
+        sessions=tuple(Session(id=r.id, user=r.user, requests=(r,)) for r in requests),
+        clients=spec.clients,
+        params=asdict(spec),
+    )
+
+
+def mixed(spec: MixedSpec, seed: int, encoder: PromptEncoder) -> Workload:
+    """Build `mixed` (see the module docstring).
+
+    Args:
+        spec: sizes.
+        seed: trace seed; also draws the group sizes' rounding and the
+            one-offs' lengths.
+        encoder: tokenizer that measures text lengths.
+
+    Returns:
+        The workload; one session per request, in shuffled order.
+    """
+    rng = random.Random(derive_seed(seed, "mixed"))
+    weights = [1.0 / (g + 1) for g in range(spec.groups)]
+    total = sum(weights)
+    sizes = [max(1, round(spec.requests * w / total)) for w in weights]
+    requests = []
+    for g, size in enumerate(sizes):
+        system = filler(encoder, derive_seed(seed, "mixed-system", g), spec.prefix_tokens, lead=f"You advise desk {g}.")
+        for r in range(size):
+            question = filler(encoder, derive_seed(seed, "mixed-question", g, r), spec.question_tokens, lead=f"Q{r}:")
+            requests.append(
+                BenchRequest(
+                    id=f"g{g:02d}-r{r:03d}",
+                    user=f"desk-{g:02d}",
+                    messages=(("system", system), ("user", question)),
+                    max_tokens=spec.max_tokens,
+                )
+            )
+    for k in range(spec.one_offs):
+        length = rng.randint(spec.one_off_tokens // 2, spec.one_off_tokens * 3 // 2)
+        text = filler(encoder, derive_seed(seed, "one-off", k), length, lead=f"Summarise note {k}.")
+        requests.append(
+            BenchRequest(id=f"once-{k:03d}", user=f"once-{k:03d}", messages=(("user", text),), max_tokens=spec.max_tokens)
+        )
+    rng.shuffle(requests)
+    return Workload(
+        name="mixed",
+        description=(
+            f"{len(requests) - spec.one_offs} requests in {spec.groups} Zipf-sized groups sharing a "
+            f">= {spec.prefix_tokens}-token system prompt, mixed with {spec.one_offs} one-off prompts of about "
+            f"{spec.one_off_tokens} tokens, shuffled, {spec.clients} closed-loop clients"
         ),
         seed=seed,
         sessions=tuple(Session(id=r.id, user=r.user, requests=(r,)) for r in requests),
@@ -363,6 +445,7 @@ _BUILDERS: dict[str, Callable[[WorkloadSizes, int, PromptEncoder], Workload]] = 
     "shared-prefix": lambda sizes, seed, enc: shared_prefix(sizes.shared_prefix, seed, enc),
     "multi-turn": lambda sizes, seed, enc: multi_turn(sizes.multi_turn, seed, enc, sizes.max_model_len),
     "skewed-users": lambda sizes, seed, enc: skewed_users(sizes.skewed_users, seed, enc),
+    "mixed": lambda sizes, seed, enc: mixed(sizes.mixed, seed, enc),
 }
 
 #: Workload names, in the order a run replays them.

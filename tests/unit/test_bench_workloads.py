@@ -10,11 +10,13 @@ import pytest
 
 from kvgate.bench.text import derive_seed, filler
 from kvgate.bench.workloads import (
+    MixedSpec,
     MultiTurnSpec,
     SharedPrefixSpec,
     SkewedUsersSpec,
     WorkloadSizes,
     build_workload,
+    mixed,
     multi_turn,
     shared_prefix,
     skewed_users,
@@ -42,6 +44,10 @@ SKEWED = SkewedUsersSpec(
     light_users=3, heavy_clients=4, light_clients=2, duration_s=5.0, system_tokens=50, question_tokens=10,
     requests_per_client=6,
 )  # fmt: skip
+MIXED = MixedSpec(
+    groups=4, requests=25, prefix_tokens=100, question_tokens=10, one_offs=7, one_off_tokens=80, max_tokens=8,
+    clients=3,
+)  # fmt: skip
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -65,6 +71,7 @@ def test_filler_reaches_the_length_and_repeats_per_seed():
     [
         pytest.param(lambda seed: shared_prefix(SHARED, seed, ENC), id="shared-prefix"),
         pytest.param(lambda seed: skewed_users(SKEWED, seed, ENC), id="skewed-users"),
+        pytest.param(lambda seed: mixed(MIXED, seed, ENC), id="mixed"),
     ],
 )
 def test_same_seed_same_trace_other_seed_other_trace(build):
@@ -92,6 +99,25 @@ def test_shared_prefix_groups_share_one_long_system_prompt_in_shuffled_order():
     assert len({r.messages[1][1] for r in requests}) == len(requests)  # every question differs
     users_in_order = [r.user for r in requests]
     assert users_in_order != sorted(users_in_order)  # shuffled, not group by group
+
+
+def test_mixed_zipf_groups_and_one_offs_that_share_nothing():
+    workload = mixed(MIXED, 4, ENC)
+    requests = list(workload.requests())
+    once = [r for r in requests if r.user.startswith("once-")]
+    grouped = Counter(r.user for r in requests if not r.user.startswith("once-"))
+
+    assert len(once) == MIXED.one_offs
+    assert len(grouped) == MIXED.groups
+    sizes = [grouped[user] for user in sorted(grouped)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 3 * sizes[-1]  # the first group is the hottest
+    assert abs(sum(sizes) - MIXED.requests) <= MIXED.groups  # rounding, at most one a group
+    starts = {r.messages[0][1][:40] for r in once}
+    assert len(starts) == len(once)  # no two one-offs open alike
+    lengths = [len(ENC.encode_prompt(r.messages[0][1])) for r in once]
+    assert min(lengths) >= MIXED.one_off_tokens // 2 and len(set(lengths)) > 1
+    positions = [i for i, r in enumerate(requests) if r.user.startswith("once-")]
+    assert positions != list(range(len(requests) - len(once), len(requests)))  # interleaved, not appended
 
 
 def test_skewed_users_one_heavy_many_light_all_timed():
