@@ -23,7 +23,7 @@ one re-key.
 What is exact, per policy (proved in each policy's `shortlist`):
   - `least-request`: the least loaded eligible pod, exactly.
   - `kv-aware`: the argmin of the full scan's cost, exactly, as long as the
-    prefix index's occupancy of a pod has not fallen since the pod was last
+    prefix index's eviction price of a pod has not fallen since it was last
     re-keyed (see below) and the walk stays within its visit cap.
   - ties: the full scan breaks a tie of equal cost by fewest in flight, then
     at random over the whole fleet; the shortlist keeps walking through
@@ -33,7 +33,7 @@ What is exact, per policy (proved in each policy's `shortlist`):
     ordering, which move back as they take work.
 
 What is approximate:
-  - occupancy (`PrefixIndex.occupancy`) changes with the engines' KV events
+  - the eviction price (`PrefixIndex.eviction_price`) changes with the engines' KV events
     without telling the pods; the ordering reads it when a pod is re-keyed
     (each decision on it, each lease step, each scrape). A rise only makes
     the walk visit a pod early, which is safe; a fall (the engine evicted
@@ -93,8 +93,8 @@ class FleetOrder:
 
     Args:
         pods: the pod table; the order watches it (`PodSet.watch`).
-        occupancy: pod -> share of its KV capacity the prefix index believes
-            in use (`PrefixIndex.occupancy`); all zero when None.
+        occupancy: pod -> the prefix index's price of caching one more block
+            there (`PrefixIndex.eviction_price`, 0..2); all zero when None.
     """
 
     def __init__(self, pods: PodSet, occupancy: Callable[[PodId], float] | None = None) -> None:
@@ -131,7 +131,7 @@ class FleetOrder:
         return ordering.sorted
 
     def occupancy(self, pod: PodId) -> float:
-        """The prefix index's occupancy of `pod` (0..1), as orderings may read it."""
+        """The prefix index's eviction price of `pod` (0..2), as orderings may read it."""
         return self._occupancy(pod)
 
     def sync(self) -> None:
@@ -178,7 +178,7 @@ class IndexOccupancy(Mapping[PodId, float]):
     """`RouteRequest.occupancy` read live from the prefix index, instead of a copy per pod per request.
 
     Args:
-        occupancy: `PrefixIndex.occupancy`.
+        occupancy: `PrefixIndex.eviction_price`.
         pods: the pod table (what iterating the mapping lists).
     """
 

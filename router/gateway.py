@@ -241,7 +241,7 @@ class Gateway:
             block_size=block_size,
             block_hashes=prompt.block_hashes,
             matched_blocks=self.index.match(prompt.block_hashes),
-            occupancy=IndexOccupancy(self.index.occupancy, self.pods),
+            occupancy=IndexOccupancy(self.index.eviction_price, self.pods),
             session_key=request.headers.get(self.settings.routing.session_header),
             max_tokens=call.max_tokens,
         )

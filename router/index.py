@@ -59,8 +59,11 @@ class PrefixIndex:
         self._bit: dict[PodId, int] = {}
         self._pod_of_bit: dict[int, PodId] = {}
         self._free_bits: list[int] = []
-        self._lru: dict[PodId, OrderedDict[BlockHash, None]] = {}
-        """Pod -> its blocks, least recently used first."""
+        self._lru: dict[PodId, OrderedDict[BlockHash, bool]] = {}
+        """Pod -> its blocks, least recently used first, each flagged once a
+        request routed to the pod found it there (reused)."""
+        self._reused: dict[PodId, int] = {}
+        """Pod -> how many of its blocks are flagged reused."""
         self._capacity: dict[PodId, int] = {}
         self._default_capacity = default_capacity
 
@@ -101,8 +104,17 @@ class PrefixIndex:
         self._record(matched, alive, depth + 1)
         return matched
 
-    def insert(self, pod: PodId, hashes: Sequence[BlockHash]) -> None:
+    def insert(self, pod: PodId, hashes: Sequence[BlockHash], *, reused: int = 0) -> None:
         """Record that `pod` now holds every block of `hashes`, most recently used.
+
+        Args:
+            pod: the pod.
+            hashes: the prompt's block hash chain.
+            reused: how many leading blocks of `hashes` a request routed to
+                `pod` found there (the router's match); they are flagged as
+                reused (`reused_share`). Confirmations that are no new request
+                (KV events, other replicas' placements) pass 0 and leave flags
+                as they are.
 
         Side effects: refreshes the pod's LRU (first block freshest, as vLLM
         frees a request's blocks tail first) and evicts beyond capacity.
@@ -115,10 +127,21 @@ class PrefixIndex:
             lru = self._lru[pod] = OrderedDict()
         holders = self._holders
         move = lru.move_to_end
-        for block in reversed(hashes):
+        keep = lru.setdefault
+        hits = min(max(reused, 0), len(hashes))
+        for block in reversed(hashes[hits:]):
             holders[block] = holders.get(block, 0) | bit
-            lru[block] = None
+            keep(block, False)
             move(block)
+        if hits:
+            flagged = 0
+            for block in reversed(hashes[:hits]):
+                holders[block] = holders.get(block, 0) | bit
+                if not lru.get(block, False):
+                    flagged += 1
+                lru[block] = True
+                move(block)
+            self._reused[pod] = self._reused.get(pod, 0) + flagged
         self._evict(pod)
 
     def remove(self, pod: PodId, hashes: Iterable[BlockHash]) -> None:
@@ -128,8 +151,9 @@ class PrefixIndex:
             return
         bit = self._bit[pod]
         for block in hashes:
-            if lru.pop(block, False) is None:
-                self._clear(block, bit)
+            flag = lru.pop(block, None)
+            if flag is not None:
+                self._forget(pod, block, bit, flag)
 
     def remove_block(self, pod: PodId, block: BlockHash) -> bool:
         """Forget that `pod` holds the block whose chained hash is `block` (the engine evicted it).
@@ -141,9 +165,10 @@ class PrefixIndex:
             Whether the index believed the pod held it.
         """
         lru = self._lru.get(pod)
-        if not lru or lru.pop(block, False) is not None:
+        flag = lru.pop(block, None) if lru else None
+        if flag is None:
             return False
-        self._clear(block, self._bit[pod])
+        self._forget(pod, block, self._bit[pod], flag)
         return True
 
     def holds(self, pod: PodId, block: BlockHash) -> bool:
@@ -154,6 +179,7 @@ class PrefixIndex:
     def drop_pod(self, pod: PodId) -> int:
         """Forget everything `pod` holds (it restarted, died or left). Returns blocks dropped."""
         lru = self._lru.pop(pod, None)
+        self._reused.pop(pod, None)
         bit = self._bit.pop(pod, None)
         if bit is not None:
             del self._pod_of_bit[bit]
@@ -168,6 +194,28 @@ class PrefixIndex:
         """Share of `pod`'s KV capacity the index believes holds cached blocks (0..1)."""
         capacity = self.capacity(pod)
         return min(self.blocks(pod) / capacity, 1.0) if capacity else 1.0
+
+    def reused_share(self, pod: PodId) -> float:
+        """Share of `pod`'s KV capacity holding blocks a request came back for there (0..1).
+
+        A block is counted from the first time a request routed to the pod
+        finds it there until the pod evicts it: the part of the cache that
+        has proved worth keeping, as opposed to blocks of prompts nobody has
+        sent again (one-off prompts, first turns).
+        """
+        capacity = self.capacity(pod)
+        return min(self._reused.get(pod, 0) / capacity, 1.0) if capacity else 1.0
+
+    def eviction_price(self, pod: PodId) -> float:
+        """What caching one more block on `pod` costs later, in blocks (0..2): `occupancy + reused_share`.
+
+        The occupancy term is the block a full pod must evict (Preble's
+        eviction cost); the reused term weighs how likely the evicted blocks
+        are ones requests still come back for, so prompts that share nothing
+        gather on pods whose caches hold other such prompts and leave the pods
+        holding reused prefixes alone. O(1).
+        """
+        return self.occupancy(pod) + self.reused_share(pod)
 
     def blocks(self, pod: PodId) -> int:
         """Blocks the index believes `pod` holds."""
@@ -196,8 +244,14 @@ class PrefixIndex:
         limit = self.capacity(pod)
         bit = self._bit[pod]
         while len(lru) > limit:
-            block, _ = lru.popitem(last=False)
-            self._clear(block, bit)
+            block, flag = lru.popitem(last=False)
+            self._forget(pod, block, bit, flag)
+
+    def _forget(self, pod: PodId, block: BlockHash, bit: int, flag: bool) -> None:
+        """Bookkeeping for a block `pod` no longer holds (already out of its LRU)."""
+        if flag:
+            self._reused[pod] -= 1
+        self._clear(block, bit)
 
     def _clear(self, block: BlockHash, bit: int) -> None:
         mask = self._holders.get(block, 0) & ~bit

@@ -114,7 +114,7 @@ class Router:
         shortlist_above: int = 32,
     ) -> None:
         self.pods = pods
-        self.fleet = FleetOrder(pods, index.occupancy)
+        self.fleet = FleetOrder(pods, index.eviction_price)
         self.shortlist_above = shortlist_above
         self.state: RoutingState = state or LocalState()
         self.index = index
@@ -203,7 +203,7 @@ class Router:
         pod.in_flight += 1
         pod.pending_prefill += uncached
         if request.block_hashes:
-            self.index.insert(pod.id, request.block_hashes)
+            self.index.insert(pod.id, request.block_hashes, reused=matched)
         self.state.reserved(pod.id, request.block_hashes, uncached)
         self.counters.charge(request.user, input_tokens=request.prompt_tokens)
         self.metrics.record_decision(

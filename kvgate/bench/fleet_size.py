@@ -167,7 +167,7 @@ def measure_decisions(
         prompt_tokens, hashes = prompts.draw()
         # The scan this replaced read a copy of every pod's occupancy, made per
         # request before routing; as in the figures it was judged by, the copy is not timed.
-        occupancy = {pod.id: index.occupancy(pod.id) for pod in table} if snapshot else None
+        occupancy = {pod.id: index.eviction_price(pod.id) for pod in table} if snapshot else None
         started = time.perf_counter()
         on_cpu = time.thread_time()
         request = RouteRequest(
@@ -177,7 +177,7 @@ def measure_decisions(
             block_size=BLOCK,
             block_hashes=hashes,
             matched_blocks=index.match(hashes),
-            occupancy=occupancy if occupancy is not None else IndexOccupancy(index.occupancy, pods),
+            occupancy=occupancy if occupancy is not None else IndexOccupancy(index.eviction_price, pods),
         )
         lease = router.try_acquire(request, policy, POLICY)
         elapsed = time.perf_counter() - started, time.thread_time() - on_cpu

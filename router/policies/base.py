@@ -35,7 +35,8 @@ class RouteRequest:
     matched_blocks: Mapping[PodId, int] = field(default_factory=dict)
     """Pod -> leading blocks of this prompt the prefix index believes the pod holds."""
     occupancy: Mapping[PodId, float] = field(default_factory=dict)
-    """Pod -> share of its KV capacity the prefix index believes full of cached blocks (0..1)."""
+    """Pod -> what caching one more block there costs later, in blocks (0..2): its fullness plus
+    the share of its capacity holding blocks requests came back for (`PrefixIndex.eviction_price`)."""
     session_key: str | None = None
     max_tokens: int | None = None
 

@@ -6,10 +6,13 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
 
     miss(p)     = prompt tokens not cached on p: prompt - block_size x matched(p),
                   where matched(p) counts only if >= min_match_blocks
-    full(p)     = share of p's KV capacity holding cached blocks (0..1): on a
-                  full pod, caching the missing blocks evicts as many blocks of
-                  other prefixes, which later requests recompute (Preble's
-                  eviction cost); on an empty pod a miss costs only itself
+    full(p)     = what caching a block on p costs later, in blocks (0..2,
+                  `PrefixIndex.eviction_price`): p's occupancy (on a full pod,
+                  caching the missing blocks evicts as many blocks of other
+                  prefixes, which later requests recompute: Preble's eviction
+                  cost; on an empty pod a miss costs only itself) plus the
+                  share of p's capacity holding blocks requests came back for
+                  there (how likely what it evicts is still in demand)
     pending(p)  = uncached prompt tokens the gateway sent to p whose first
                   output token has not come back (queued prefill ahead of us)
     decoding(p) = requests on p past their first token: the gateway's count,
@@ -24,6 +27,15 @@ costs what it evicts: a pod holding the prefix wins until the work already
 queued on it outweighs recomputing (and, on a full pod, displacing) the prefix
 elsewhere, so a hot prefix spreads to a second pod instead of piling up, but
 not at the first sign of a queue.
+
+The reused share matters when shared prefixes are mixed with prompts nobody
+sends again (one-off documents, first turns): priced by occupancy alone, every
+full pod charges the same, so each one-off lands on the least loaded pod and
+pushes out whichever prefix it held. Pricing the reused share too, one-offs
+gather on the pods whose caches hold other one-offs, and the pods holding
+reused prefixes keep them. (Pricing only the blocks at a pod's LRU end was
+tried and lost hit rate: those are nearly always one-offs' blocks, so every
+pod looked free to evict and prefixes lost their pull.)
 
 Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
 prefix of the request (or fewer than min_match_blocks) costs

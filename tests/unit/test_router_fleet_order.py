@@ -85,7 +85,7 @@ class RandomFleet:
             block_size=BLOCK,
             block_hashes=hashes,
             matched_blocks=self.index.match(hashes),
-            occupancy=IndexOccupancy(self.index.occupancy, self.pods) if self.live_occupancy else {},
+            occupancy=IndexOccupancy(self.index.eviction_price, self.pods) if self.live_occupancy else {},
         )
 
     def step(self, spec: str) -> None:
@@ -254,7 +254,7 @@ def test_on_an_idle_fleet_the_kv_aware_walk_stops_after_a_few_tied_pods() -> Non
     policy = PolicyBook(PolicyDeps(RoutingSettings(block_size=BLOCK), counters, random.Random(0))).get("kv-aware")
     request = RouteRequest(
         user=UserId("u"), model="tiny", prompt_tokens=300, block_size=BLOCK,
-        occupancy=IndexOccupancy(index.occupancy, pods),
+        occupancy=IndexOccupancy(index.eviction_price, pods),
     )
     router.fleet.sync()
     shortlist = policy.shortlist(request, router.fleet, lambda pod: True)

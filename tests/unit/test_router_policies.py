@@ -12,11 +12,14 @@ import random
 
 import pytest
 
+from kvcache.keys import chain_hashes
 from router.errors import InvalidRequest
 from router.fairness import VirtualTokenCounters
+from router.fleet_order import IndexOccupancy
+from router.index import PrefixIndex
 from router.policies import REGISTRY, PolicyBook, PolicyDeps, RouteRequest, normalise, parse_spec
 from router.policies.session_affinity import rendezvous_weight
-from router.pods import EngineStats, Pod, PodId, UserId
+from router.pods import EngineStats, Pod, PodId, PodSet, UserId
 from router.settings import RoutingSettings
 
 BLOCK = 16
@@ -443,6 +446,34 @@ def test_kv_aware_ignores_matches_shorter_than_min_match_blocks(matched, expecte
     costs = make_book(min_match_blocks=3).get("kv-aware").costs(make_request(prompt_tokens=PROMPT, matched={pod: matched}), [pod])
 
     assert costs == [expected]
+
+
+def blocks(seed: int, n: int = 10) -> tuple:
+    return tuple(chain_hashes([seed * 1000 + i for i in range(n * BLOCK)], BLOCK))
+
+
+def test_kv_aware_sends_a_one_off_where_it_displaces_nothing_anyone_came_back_for():
+    """Two full, equally loaded pods: one holds a prefix a second request reused, the other a one-off prompt."""
+    pods = PodSet(["http://keeper:8000", "http://other:8000"])
+    keeper, other = pods.get(PodId("http://keeper:8000")), pods.get(PodId("http://other:8000"))
+    index = PrefixIndex(default_capacity=10)
+    index.insert(keeper.id, blocks(1))
+    index.insert(keeper.id, blocks(1), reused=10)  # the group's second request
+    index.insert(other.id, blocks(2))  # a one-off
+    policy = make_book().get("kv-aware")
+
+    def request(hashes: tuple) -> RouteRequest:
+        return RouteRequest(
+            user=UserId("u"), model="tiny", prompt_tokens=PROMPT, block_size=BLOCK, block_hashes=hashes,
+            matched_blocks=index.match(hashes), occupancy=IndexOccupancy(index.eviction_price, pods),
+        )  # fmt: skip
+
+    one_off = policy.costs(request(blocks(3)), [keeper, other])
+    again = policy.costs(request(blocks(1)), [keeper, other])
+
+    assert index.occupancy(keeper.id) == index.occupancy(other.id) == 1.0
+    assert one_off == [pytest.approx(3 * PROMPT), pytest.approx(2 * PROMPT)]
+    assert cheapest(again) == 0  # the prefix's next request still goes where it is
 
 
 def test_kv_aware_decode_weight_comes_from_settings():

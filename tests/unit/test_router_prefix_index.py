@@ -260,3 +260,52 @@ def test_memory_is_linear_in_blocks_not_in_blocks_squared(blocks):
 
     assert large < 6 * small, f"{blocks} blocks take {small} bytes, 4x as many take {large}"
     assert large / (4 * blocks) < 1_000  # bytes per block (two pods hold half of them)
+
+
+# -- what an eviction costs: the share of blocks requests came back for -------------------------
+
+
+def test_blocks_count_as_reused_once_a_routed_request_finds_them():
+    index = PrefixIndex(default_capacity=10)
+    index.insert(A, chain("ABCDEFGH"))  # first request, or a KV event
+    assert index.reused_share(A) == 0.0
+    assert index.eviction_price(A) == pytest.approx(0.8)
+
+    index.insert(A, chain("ABCDXY"), reused=4)  # the next request found ABCD there
+    assert index.reused_share(A) == pytest.approx(0.4)
+    assert index.eviction_price(A) == pytest.approx(1.0 + 0.4)  # 10 blocks held, 4 of them reused
+
+    index.insert(A, chain("ABCDXY"), reused=6)  # reuses count blocks, not requests
+    index.insert(A, chain("ABCD"))  # a confirmation changes no flag
+    assert index.reused_share(A) == pytest.approx(0.6)
+    assert index.reused_share(B) == 0.0 and index.eviction_price(B) == 0.0
+
+
+def test_reused_blocks_stop_counting_when_evicted_removed_or_dropped():
+    index = PrefixIndex(default_capacity=4)
+    index.insert(A, chain("ABCD"))
+    index.insert(A, chain("ABCD"), reused=4)
+    assert index.reused_share(A) == 1.0
+
+    assert index.remove_block(A, chain("ABCD")[3]) is True
+    assert index.reused_share(A) == pytest.approx(0.75)
+    index.remove(A, chain("A"))
+    assert index.reused_share(A) == pytest.approx(0.5)
+    index.insert(A, chain("WXYZ"))  # evicts B and C, the two left
+    assert index.reused_share(A) == 0.0 and index.blocks(A) == 4
+    assert index.match(chain("WXYZ")) == {A: 4}
+
+    index.insert(A, chain("WXYZ"), reused=4)
+    index.drop_pod(A)
+    assert index.reused_share(A) == 0.0
+    index.insert(A, chain("WX"))
+    assert index.reused_share(A) == 0.0  # a pod that comes back starts clean
+
+
+def test_a_reuse_count_never_exceeds_the_capacity():
+    index = PrefixIndex(default_capacity=4)
+    index.insert(A, chain("ABCDEFGH"), reused=8)
+
+    assert index.blocks(A) == 4 and index.reused_share(A) == 1.0
+    index.set_capacity(A, 2)
+    assert index.reused_share(A) == 1.0 and index.blocks(A) == 2
