@@ -67,7 +67,7 @@ class LoadCostEstimator:
     """
 
     def __init__(
-        self, prior_ratio: float = 0.1, *, prior_weight: float = 2.0, forget: float = 0.98, window_requests: int = 32
+        self, prior_ratio: float = 0.1, *, prior_weight: float = 1.0, forget: float = 0.98, window_requests: int = 32
     ) -> None:
         self.prior_ratio = min(max(prior_ratio, MIN_RATIO), MAX_RATIO)
         self._prior_weight = prior_weight
