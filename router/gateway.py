@@ -54,7 +54,7 @@ from router.prompts import ByteEncoder, PromptEncoder, tokenize
 from router.proxy import Outcome, Proxy
 from router.routing import Router
 from router.schema import Kind, parse_call
-from router.settings import Settings
+from router.settings import Settings, SettingsError
 from router.shared_tier import FEED_MASKS, SharedCacheUse, SharedTier, TierMetrics
 from router.state import FleetView, RoutingState, open_state
 from router.supervise import Guard, supervise
@@ -105,7 +105,7 @@ class Gateway:
         self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
         tier = settings.shared_tier
         if tier.mode not in ("auto", "on", "off") or tier.feed not in FEED_MASKS:
-            raise ValueError(f"shared_tier: mode {tier.mode!r} or feed {tier.feed!r} unknown")
+            raise SettingsError(f"shared_tier: mode {tier.mode!r} or feed {tier.feed!r} unknown")
         self.shared = SharedTier(tier.capacity_blocks, tier.feed)  # type: ignore[arg-type]
         self.shared_use = SharedCacheUse(tier.mode)  # type: ignore[arg-type]
         self.load_cost = LoadCostEstimator(tier.load_ratio_prior)

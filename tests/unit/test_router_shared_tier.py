@@ -6,8 +6,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvcache.keys import chain_hashes
+from router.errors import StartupError
 from router.pods import EngineStats, Pod, PodId
+from router.settings import Settings
 from router.shared_tier import DECISIONS, EVENTS, FEED_MASKS, SharedTier, TierMetrics
+from router.startup import check_settings
 
 BLOCK = 4
 
@@ -125,3 +128,20 @@ def test_the_metrics_count_each_feeds_prediction_and_the_engines_loads():
 
 def test_feed_masks_are_distinct_bits():
     assert FEED_MASKS == {"events": EVENTS, "decisions": DECISIONS, "both": EVENTS | DECISIONS}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        pytest.param("mode", "sometimes", "shared_tier.mode", id="unknown-mode"),
+        pytest.param("feed", "gossip", "shared_tier.feed", id="unknown-feed"),
+        pytest.param("capacity_blocks", -1, "shared_tier.capacity_blocks", id="negative-capacity"),
+        pytest.param("load_ratio_prior", 0.0, "shared_tier.load_ratio_prior", id="free-loads"),
+    ],
+)
+def test_start_up_refuses_shared_tier_settings_that_cannot_work(name, value, message):
+    settings = Settings()
+    setattr(settings.shared_tier, name, value)
+
+    with pytest.raises(StartupError, match=message):
+        check_settings(settings)
