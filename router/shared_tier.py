@@ -18,8 +18,9 @@ sources, each block remembering which fed it:
 - `predict`: routing decisions: the pod the router picked is about to compute
   the prompt's blocks, and its connector will save them.
 
-Which sources count when pricing is `SharedTierSettings.feed`. GPU evictions
-(`BlockRemoved`) are ignored on purpose: the shared tier outlives the GPU.
+Which sources count when pricing is `router.settings.SharedTierSettings.feed`.
+GPU evictions (`BlockRemoved`) are ignored on purpose: the shared tier
+outlives the GPU.
 
 `TierMatch` is one request's view: for a pod whose GPU holds the first `start`
 blocks, how many more it can load, and what the whole uncached rest costs in
@@ -245,7 +246,9 @@ class TierMetrics:
             ["pod"],
             registry=registry,
         )
-        self.blocks = Gauge("kvgate_shared_tier_blocks", "Blocks the router believes the shared KV cache holds.", registry=registry)
+        self.blocks = Gauge(
+            "kvgate_shared_tier_blocks", "Blocks the router believes the shared KV cache holds.", registry=registry
+        )
         self.load_ratio = Gauge(
             "kvgate_load_cost_ratio", "Learned cost of loading one prompt token, in tokens computed.", registry=registry
         )

@@ -38,13 +38,16 @@ PROMPT_TOKENS = 3000
 #: Blocks the connector may load: full blocks, never the one holding the last token.
 LOADABLE = (PROMPT_TOKENS - 1) // BLOCK
 HITS = "vllm:external_prefix_cache_hits_total"
-#: Decode streams that keep the holder busy: 32 x 32 prefill tokens each outweighs loading 2,944 tokens at any ratio below 0.3.
+#: Decode streams that keep the holder busy: 32 streams x d = 32 prefill tokens each (1,024) outweigh
+#: loading 2,944 tokens at any load ratio below about 0.33.
 BUSY_STREAMS = 32
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCacheCluster]:
-    with shared_cache_cluster(tmp_path_factory.mktemp("tier-routing"), tiny_model_dir, kv_events=True) as running:
+    # 128 blocks: the prefix (23) and every busy stream (at most 3 blocks each) fit, so the holder keeps the prefix.
+    directory = tmp_path_factory.mktemp("tier-routing")
+    with shared_cache_cluster(directory, tiny_model_dir, num_gpu_blocks=128, kv_events=True) as running:
         yield running
 
 
@@ -100,9 +103,9 @@ async def complete(session: aiohttp.ClientSession, url: str, prompt: list[int], 
 
 
 async def decode_stream(session: aiohttp.ClientSession, url: str, seed: int) -> None:
-    """A long decode on one engine, sent to it directly; runs until cancelled."""
+    """A decode of 300 tokens on one engine, sent to it directly."""
     body = {
-        "model": MODEL, "prompt": [5 + seed % 900, 7, 9], "max_tokens": 3000, "ignore_eos": True,
+        "model": MODEL, "prompt": [5 + seed % 900, 7, 9], "max_tokens": 300, "ignore_eos": True,
         "temperature": 0, "stream": True,
     }  # fmt: skip
     async with session.post(url + "/v1/completions", data=json.dumps(body), headers={"content-type": "application/json"}) as response:
@@ -133,13 +136,14 @@ async def test_a_prefix_computed_on_a_busy_engine_is_loaded_not_recomputed_on_th
             await until(lambda: holder.stats.running + holder.stats.waiting >= BUSY_STREAMS)
             hits = await asyncio.to_thread(metric, other.url, HITS)
             answer = await complete(session, url, prompt)
-            chosen = gw.router.decisions[-1][3]
+            _, routed, _, chosen, *_ = gw.router.decisions[-1]
             loaded = await asyncio.to_thread(metric, other.url, HITS) - hits
         finally:
             for task in streams:
                 task.cancel()
             await asyncio.gather(*streams, return_exceptions=True)
 
+    assert routed.matched_blocks.get(holder.id, 0) >= LOADABLE, "the holder still had the prefix on its GPU"
     assert chosen == other.id, "the busy holder lost to the idle engine that can load the prefix"
     assert loaded > 0, "the other engine loaded the prefix (external hits), not recomputed it"
     assert answer == expected

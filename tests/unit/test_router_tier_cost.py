@@ -1,4 +1,4 @@
-"""kv-aware with a shared KV cache: tokens on a pod's GPU cost nothing, tokens the shared cache holds cost their load, the rest a prefill.
+"""kv-aware with a shared KV cache: GPU-resident tokens cost nothing, shared ones their load, the rest a prefill.
 
 Pods are priced through `PolicyBook` as the gateway does, on tables of pod
 states: the prompt's blocks resident on the pod's GPU, only in the shared
