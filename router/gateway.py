@@ -55,7 +55,7 @@ from router.proxy import Outcome, Proxy
 from router.routing import Router
 from router.schema import Kind, parse_call
 from router.settings import Settings, SettingsError
-from router.shared_tier import FEED_MASKS, SharedCacheUse, SharedTier, TierMetrics
+from router.shared_tier import DECISIONS, FEED_MASKS, SharedCacheUse, SharedTier, TierMetrics
 from router.state import FleetView, RoutingState, open_state
 from router.supervise import Guard, supervise
 
@@ -147,6 +147,12 @@ class Gateway:
         if sources:
             self.kv_events = KVEventListener(self.index, sources, lambda: self.block_size, self._stored)
             self.kv_events.start()
+        self._choose_feed()
+
+    def _choose_feed(self) -> None:
+        """Believe the shared cache holds what the configured feed says; routed prompts when no engine sends events."""
+        feed = self.settings.shared_tier.feed
+        self.shared.mask = DECISIONS if feed == "events" and self.kv_events is None else FEED_MASKS[feed]
 
     def _scraped(self, pod: Pod, before: EngineStats, after: EngineStats) -> None:
         """A pod's fresh figures: detect its connector, learn the load cost, count the engine's loads."""
@@ -172,6 +178,7 @@ class Gateway:
         if publishing and self.kv_events is None:
             self.kv_events = KVEventListener(self.index, {}, lambda: self.block_size, self._stored)
             self.kv_events.start()
+            self._choose_feed()
         if self.kv_events is not None:
             for pod in self._discovered_events.keys() - publishing.keys():
                 self.kv_events.remove(pod)
@@ -326,11 +333,16 @@ class Gateway:
             self.counters.leave(user)
 
     def _routed(self, route: RouteRequest, pod: Pod, matched: int) -> None:
-        """The pod will compute the prompt's blocks and save them; count what each belief expected it to load."""
-        if route.tiers is None or not self.shared_use(pod):
+        """The pod will compute the prompt's blocks and save them; count what each belief expected it to load.
+
+        Recorded from the first request (before any pod is detected as loading), unless the pod is known
+        to have no connector.
+        """
+        if self.shared_use.without(pod):
             return
-        miss = max(route.prompt_tokens - matched * route.block_size, 0)
-        self.tier_metrics.routed(pod.id, route.tiers, matched, miss)
+        if route.tiers is not None and self.shared_use(pod):
+            miss = max(route.prompt_tokens - matched * route.block_size, 0)
+            self.tier_metrics.routed(pod.id, route.tiers, matched, miss)
         self.shared.predict(route.block_hashes)
         self.tier_metrics.blocks.set(len(self.shared))
 

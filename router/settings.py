@@ -132,9 +132,10 @@ class SharedTierSettings:
     `off`: never (the cost is the GPU-only one)."""
     feed: str = "events"
     """What the belief of the shared cache's contents is built from: `events` (blocks engines
-    reported storing), `decisions` (prompts routed), `both`. Default `events`: routed prompts are
-    counted before they are computed and saved, so a burst on one prefix believes blocks loadable
-    that are still being computed (see the README's measurement)."""
+    reported storing), `decisions` (prompts routed), `both`. Default `events` (which falls back to
+    `decisions` while no engine sends KV events): routed prompts are counted before they are
+    computed and saved, so a burst on one prefix believes blocks loadable that are still being
+    computed (see the README's measurement)."""
     capacity_blocks: int = 262_144
     """Blocks the belief keeps, least recently stored forgotten first (about 100 bytes each).
     Default 262,144: at 128 tokens a block, 33M tokens, more than the L2 nodes of a small fleet hold
