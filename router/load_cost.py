@@ -18,14 +18,22 @@ finished its prefill, so tokens and seconds line up) or once it holds
 `window_requests` prefills (the few requests straddling its edges are then
 a small error). Each window is one observation of
 
-    prefill seconds = c0 x requests + c1 x computed tokens + c2 x loaded tokens
+    prefill seconds = c1 x computed tokens + c2 x loaded tokens
 
 and the coefficients are fitted by least squares with exponential forgetting,
-pooled over the fleet, regularised towards the prior (c0 = 0, c2 =
-`prior_ratio` x c1), so the estimate is defined before any load and moves
-only as far as the data says. The ratio is c2 / c1, clamped to
+pooled over the fleet, regularised towards the prior (c2 = `prior_ratio` x
+c1), so the estimate is defined before any load and moves only as far as
+the data says. The ratio is c2 / c1, clamped to
 [`MIN_RATIO`, `MAX_RATIO`]. One ratio for the whole fleet: the shortlist's
 bound (`router.policies.kv_aware`) needs every pod priced alike.
+
+NOTE: no per-request term. Measured here (scripts/measure_shared_tier.py)
+a fit with one put the engines' per-request overhead of a loaded machine
+(scheduling, sampling, a forward over a few tokens) at about the whole
+time of a request that loads, and the ratio at its floor; whatever window
+shapes a workload yields, the overhead and the load cost are hard to tell
+apart. Without it the overhead is shared out over both kinds of token,
+which only errs towards pricing loads higher.
 
 NOTE: concurrent prefills on one engine share steps, so their prefill times
 overlap and the seconds per token come out high; both token kinds are
@@ -56,7 +64,7 @@ class _Window:
 
 
 class LoadCostEstimator:
-    """Online fit of prefill seconds on requests, computed and loaded tokens, pooled over pods.
+    """Online fit of prefill seconds on computed and loaded tokens, pooled over pods.
 
     Args:
         prior_ratio: the ratio before data (and what it is pulled towards).
@@ -73,8 +81,8 @@ class LoadCostEstimator:
         self._prior_weight = prior_weight
         self._forget = forget
         self._window_requests = window_requests
-        self._xx = [[0.0] * 3 for _ in range(3)]
-        self._xy = [0.0] * 3
+        self._xx = [[0.0] * 2 for _ in range(2)]
+        self._xy = [0.0] * 2
         self._windows: dict[PodId, _Window] = {}
         self._mass = 0.0  # windows fitted, discounted as the sums are
         self.observations = 0
@@ -111,11 +119,11 @@ class LoadCostEstimator:
         self._windows.pop(pod, None)
 
     def _fit(self, window: _Window) -> None:
-        x = (window.requests, window.computed / _TOKENS, window.loaded / _TOKENS)
+        x = (window.computed / _TOKENS, window.loaded / _TOKENS)
         y = window.seconds
-        for i in range(3):
+        for i in range(2):
             self._xy[i] = self._forget * self._xy[i] + x[i] * y
-            for j in range(3):
+            for j in range(2):
                 self._xx[i][j] = self._forget * self._xx[i][j] + x[i] * x[j]
         self._mass = self._forget * self._mass + 1.0
         self.observations += 1
@@ -123,39 +131,21 @@ class LoadCostEstimator:
 
     def _solve(self) -> float:
         """The ratio c2 / c1 of the regularised fit (the prior where the data cannot tell)."""
-        w = self._prior_weight
-        # First pass: c1 (seconds per computed token), pulled towards what the data's mean suggests.
-        scale = self._xx[1][1] + self._xx[2][2] * self.prior_ratio**2
-        guess = (self._xy[1] + self._xy[2] * self.prior_ratio) / scale if scale > 0 else 0.0
+        (a, b), (_, d) = self._xx
+        # Anchor: the fit of seconds on (computed + prior x loaded), one coefficient.
+        scale = a + 2 * b * self.prior_ratio + d * self.prior_ratio**2
+        guess = (self._xy[0] + self._xy[1] * self.prior_ratio) / scale if scale > 0 else 0.0
         if guess <= 0:
             return self.prior_ratio
-        prior = (0.0, guess, guess * self.prior_ratio)
-        # Ridge towards the prior; its strength is relative to the data's own scale per feature.
-        a = [row[:] for row in self._xx]
-        b = self._xy[:]
-        for i in range(3):
-            strength = w * max(self._xx[i][i] / max(self._mass, 1.0), 1e-6)
-            a[i][i] += strength
-            b[i] += strength * prior[i]
-        c = _solve3(a, b)
-        if c is None or c[1] <= 0:
+        # Ridge towards (guess, prior x guess), as strong as `prior_weight` average windows.
+        ridge = [self._prior_weight * max(self._xx[i][i] / max(self._mass, 1.0), 1e-6) for i in range(2)]
+        a, d = a + ridge[0], d + ridge[1]
+        e = self._xy[0] + ridge[0] * guess
+        f = self._xy[1] + ridge[1] * guess * self.prior_ratio
+        det = a * d - b * b
+        if det <= 0:
             return self.prior_ratio
-        return min(max(c[2] / c[1], MIN_RATIO), MAX_RATIO)
-
-
-def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Solve the 3x3 system a x = b by Gaussian elimination with partial pivoting; None if singular."""
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-12:
-            return None
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, 3):
-            f = m[r][col] / m[col][col]
-            for k in range(col, 4):
-                m[r][k] -= f * m[col][k]
-    x = [0.0] * 3
-    for r in (2, 1, 0):
-        x[r] = (m[r][3] - sum(m[r][k] * x[k] for k in range(r + 1, 3))) / m[r][r]
-    return x
+        c1, c2 = (e * d - b * f) / det, (a * f - b * e) / det
+        if c1 <= 0:
+            return self.prior_ratio
+        return min(max(c2 / c1, MIN_RATIO), MAX_RATIO)

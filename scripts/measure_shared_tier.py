@@ -57,6 +57,7 @@ from tests.support.kvcache_cluster import SharedCacheCluster, metric, shared_cac
 MODEL = "tiny-llama"
 BLOCK = 128
 HITS = "vllm:external_prefix_cache_hits_total"
+LOCAL_HITS = "vllm:prefix_cache_hits_total"
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -76,8 +77,8 @@ async def complete(session: aiohttp.ClientSession, url: str, prompt: Sequence[in
 class Ledger:
     """Per step: each feed's predicted tokens vs the engines' reported loads."""
 
-    def __init__(self, gw: Gateway, cluster: SharedCacheCluster) -> None:
-        self.gw, self.cluster = gw, cluster
+    def __init__(self, gw: Gateway, cluster: SharedCacheCluster, verbose: bool) -> None:
+        self.gw, self.cluster, self.verbose = gw, cluster, verbose
         self.rows: list[tuple[str, dict[str, dict[str, float]], dict[str, float]]] = []
 
     def predicted(self) -> dict[str, dict[str, float]]:
@@ -90,11 +91,11 @@ class Ledger:
             for feed in FEED_MASKS
         }
 
-    async def loaded(self) -> dict[str, float]:
+    async def loaded(self, name: str = HITS) -> dict[str, float]:
         # Hits are counted when a request is scheduled; read until two reads agree.
         last = None
         while True:
-            now = {e.url: await asyncio.to_thread(metric, e.url, HITS) for e in self.cluster.engines}
+            now = {e.url: await asyncio.to_thread(metric, e.url, name) for e in self.cluster.engines}
             if now == last:
                 return now
             last = now
@@ -102,11 +103,26 @@ class Ledger:
 
     async def step(self, name: str, work) -> list[float]:  # type: ignore[no-untyped-def]
         before_p, before_h = self.predicted(), await self.loaded()
+        before_local = await self.loaded(LOCAL_HITS)
+        decided = len(self.gw.router.decisions)
         seconds = await work
         after_p, after_h = self.predicted(), await self.loaded()
+        after_local = await self.loaded(LOCAL_HITS)
         delta_p = {f: {u: after_p[f][u] - before_p[f][u] for u in after_p[f]} for f in after_p}
         delta_h = {u: after_h[u] - before_h[u] for u in after_h}
         self.rows.append((name, delta_p, delta_h))
+        if self.verbose:
+            engines = {e.url: f"e{i}" for i, e in enumerate(self.cluster.engines)}
+            routed = [
+                f"{engines[pod]}(gpu belief {req.matched_blocks.get(pod, 0)})"
+                for _, req, _, pod, *_ in list(self.gw.router.decisions)[decided:]
+            ]
+            cells = [
+                f"{engines[u]}: gpu hit {after_local[u] - before_local[u]:.0f} loaded {delta_h[u]:.0f} "
+                f"predicted {delta_p['events'][u]:.0f}/{delta_p['decisions'][u]:.0f}"
+                for u in delta_h
+            ]
+            print(f"{name:<7} -> {' '.join(routed)}; " + "; ".join(cells), flush=True)
         return seconds if isinstance(seconds, list) else [seconds]
 
     def report(self) -> None:
@@ -149,7 +165,7 @@ async def run(args: argparse.Namespace) -> None:
             gw = app[GATEWAY]
             while not (len(gw.pods.healthy()) == 2 and all(p.stats.num_gpu_blocks for p in gw.pods)):
                 await asyncio.sleep(0.1)
-            ledger = Ledger(gw, cluster)
+            ledger = Ledger(gw, cluster, args.verbose)
             prompts = [tokens(100 + i, 2500) for i in range(args.prompts)]
             cold = [await ledger.step("cold", complete(session, url, p)) for p in prompts]
             order = prompts[1::2] + prompts[0::2]
@@ -176,6 +192,7 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=3, help="bursts of four requests on a new prefix (default 3)")
     parser.add_argument("--chats", type=int, default=3, help="chats (default 3)")
     parser.add_argument("--turns", type=int, default=4, help="turns per chat (default 4)")
+    parser.add_argument("--verbose", action="store_true", help="one line per step: where it went, what was loaded")
     parser.add_argument("--feed", default="events", choices=sorted(FEED_MASKS), help="the feed the gateway prices with")
     asyncio.run(run(parser.parse_args()))
 

@@ -99,3 +99,14 @@ def test_windows_are_per_pod_and_the_fit_is_pooled():
 
     assert estimator.observations == 300
     assert estimator.ratio == pytest.approx(0.1, rel=0.2)
+
+
+def test_a_per_request_overhead_prices_loads_higher_never_lower():
+    # A loaded machine: 11.5 s to compute 2,500 tokens, 0.3 s of overhead per request, loads nearly free.
+    engine = FakeEngine(per_token=4.5e-3, per_load=1e-4, overhead=0.3, noise=0.1, seed=3)
+    estimator = LoadCostEstimator(prior_ratio=0.1)
+    for _ in range(40):
+        for computed, loaded in [(2500, 0), (68, 2432), (300, 900)]:
+            estimator.observe(PodId("a"), *engine.serve(computed, loaded))
+
+    assert 1e-4 / 4.5e-3 < estimator.ratio < 0.15
