@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
+from kvcache.keys import chain_hashes  # noqa: E402
 from kvgate.model import build_model  # noqa: E402
 from router.app import GATEWAY, create_app  # noqa: E402
 from router.connections import serving  # noqa: E402
@@ -80,6 +81,13 @@ class Ledger:
     def __init__(self, gw: Gateway, cluster: SharedCacheCluster, verbose: bool) -> None:
         self.gw, self.cluster, self.verbose = gw, cluster, verbose
         self.rows: list[tuple[str, dict[str, dict[str, float]], dict[str, float]]] = []
+        self.given_gpu: dict[str, list[bool]] = {}
+
+    def runs(self, prompt: Sequence[int]) -> dict[str, list[int]]:
+        """Per feed, the blocks the belief says a pod holding the first s blocks can load, for every s."""
+        hashes = chain_hashes(list(prompt), BLOCK)
+        limit = min((len(prompt) - 1) // BLOCK, len(hashes))
+        return {feed: [self.gw.shared.run(hashes, s, limit, mask) for s in range(limit + 1)] for feed, mask in FEED_MASKS.items()}
 
     def predicted(self) -> dict[str, dict[str, float]]:
         registry = self.gw.metrics.registry
@@ -101,21 +109,28 @@ class Ledger:
             last = now
             await asyncio.sleep(0.3)
 
-    async def step(self, name: str, work) -> list[float]:  # type: ignore[no-untyped-def]
+    async def step(self, name: str, work, prompt: Sequence[int] | None = None, requests: int = 1) -> list[float]:  # type: ignore[no-untyped-def]
         before_p, before_h = self.predicted(), await self.loaded()
         before_local = await self.loaded(LOCAL_HITS)
-        decided = len(self.gw.router.decisions)
+        runs = self.runs(prompt) if prompt is not None else None
         seconds = await work
         after_p, after_h = self.predicted(), await self.loaded()
         after_local = await self.loaded(LOCAL_HITS)
         delta_p = {f: {u: after_p[f][u] - before_p[f][u] for u in after_p[f]} for f in after_p}
         delta_h = {u: after_h[u] - before_h[u] for u in after_h}
         self.rows.append((name, delta_p, delta_h))
+        if runs is not None:
+            # The belief alone, given the GPU hit the engine really had: did it know what the engine loaded?
+            for url, loaded in delta_h.items():
+                gpu = round((after_local[url] - before_local[url]) / BLOCK)
+                if gpu or loaded:
+                    for feed, run in runs.items():
+                        self.given_gpu.setdefault(feed, []).append(run[min(gpu, len(run) - 1)] == round(loaded / BLOCK))
         if self.verbose:
             engines = {e.url: f"e{i}" for i, e in enumerate(self.cluster.engines)}
             routed = [
                 f"{engines[pod]}(gpu belief {req.matched_blocks.get(pod, 0)})"
-                for _, req, _, pod, *_ in list(self.gw.router.decisions)[decided:]
+                for _, req, _, pod, *_ in list(self.gw.router.decisions)[-requests:]
             ]
             cells = [
                 f"{engines[u]}: gpu hit {after_local[u] - before_local[u]:.0f} loaded {delta_h[u]:.0f} "
@@ -138,6 +153,9 @@ class Ledger:
                 predicted += sum(p[feed].values())
             error = (over + under) / loaded_total if loaded_total else 0.0
             print(f"{feed:<10} {int(right):>5} of {len(self.rows):<5} {predicted:>10.0f} {loaded_total:>10.0f} {over:>8.0f} {under:>8.0f} {error:>7.1%}")
+        print("\nthe belief alone, given the engine's real GPU hit (sequential requests that hit or loaded):")
+        for feed, right in self.given_gpu.items():
+            print(f"  {feed:<10} {sum(right)} of {len(right)} right")
         print("\nper kind of step (events / decisions / both right):")
         kinds: dict[str, list[int]] = {}
         for name, p, h in self.rows:
@@ -167,23 +185,24 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.1)
             ledger = Ledger(gw, cluster, args.verbose)
             prompts = [tokens(100 + i, 2500) for i in range(args.prompts)]
-            cold = [await ledger.step("cold", complete(session, url, p)) for p in prompts]
+            cold = [await ledger.step("cold", complete(session, url, p), p) for p in prompts]
             order = prompts[1::2] + prompts[0::2]
-            back = [await ledger.step("return", complete(session, url, p)) for p in order]
+            back = [await ledger.step("return", complete(session, url, p), p) for p in order]
             for burst in range(args.bursts):
                 prefix = tokens(500 + burst, 2500)
                 requests = [complete(session, url, prefix + tokens(600 + 10 * burst + i, 40)) for i in range(4)]
-                await ledger.step("burst", asyncio.gather(*requests))
+                await ledger.step("burst", asyncio.gather(*requests), requests=4)
             chats = [tokens(700 + i, 600) for i in range(args.chats)]
             for turn in range(args.turns):
                 for i, history in enumerate(chats):
                     history += tokens(800 + 100 * i + turn, 300)
-                    await ledger.step("chat", complete(session, url, history))
+                    await ledger.step("chat", complete(session, url, history), list(history))
             ledger.report()
             cold_s = statistics.median(s for [s] in cold)
             back_s = statistics.median(s for [s] in back)
             print(f"\nprefill of a 2,500-token prompt: cold median {cold_s:.3f} s, returning median {back_s:.3f} s")
             print(f"learned load ratio {gw.load_cost.ratio:.3f} from {gw.load_cost.observations} windows")
+            print(f"direct ratio (returning / cold prefill, whole requests): {back_s / cold_s:.3f}")
 
 
 def main() -> None:
