@@ -6,10 +6,11 @@ engines loading the tiered connector and sending their KV events
 (`tests.support.kvcache_cluster`), and the gateway in process in front of
 them (kv-aware, shared-tier pricing on). Then runs steps through the gateway:
 
+- ``burst``: four requests at once sharing a new 2,500-token prefix, while
+  the GPUs have room (a second pod takes part of the burst);
 - ``cold``: distinct 2,500-token prompts, more than both GPU caches hold;
 - ``return``: the same prompts again, in another order (their blocks left
   the GPUs: loaded from L1/L2/L3, or recomputed);
-- ``burst``: four requests at once sharing a new 2,500-token prefix;
 - ``chat``: multi-turn chats, each turn the history plus 300 new tokens.
 
 After each step it compares, per engine, the tokens the belief predicted the
@@ -184,14 +185,15 @@ async def run(args: argparse.Namespace) -> None:
             while not (len(gw.pods.healthy()) == 2 and all(p.stats.num_gpu_blocks for p in gw.pods)):
                 await asyncio.sleep(0.1)
             ledger = Ledger(gw, cluster, args.verbose)
-            prompts = [tokens(100 + i, 2500) for i in range(args.prompts)]
-            cold = [await ledger.step("cold", complete(session, url, p), p) for p in prompts]
-            order = prompts[1::2] + prompts[0::2]
-            back = [await ledger.step("return", complete(session, url, p), p) for p in order]
+            # Bursts first, while the GPUs have room: a second pod then takes part of a burst.
             for burst in range(args.bursts):
                 prefix = tokens(500 + burst, 2500)
                 requests = [complete(session, url, prefix + tokens(600 + 10 * burst + i, 40)) for i in range(4)]
                 await ledger.step("burst", asyncio.gather(*requests), requests=4)
+            prompts = [tokens(100 + i, 2500) for i in range(args.prompts)]
+            cold = [await ledger.step("cold", complete(session, url, p), p) for p in prompts]
+            order = prompts[1::2] + prompts[0::2]
+            back = [await ledger.step("return", complete(session, url, p), p) for p in order]
             chats = [tokens(700 + i, 600) for i in range(args.chats)]
             for turn in range(args.turns):
                 for i, history in enumerate(chats):
