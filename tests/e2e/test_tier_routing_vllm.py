@@ -108,7 +108,8 @@ async def decode_stream(session: aiohttp.ClientSession, url: str, seed: int) -> 
         "model": MODEL, "prompt": [5 + seed % 900, 7, 9], "max_tokens": 300, "ignore_eos": True,
         "temperature": 0, "stream": True,
     }  # fmt: skip
-    async with session.post(url + "/v1/completions", data=json.dumps(body), headers={"content-type": "application/json"}) as response:
+    headers = {"content-type": "application/json"}
+    async with session.post(url + "/v1/completions", data=json.dumps(body), headers=headers) as response:
         async for _ in response.content:
             pass
 
@@ -122,7 +123,7 @@ async def test_a_prefix_computed_on_a_busy_engine_is_loaded_not_recomputed_on_th
         _, request, _, holder_id, *_ = gw.router.decisions[-1]
         holder = gw.pods.get(holder_id)
         other = next(pod for pod in gw.pods if pod is not holder)
-        # The holder's engine reported storing the prefix (its KV events), and its connector saved it to L2.
+        # The holder's engine reported storing the prefix (its KV events), and its connector saved it.
         await until(lambda: gw.shared.run(request.block_hashes, 0, LOADABLE) == LOADABLE)
         await until(lambda: gw.shared_use.active)
         # NOTE: L2 writes are behind the request and may time out on a loaded machine; L3 then holds the blocks.
