@@ -169,7 +169,11 @@ class Ledger:
 
 
 async def run(args: argparse.Namespace) -> None:
-    work_dir = Path(tempfile.mkdtemp(prefix="measure-shared-tier-"))
+    with tempfile.TemporaryDirectory(prefix="measure-shared-tier-") as work:
+        await measure(Path(work), args)
+
+
+async def measure(work_dir: Path, args: argparse.Namespace) -> None:
     model_dir = build_model(work_dir / MODEL)
     with shared_cache_cluster(work_dir, model_dir, kv_events=True) as cluster:
         settings = Settings()
