@@ -142,6 +142,8 @@ async def run(args: argparse.Namespace) -> int:
         settings.server.port = args.port
         settings.routing.policy = args.policy
         settings.routing.tokenizer = model_dir
+        # Every engine loads from the shared cache: price loads from the first request on.
+        settings.shared_tier.mode = "off" if args.no_kv_cache else "on"
         # Requests beyond what an engine's KV cache can run at once (about 2k
         # tokens each) only queue inside the engine; queued at the gateway
         # instead they are ordered by the VTC fairness counters.

@@ -34,6 +34,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvcache.keys import BlockHash
+
 from router.body import request_body
 from router.discovery import Discovery
 from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized
@@ -41,17 +43,19 @@ from router.fairness import VirtualTokenCounters
 from router.fleet_order import IndexOccupancy
 from router.index import PrefixIndex
 from router.kv_events import KVEventListener, parse_event_sources
+from router.load_cost import LoadCostEstimator
 from router.metrics import GatewayMetrics
 from router.monitor import Monitor
 from router.outliers import Outliers, Verdict, verdict_of
 from router.pod_errors import is_error, read_error
-from router.pods import PodEndpoint, PodId, PodSet, UserId
+from router.pods import EngineStats, Pod, PodEndpoint, PodId, PodSet, UserId
 from router.policies import PolicyBook, PolicyDeps, RouteRequest
 from router.prompts import ByteEncoder, PromptEncoder, tokenize
 from router.proxy import Outcome, Proxy
 from router.routing import Router
 from router.schema import Kind, parse_call
-from router.settings import Settings
+from router.settings import Settings, SettingsError
+from router.shared_tier import DECISIONS, FEED_MASKS, SharedCacheUse, SharedTier, TierMetrics
 from router.state import FleetView, RoutingState, open_state
 from router.supervise import Guard, supervise
 
@@ -99,6 +103,14 @@ class Gateway:
         self.counters.observer = self.state
         self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng, self.state)
         self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
+        tier = settings.shared_tier
+        if tier.mode not in ("auto", "on", "off") or tier.feed not in FEED_MASKS:
+            raise SettingsError(f"shared_tier: mode {tier.mode!r} or feed {tier.feed!r} unknown")
+        self.shared = SharedTier(tier.capacity_blocks, tier.feed)  # type: ignore[arg-type]
+        self.shared_use = SharedCacheUse(tier.mode)  # type: ignore[arg-type]
+        self.load_cost = LoadCostEstimator(tier.load_ratio_prior)
+        self.tier_metrics = TierMetrics(self.metrics.registry)
+        self.tier_metrics.load_ratio.set(self.load_cost.ratio)
         self.policies.get(settings.routing.policy)  # fail at start-up on a bad default
         self.outliers = Outliers(self.pods, settings.outliers, self.metrics.registry)
         self.guard = Guard(self.metrics.registry)
@@ -124,6 +136,7 @@ class Gateway:
             self.outliers,
             self.guard,
             on_pod_up=self.router.dispatch_waiting,
+            on_scrape=self._scraped,
         )
         self.proxy = Proxy(self.session, self.settings.upstream, self.metrics)
         self._discovery_task = asyncio.create_task(
@@ -132,8 +145,28 @@ class Gateway:
         await self.state.start(FleetView(self.pods, self.index, self.counters, self.router.dispatch_waiting))
         sources = parse_event_sources(self.settings.discovery.kv_event_sources)
         if sources:
-            self.kv_events = KVEventListener(self.index, sources, lambda: self.block_size)
+            self.kv_events = KVEventListener(self.index, sources, lambda: self.block_size, self._stored)
             self.kv_events.start()
+        self._choose_feed()
+
+    def _choose_feed(self) -> None:
+        """Believe the shared cache holds what the configured feed says; routed prompts when no engine sends events."""
+        feed = self.settings.shared_tier.feed
+        self.shared.mask = DECISIONS if feed == "events" and self.kv_events is None else FEED_MASKS[feed]
+
+    def _scraped(self, pod: Pod, before: EngineStats, after: EngineStats) -> None:
+        """A pod's fresh figures: detect its connector, learn the load cost, count the engine's loads."""
+        self.shared_use.scraped(pod.id, after)
+        self.load_cost.observe(pod.id, before, after)
+        self.tier_metrics.load_ratio.set(self.load_cost.ratio)
+        self.tier_metrics.scraped(pod.id, before, after)
+
+    def _stored(self, pod_id: PodId, hashes: list[BlockHash]) -> None:
+        """An engine stored blocks: its connector saved them to the shared cache too, unless it has none."""
+        pod = self.pods.get(pod_id)
+        if pod is not None and not self.shared_use.without(pod):
+            self.shared.confirm(hashes)
+            self.tier_metrics.blocks.set(len(self.shared))
 
     def _pods_changed(self, endpoints: frozenset[PodEndpoint]) -> None:
         """Discovery's news: update the pod table and follow the KV events of the pods that publish them."""
@@ -143,8 +176,9 @@ class Gateway:
             self.state.attach(pod)
         publishing = {endpoint.id: endpoint.kv_events for endpoint in endpoints if endpoint.kv_events}
         if publishing and self.kv_events is None:
-            self.kv_events = KVEventListener(self.index, {}, lambda: self.block_size)
+            self.kv_events = KVEventListener(self.index, {}, lambda: self.block_size, self._stored)
             self.kv_events.start()
+            self._choose_feed()
         if self.kv_events is not None:
             for pod in self._discovered_events.keys() - publishing.keys():
                 self.kv_events.remove(pod)
@@ -244,6 +278,9 @@ class Gateway:
             occupancy=IndexOccupancy(self.index.eviction_price, self.pods),
             session_key=request.headers.get(self.settings.routing.session_header),
             max_tokens=call.max_tokens,
+            tiers=self.shared.match(prompt.block_hashes, prompt.total_tokens, block_size, self.load_cost.ratio, self.shared_use)
+            if self.shared_use.active
+            else None,
         )
         assert self.proxy is not None and self.monitor is not None
         self.counters.arrive(user)
@@ -253,6 +290,7 @@ class Gateway:
             for _ in range(self.settings.upstream.retries + 1):
                 lease = await self.router.acquire(route, policy, spec, exclude=tried)
                 pod = lease.pod
+                self._routed(route, lease.pod, lease.matched_blocks)
                 outcome: Outcome | None = None
                 try:
                     # Other replicas hear of the reservation before the pod sees the request.
@@ -293,6 +331,20 @@ class Gateway:
             raise
         finally:
             self.counters.leave(user)
+
+    def _routed(self, route: RouteRequest, pod: Pod, matched: int) -> None:
+        """The pod will compute the prompt's blocks and save them; count what each belief expected it to load.
+
+        Recorded from the first request (before any pod is detected as loading), unless the pod is known
+        to have no connector.
+        """
+        if self.shared_use.without(pod):
+            return
+        if route.tiers is not None and self.shared_use(pod):
+            miss = max(route.prompt_tokens - matched * route.block_size, 0)
+            self.tier_metrics.routed(pod.id, route.tiers, matched, miss)
+        self.shared.predict(route.block_hashes)
+        self.tier_metrics.blocks.set(len(self.shared))
 
     def _account(self, user: UserId, pod: PodId, spec: str, outcome: Outcome, arrived: float) -> None:
         self.metrics.record_outcome(pod, spec, outcome.status)

@@ -98,11 +98,20 @@ class EngineBlocks:
             callable giving the current one: the gateway learns the engines'
             size from their metrics); stored blocks of another size cannot
             match the gateway's hashes and are skipped.
+        on_stored: told of every block the engine stored, as our chained
+            hashes (the shared KV cache's belief, `router.shared_tier`).
     """
 
-    def __init__(self, pod: PodId, index: PrefixIndex, block_size: int | Callable[[], int]) -> None:
+    def __init__(
+        self,
+        pod: PodId,
+        index: PrefixIndex,
+        block_size: int | Callable[[], int],
+        on_stored: Callable[[PodId, list[BlockHash]], None] | None = None,
+    ) -> None:
         self.pod = pod
         self.index = index
+        self.on_stored = on_stored
         self.block_size: Callable[[], int] = block_size if callable(block_size) else (lambda: block_size)
         # Engine hash -> our chained hash of the same block. The engine holds
         # at most its capacity, and says what it evicts; oldest entries go
@@ -194,6 +203,8 @@ class EngineBlocks:
         # (quadratic over a long prompt stored step by step). The router's own
         # insert at routing time already refreshed the whole prompt.
         self.index.insert(self.pod, ours)
+        if self.on_stored is not None:
+            self.on_stored(self.pod, ours)
         self.stored += len(ours)
         self._bound()
 
@@ -260,13 +271,19 @@ class KVEventListener:
             subscribe to on `start`.
         block_size: the gateway's block size, or a callable returning its
             current one (so events follow what the engines report).
+        on_stored: passed to each pod's `EngineBlocks`.
     """
 
     def __init__(
-        self, index: PrefixIndex, sources: Mapping[PodId, str], block_size: int | Callable[[], int]
+        self,
+        index: PrefixIndex,
+        sources: Mapping[PodId, str],
+        block_size: int | Callable[[], int],
+        on_stored: Callable[[PodId, list[BlockHash]], None] | None = None,
     ) -> None:
         self.index = index
         self.block_size = block_size
+        self.on_stored = on_stored
         self.sources: dict[PodId, str] = {}
         self.engines: dict[PodId, EngineBlocks] = {}
         self._context: zmq.asyncio.Context | None = None
@@ -291,7 +308,7 @@ class KVEventListener:
             return
         self._cancel(pod)
         self.sources[pod] = endpoint
-        self.engines[pod] = EngineBlocks(pod, self.index, self.block_size)
+        self.engines[pod] = EngineBlocks(pod, self.index, self.block_size, self.on_stored)
         if self._context is not None:
             self._spawn(pod)
 

@@ -89,6 +89,8 @@ class Monitor:
         guard: catches and counts what escapes a probe or scrape.
         on_pod_up: called when a pod starts taking traffic, so that requests
             waiting for a slot can have its.
+        on_scrape: called with the pod, its previous and its new figures
+            after each scrape (what learns from the engines' counters).
     """
 
     def __init__(
@@ -101,9 +103,11 @@ class Monitor:
         outliers: Outliers,
         guard: Guard,
         on_pod_up: Callable[[], None] = lambda: None,
+        on_scrape: Callable[[Pod, EngineStats, EngineStats], None] | None = None,
     ) -> None:
         self.pods = pods
         self._on_pod_up = on_pod_up
+        self._on_scrape = on_scrape
         self.index = index
         self._session = session
         self._discovery = discovery
@@ -208,7 +212,9 @@ class Monitor:
         if restarted(pod.stats, stats):
             dropped = self.index.drop_pod(pod.id)
             log.info("pod %s restarted its engine; forgot %d cached blocks", pod.url, dropped)
-        pod.stats = stats
+        before, pod.stats = pod.stats, stats
+        if self._on_scrape is not None:
+            self._on_scrape(pod, before, stats)
         if stats.num_gpu_blocks is not None and stats.num_gpu_blocks != self.index.capacity(pod.id):
             self.index.set_capacity(pod.id, stats.num_gpu_blocks)
             pod.touch()  # its occupancy changed

@@ -76,6 +76,11 @@ class EngineStats:
     """The engine process's start (`process_start_time_seconds`, Unix seconds), where it exports it."""
     cached_by_source: dict[str, float] = field(default_factory=dict)
     """Cached prompt tokens by the tier that supplied them (`vllm:prompt_tokens_cached_by_source`)."""
+    computed_tokens: float = 0.0
+    """Prompt tokens the engine computed itself (`vllm:prompt_tokens_by_source_total{source="local_compute"}`)."""
+    prefill_seconds: float = 0.0
+    prefill_requests: float = 0.0
+    """Sum and count of `vllm:request_prefill_time_seconds` (scheduled to first token, loads included)."""
     scraped_at: float = 0.0
 
 

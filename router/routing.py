@@ -199,7 +199,8 @@ class Router:
         pod = pods[best]
         matched = request.matched_blocks.get(pod.id, 0)
         self.decisions.append((time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods]))
-        uncached = max(request.prompt_tokens - matched * request.block_size, 0)
+        # Queued prefill work on the pod: tokens it will load from a shared KV cache count at their load ratio.
+        uncached = round(request.prefill_work(pod, matched))
         pod.in_flight += 1
         pod.pending_prefill += uncached
         if request.block_hashes:

@@ -36,12 +36,19 @@ _SUMMED = {
     "vllm:prefix_cache_hits_total": "prefix_hits",
     "vllm:external_prefix_cache_queries_total": "external_queries",
     "vllm:external_prefix_cache_hits_total": "external_hits",
+    "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
+    "vllm:request_prefill_time_seconds_count": "prefill_requests",
 }
-_COUNTERS = ("prefix_queries", "prefix_hits", "external_queries", "external_hits")
+_COUNTERS = (
+    "prefix_queries", "prefix_hits", "external_queries", "external_hits", "computed_tokens", "prefill_seconds",
+    "prefill_requests",
+)  # fmt: skip
 _CACHE_INFO = "vllm:cache_config_info"
 #: prometheus_client's process collector: vLLM exports it unless it runs several API server processes.
 _STARTED = "process_start_time_seconds"
 _BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
+#: Prompt tokens by how the engine got them; the `local_compute` ones are those it computed.
+_PROMPT_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
 _MAX_SOURCES = 16
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 #: Largest block size and block count believed; larger labels are garbage.
@@ -113,7 +120,12 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
             if math.isfinite(value) and value >= 0 and (source in by_source or len(by_source) < _MAX_SOURCES):
                 by_source[source] = by_source.get(source, 0.0) + value
             continue
-        field = _SUMMED.get(name)
+        if name == _PROMPT_BY_SOURCE:
+            if brace < 0 or 'source="local_compute"' not in line[brace : line.rfind("}")]:
+                continue
+            field: str | None = "computed_tokens"
+        else:
+            field = _SUMMED.get(name)
         if field is None and name != _STARTED:
             continue
         try:
@@ -139,6 +151,9 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
         prefix_hits=sums.get("prefix_hits", 0.0),
         external_queries=sums.get("external_queries", 0.0),
         external_hits=sums.get("external_hits", 0.0),
+        computed_tokens=sums.get("computed_tokens", 0.0),
+        prefill_seconds=sums.get("prefill_seconds", 0.0),
+        prefill_requests=sums.get("prefill_requests", 0.0),
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
         started_at=started_at,

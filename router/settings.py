@@ -16,6 +16,7 @@ YAML shape (every key optional)::
                 min_decode_tokens_per_s: 10, max_answer_s: 600, max_answer_bytes: 67108864, retries: 2}
     state:     {url: redis://127.0.0.1:6379/0, lease_s: 3}
     outliers:  {consecutive_failures: 3, base_ejection_s: 10, max_ejection_share: 0.5}
+    shared_tier: {mode: auto, feed: events, capacity_blocks: 262144, load_ratio_prior: 0.1}
 """
 
 from __future__ import annotations
@@ -118,6 +119,30 @@ class RoutingSettings:
     """kv-aware: cost of one running decode stream, in prompt-token equivalents of prefill work."""
     min_match_blocks: int = 1
     """kv-aware: shorter cached matches are ignored, so one shared short preamble cannot pull all traffic."""
+
+
+@dataclass(slots=True)
+class SharedTierSettings:
+    """Whether and how kv-aware prices blocks the shared KV cache can load."""
+
+    mode: str = "auto"
+    """`auto`: a pod counts as loading from the shared cache once it reports external prefix-cache
+    queries (`vllm:external_prefix_cache_queries_total` > 0), and a pod that has not answered any
+    prompt yet counts as its peers do; `on`: every pod (`kvgate up` wires every engine to the cache);
+    `off`: never (the cost is the GPU-only one)."""
+    feed: str = "events"
+    """What the belief of the shared cache's contents is built from: `events` (blocks engines
+    reported storing), `decisions` (prompts routed), `both`. Default `events` (which falls back to
+    `decisions` while no engine sends KV events): routed prompts are counted before they are
+    computed and saved, so a burst on one prefix believes blocks loadable that are still being
+    computed (see the README's measurement)."""
+    capacity_blocks: int = 262_144
+    """Blocks the belief keeps, least recently stored forgotten first (about 100 bytes each).
+    Default 262,144: at 128 tokens a block, 33M tokens, more than the L2 nodes of a small fleet hold
+    (L3 keeps more, but forgetting only makes the router price a load as a prefill)."""
+    load_ratio_prior: float = 0.1
+    """Cost of loading one token relative to computing it, until engines' figures say otherwise.
+    Default 0.1: 3,000 tokens loaded from L2 in 0.11 s against 1.15 s computed, on vLLM CPU."""
 
 
 @dataclass(slots=True)
@@ -242,6 +267,7 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     state: StateSettings = field(default_factory=StateSettings)
     outliers: OutlierSettings = field(default_factory=OutlierSettings)
+    shared_tier: SharedTierSettings = field(default_factory=SharedTierSettings)
 
 
 class SettingsError(ValueError):

@@ -147,6 +147,13 @@ def check_settings(settings: Settings) -> None:
     _positive(settings.admission.output_weight, "admission.output_weight", zero=True)
     _positive(settings.upstream.retries, "upstream.retries", zero=True)
     _positive(settings.outliers.consecutive_failures, "outliers.consecutive_failures")
+    tier = settings.shared_tier
+    if tier.mode not in ("auto", "on", "off"):
+        raise StartupError(f"shared_tier.mode must be auto, on or off, got {tier.mode!r}")
+    if tier.feed not in ("events", "decisions", "both"):
+        raise StartupError(f"shared_tier.feed must be events, decisions or both, got {tier.feed!r}")
+    _positive(tier.capacity_blocks, "shared_tier.capacity_blocks", zero=True)
+    _positive(tier.load_ratio_prior, "shared_tier.load_ratio_prior")
     if not 0 <= settings.outliers.max_ejection_share <= 1:
         raise StartupError(f"outliers.max_ejection_share must be between 0 and 1, got {settings.outliers.max_ejection_share!r}")
     tokenizer = settings.routing.tokenizer

@@ -19,6 +19,7 @@ from kvcache.keys import BlockHash
 from router.fairness import VirtualTokenCounters
 from router.pods import Pod, PodId, UserId
 from router.settings import RoutingSettings
+from router.shared_tier import TierMatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,17 @@ class RouteRequest:
     the share of its capacity holding blocks requests came back for (`PrefixIndex.eviction_price`)."""
     session_key: str | None = None
     max_tokens: int | None = None
+    tiers: TierMatch | None = None
+    """What the shared KV cache can load for this prompt, and at what price; None when no pod loads from one."""
+
+    def prefill_work(self, pod: Pod, matched: int) -> float:
+        """Prefill-token cost of the prompt on `pod`, whose GPU holds its first `matched` blocks.
+
+        The tokens not on the GPU cost one each, except those the shared KV
+        cache can load into it, which cost the learned load ratio (`router.shared_tier`).
+        """
+        miss = max(self.prompt_tokens - matched * self.block_size, 0)
+        return miss if self.tiers is None else self.tiers.work(pod, matched, miss)
 
 
 @dataclass(frozen=True, slots=True)

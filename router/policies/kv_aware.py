@@ -2,10 +2,16 @@
 
 Cost of pod p, in prompt tokens of prefill work (lower is better):
 
-    cost(p) = miss(p) x (1 + full(p)) + pending(p) + d * decoding(p)
+    cost(p) = work(p) + miss(p) x full(p) + pending(p) + d * decoding(p)
 
     miss(p)     = prompt tokens not cached on p: prompt - block_size x matched(p),
                   where matched(p) counts only if >= min_match_blocks
+    work(p)     = prefill work of the miss: miss(p) - (1 - r) x loaded(p), where
+                  loaded(p) = the tokens after p's GPU hit that the shared KV
+                  cache holds (L1/L2/L3, `router.shared_tier`) and p's connector
+                  would load, r = the learned cost of loading a token in tokens
+                  computed (`router.load_cost`); work(p) = miss(p) when no pod
+                  loads from a shared cache
     full(p)     = what caching a block on p costs later, in blocks (0..2,
                   `PrefixIndex.eviction_price`): p's occupancy (on a full pod,
                   caching the missing blocks evicts as many blocks of other
@@ -26,7 +32,10 @@ Preble's points that queued prefill is the real load and that a miss also
 costs what it evicts: a pod holding the prefix wins until the work already
 queued on it outweighs recomputing (and, on a full pod, displacing) the prefix
 elsewhere, so a hot prefix spreads to a second pod instead of piling up, but
-not at the first sign of a queue.
+not at the first sign of a queue. With a shared KV cache the prefix need not
+be recomputed elsewhere, only loaded (r x its length), so a busy holder
+loses to an idle pod much sooner, and a chat whose history left every GPU
+costs the same to load on any pod: the least loaded wins.
 
 The reused share matters when shared prefixes are mixed with prompts nobody
 sends again (one-off documents, first turns): priced by occupancy alone, every
@@ -40,9 +49,12 @@ pod looked free to evict and prefixes lost their pull.)
 Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
 prefix of the request (or fewer than min_match_blocks) costs
 
-    prompt + load(p) + prompt x full(p),   load(p) = pending(p) + d * decoding(p)
+    work(p) + load(p) + prompt x full(p),   load(p) = pending(p) + d * decoding(p)
 
-where neither full(p) nor load(p) depends on the request. The fleet is kept
+where neither full(p) nor load(p) depends on the request, and work(p) is at
+least floor = min(prompt, prompt - (1 - r) x loaded from the prompt's start),
+the same for every pod (r is one fleet-wide ratio; a pod that does not load
+from the shared cache only costs more), so "prompt" below reads "floor". The fleet is kept
 ordered by load(p) + S x full(p) for a few scales S (64, 256, 1024, ...
 prompt tokens, made as prompt lengths need them); for a prompt between two
 scales, its cost less the prompt is a fixed positive mix of those two keys on
@@ -96,6 +108,8 @@ class KVAwarePolicy:
                 cost = priced[pod] = self._cost(request, pod)
                 best, ties = _better(cost, best, ties)
         prompt = max(request.prompt_tokens, 0)
+        # A non-holder's work is at least `floor` (all it could load, loaded), whichever pod it is.
+        floor = prompt if request.tiers is None else request.tiers.floor(prompt)
         names, weights = self._orderings(prompt, fleet, live=isinstance(request.occupancy, IndexOccupancy))
         last = [0.0] * len(names)  # the last key seen in each ordering
         for visits, (which, key, pod) in enumerate(fleet.walk(names), 1):
@@ -103,7 +117,7 @@ class KVAwarePolicy:
             if pod not in priced and eligible(pod):
                 cost = priced[pod] = self._cost(request, pod)
                 best, ties = _better(cost, best, ties)
-            bound = prompt + sum(w * k for w, k in zip(weights, last))
+            bound = floor + sum(w * k for w, k in zip(weights, last))
             slack = _SLACK * abs(bound)  # rounding must never make the bound exceed a cost
             if best < bound - slack or (best <= bound + slack and ties >= TIE_CAP):
                 break  # nobody left is cheaper; or enough pods tie and nobody left is cheaper than them
@@ -147,10 +161,11 @@ class KVAwarePolicy:
             matched = 0
         miss = max(request.prompt_tokens - matched * request.block_size, 0)
         evicts = miss * request.occupancy.get(pod.id, 0.0)
+        work = miss if request.tiers is None else request.tiers.work(pod, matched, miss)
         # `load` inlined: this runs once per pod on a full scan.
         engine_load = pod.stats.running + pod.stats.waiting
         decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
-        return miss + evicts + (pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
+        return work + evicts + (pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0))
 
 
 #: The smallest fullness scale, in prompt tokens, and the ratio between scales.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcache.launch import cache_node_argv, connector_extra_config, kv_transfer_config, wait_ready
-from kvgate.engines import Engine, EngineSpec, free_ports, stop_engines
+from kvgate.engines import Engine, EngineSpec, free_ports, kv_events_args, kv_events_endpoint, stop_engines
 from tests.support.kvcache_servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +62,12 @@ class SharedCacheCluster:
     nodes: list[CacheNodeProcess]
     redis: RedisServer
 
+    @property
+    def event_sources(self) -> list[str]:
+        """`URL=ENDPOINT` pairs of the engines that publish KV events (`kv_events=True`)."""
+        pairs = [(engine.url, kv_events_endpoint(engine.spec.extra_args)) for engine in self.engines]
+        return [f"{url}={endpoint}" for url, endpoint in pairs if endpoint]
+
     def stop_l2(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -80,8 +86,13 @@ def shared_cache_cluster(
     num_gpu_blocks: int = 64,
     max_model_len: int = 4096,
     start_timeout: float = 300.0,
+    kv_events: bool = False,
 ) -> Iterator[SharedCacheCluster]:
-    """Redis (L3, AOF), cache nodes (L2) and engines sharing them through the connector."""
+    """Redis (L3, AOF), cache nodes (L2) and engines sharing them through the connector.
+
+    With `kv_events`, each engine also sends its KV events to a gateway listening at
+    `SharedCacheCluster.event_sources`.
+    """
     redis = RedisServer(directory, appendonly=True)
     redis.start()
     started_nodes: list[CacheNodeProcess] = []
@@ -92,14 +103,16 @@ def shared_cache_cluster(
             peers=[node.spec for node in started_nodes], l3_redis_url=redis.url, l1_capacity_bytes=256 << 20
         )
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        for index, port in enumerate(free_ports(engines)):
+        ports = free_ports(2 * engines)
+        for index, (port, event_port) in enumerate(zip(ports[:engines], ports[engines:])):
+            events = kv_events_args(event_port, topic=f"kv@engine-{index}") if kv_events else ()
             engine = Engine(
                 EngineSpec(
                     model_dir=model_dir,
                     port=port,
                     num_gpu_blocks=num_gpu_blocks,
                     max_model_len=max_model_len,
-                    extra_args=("--kv-transfer-config", kv_transfer_config(extra)),
+                    extra_args=("--kv-transfer-config", kv_transfer_config(extra), *events),
                     extra_env=env,
                 ),
                 log_path=directory / f"engine-{index}.log",

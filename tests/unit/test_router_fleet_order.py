@@ -26,6 +26,7 @@ from router.pods import EngineStats, PodId, PodSet, UserId
 from router.policies import PolicyBook, PolicyDeps, RouteRequest
 from router.routing import Router
 from router.settings import AdmissionSettings, RoutingSettings
+from router.shared_tier import SharedTier
 from router.state.base import FleetView
 from router.state.ledger import PeerLedger
 
@@ -35,7 +36,7 @@ BLOCK = 16
 class RandomFleet:
     """A router over a random fleet, with the operations that change its load."""
 
-    def __init__(self, seed: int, *, live_occupancy: bool = True) -> None:
+    def __init__(self, seed: int, *, live_occupancy: bool = True, shared: bool = False) -> None:
         self.rng = random.Random(seed)
         n = self.rng.randint(40, 160)
         self.limit = self.rng.choice([3, 8, 1000])
@@ -66,10 +67,20 @@ class RandomFleet:
                 self.index.insert(pod.id, self.hashes(self.prompt()))
             if self.rng.random() < 0.1:
                 pod.models = frozenset({"other"})
+        # A shared KV cache holding some prefixes, loaded by most pods (not all) at a random ratio.
+        self.shared = SharedTier() if shared else None
+        self.uses = {pod.id: self.rng.random() < 0.8 for pod in self.pods}
+        for _ in range(self.rng.randint(0, 8) if shared else 0):
+            self.share()
 
     def prompt(self) -> list[int]:
         prefix = self.rng.choice(self.prefixes)[: BLOCK * self.rng.randint(0, 8)]
         return prefix + [self.rng.randrange(50_000) for _ in range(self.rng.randint(1, self.rng.choice([64, 300, 3000])))]
+
+    def share(self) -> None:
+        """A prefix (part of one) reaches the shared cache."""
+        assert self.shared is not None
+        self.shared.confirm(self.hashes(self.rng.choice(self.prefixes)[: BLOCK * self.rng.randint(1, 8)]))
 
     @staticmethod
     def hashes(tokens: list[int]) -> tuple:
@@ -86,6 +97,11 @@ class RandomFleet:
             block_hashes=hashes,
             matched_blocks=self.index.match(hashes),
             occupancy=IndexOccupancy(self.index.eviction_price, self.pods) if self.live_occupancy else {},
+            tiers=None
+            if self.shared is None
+            else self.shared.match(
+                hashes, len(tokens), BLOCK, self.rng.choice([0.05, 0.3, 1.0, 1.5]), lambda pod: self.uses[pod.id]
+            ),
         )
 
     def step(self, spec: str) -> None:
@@ -116,6 +132,8 @@ class RandomFleet:
             # The engine restarted or evicted everything: the monitor drops and touches it.
             self.index.drop_pod(pod.id)
             pod.touch()
+        elif self.shared is not None and roll < 0.93:
+            self.share()
         else:
             pod.stats = replace(pod.stats, running=self.rng.randint(0, 8), waiting=self.rng.randint(0, 4))
 
@@ -142,6 +160,13 @@ def test_shortlist_picks_what_the_full_scan_picks(spec: str, seed: int) -> None:
     fleet = RandomFleet(seed)
     for _ in range(300):
         fleet.step(spec)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kv_aware_shortlist_with_a_shared_kv_cache_picks_what_the_full_scan_picks(seed: int) -> None:
+    fleet = RandomFleet(300 + seed, shared=True)
+    for _ in range(300):
+        fleet.step("kv-aware")
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -227,3 +227,22 @@ def test_the_process_start_time_is_read_where_exported():
 
     assert parse_engine_metrics(text).started_at == pytest.approx(1.7327e09)
     assert parse_engine_metrics("vllm:num_requests_running 1\n").started_at is None
+
+
+LOAD_COST_SERIES = """\
+vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny llama",source="local_compute"} 1500.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny llama",source="local_cache_hit"} 700.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny llama",source="external_kv_transfer"} 2900.0
+vllm:prompt_tokens_by_source_total{engine="1",model_name="tiny llama",source="local_compute"} 500.0
+vllm:request_prefill_time_seconds_bucket{engine="0",le="+Inf",model_name="tiny llama"} 7.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="tiny llama"} 1.25
+vllm:request_prefill_time_seconds_count{engine="0",model_name="tiny llama"} 7.0
+"""
+
+
+def test_the_figures_the_load_cost_learns_from_are_read():
+    stats = parse_engine_metrics(LOAD_COST_SERIES)
+
+    assert stats.computed_tokens == 2000.0, "only the tokens the engines computed"
+    assert (stats.prefill_seconds, stats.prefill_requests) == (1.25, 7.0)
+    assert parse_engine_metrics("", previous=stats).computed_tokens == 2000.0, "a counter keeps its last value"
