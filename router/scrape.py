@@ -11,9 +11,12 @@ Only the handful of series the router uses are read, line by line, which is
 several times faster than a full exposition parser on vLLM's large histogram
 output. Values of one name are summed over label sets (several models or
 engines behind one URL), except KV usage, a fraction, where the fullest engine
-counts. `process_start_time_seconds`, where exported, tells a restarted engine. Gauges missing from a scrape read zero; counters missing from it keep
-their previous value, so one truncated answer does not look like a restarted
-engine (whose counters went backwards) and cost the pod its cached prefixes.
+counts; of the TTFT histogram only its sum and count are read (the adaptive
+limits of `router.concurrency` use their deltas). `process_start_time_seconds`,
+where exported, tells a restarted engine. Gauges missing from a scrape read
+zero; counters missing from it keep their previous value, so one truncated
+answer does not look like a restarted engine (whose counters went backwards)
+and cost the pod its cached prefixes.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ _SUMMED = {
     "vllm:prefix_cache_hits_total": "prefix_hits",
     "vllm:external_prefix_cache_queries_total": "external_queries",
     "vllm:external_prefix_cache_hits_total": "external_hits",
+    "vllm:time_to_first_token_seconds_sum": "ttft_sum",
+    "vllm:time_to_first_token_seconds_count": "ttft_count",
 }
-_COUNTERS = ("prefix_queries", "prefix_hits", "external_queries", "external_hits")
+_COUNTERS = ("prefix_queries", "prefix_hits", "external_queries", "external_hits", "ttft_sum", "ttft_count")
 _CACHE_INFO = "vllm:cache_config_info"
 #: prometheus_client's process collector: vLLM exports it unless it runs several API server processes.
 _STARTED = "process_start_time_seconds"
@@ -139,6 +144,8 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
         prefix_hits=sums.get("prefix_hits", 0.0),
         external_queries=sums.get("external_queries", 0.0),
         external_hits=sums.get("external_hits", 0.0),
+        ttft_sum=sums.get("ttft_sum", 0.0),
+        ttft_count=sums.get("ttft_count", 0.0),
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
         started_at=started_at,
