@@ -14,11 +14,13 @@ from delay, and Netflix's concurrency-limits from latency). Once per fresh
 scrape of the pod (`router.monitor`), it reads a `Reading` and:
 
 - shrinks the limit when the pod answers 429 or 503 (`overloaded`), and
-  when the engine holds requests waiting (to what the
-  engine runs, plus what it may keep waiting, and at least by the backoff
-  factor), when its KV cache is nearly full, or when the time to first
-  token has risen to `ttft_tolerance` times its floor (by the ratio, at most
-  halving);
+  when the engine holds requests waiting (to what the engine runs, plus what
+  it may keep waiting; by the backoff factor if the limit is already there),
+  when its KV cache is nearly full, or when the time to first token has
+  risen to `ttft_tolerance` times its floor (by the ratio, at most halving);
+  but not while the pod still has more in flight than its limit: the
+  engine's figures then show the load from before the last cut (one cut per
+  round trip, as AIMD limiters do);
 - grows it by one when the limit was reached in the interval and none of
   that holds (a limit nobody reaches is not grown: it would tell nothing);
 - puts it back to the cap when the pod had nothing to do for a whole
@@ -123,9 +125,17 @@ class PodLimit:
         if reading.peak_in_flight == 0 and reading.running == 0 and reading.waiting == 0:
             self.limit = cap
             return Decision(cap, Step.RESET if cap != old else Step.HOLD, "idle")
+        congested = reading.waiting > s.engine_waiting_allowed or reading.kv_usage >= s.kv_usage_high
+        if (congested or (ttft is not None and floor is not None and ttft > s.ttft_tolerance * floor)) and (
+            reading.peak_in_flight > old
+        ):
+            # The pod still has more in flight than its limit lets in: what the engine
+            # reports is the load from before the last cut, not yet a verdict on this limit.
+            return Decision(old, Step.HOLD, "draining to the limit")
         if reading.waiting > s.engine_waiting_allowed:
             runs = reading.running + s.engine_waiting_allowed
-            return self.shrink(min(int(old * s.limit_backoff), max(runs, least)), f"engine holds {reading.waiting} waiting")
+            target = runs if runs < old else int(old * s.limit_backoff)
+            return self.shrink(max(target, least), f"engine holds {reading.waiting} waiting")
         if reading.kv_usage >= s.kv_usage_high:
             return self.shrink(int(old * s.limit_backoff), f"KV cache {reading.kv_usage:.0%} full")
         if ttft is not None and floor is not None and ttft > s.ttft_tolerance * floor:

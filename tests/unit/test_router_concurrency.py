@@ -36,6 +36,8 @@ def reading(waiting=0, running=4, kv=0.5, ttft=0.1, peak=None, limit=10) -> Read
         pytest.param(64, 0.1, reading(waiting=5, running=8, peak=13), 8, Step.SHRINK, id="engine-waiting-cuts-to-what-it-runs"),
         pytest.param(10, 0.1, reading(waiting=1, running=10), 9, Step.SHRINK, id="engine-waiting-cuts-by-the-backoff-at-least"),
         pytest.param(1, 0.1, reading(waiting=3, running=1, limit=1), 1, Step.HOLD, id="never-below-the-least"),
+        pytest.param(8, 0.1, reading(waiting=5, running=8, peak=20), 8, Step.HOLD, id="no-second-cut-while-draining"),
+        pytest.param(8, 0.1, reading(ttft=1.0, peak=9), 8, Step.HOLD, id="no-ttft-cut-while-draining"),
         pytest.param(20, 0.1, reading(kv=0.97, peak=20), 18, Step.SHRINK, id="kv-nearly-full-cuts"),
         pytest.param(20, 0.1, reading(ttft=0.4, peak=20), 15, Step.SHRINK, id="ttft-past-tolerance-cuts-by-the-ratio"),
         pytest.param(20, 0.1, reading(ttft=5.0, peak=20), 10, Step.SHRINK, id="ttft-cut-halves-at-most"),
