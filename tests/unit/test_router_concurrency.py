@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import replace
 
 import pytest
@@ -149,3 +150,19 @@ async def test_a_waiter_is_dispatched_when_the_limit_grows():
     assert lease.pod is pod and len(router.queue) == 0
     for held in (*leases, lease):
         held.release()
+
+
+async def test_a_pod_backing_off_never_holds_a_waiter():
+    """Overload backoff only steers a request to another pod with a free slot; it never makes one wait."""
+    pods = PodSet(["http://a", "http://b"])
+    counters = VirtualTokenCounters()
+    router = Router(pods, PrefixIndex(100), counters, replace(SETTINGS, max_inflight_per_pod=1), GatewayMetrics(), random.Random(1))
+    policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("least-request")
+    a, b = pods.get("http://a"), pods.get("http://b")
+    a.backoff_until = time.monotonic() + 3600
+    first = router.try_acquire(_request("u"), policy, "least-request")
+    assert first is not None and first.pod is b  # the rested pod first
+    second = await asyncio.wait_for(router.acquire(_request("u"), policy, "least-request", timeout=5), 1)
+    assert second.pod is a and len(router.queue) == 0  # then the one backing off, at once
+    first.release()
+    second.release()
