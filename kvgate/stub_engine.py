@@ -3,7 +3,9 @@
 It serves `/v1/chat/completions` and `/v1/completions` (streamed and not, with
 usage), `/v1/models`, `/health` and a vLLM-shaped `/metrics`, and records every
 call. Knobs make it misbehave: answer slowly, refuse with a status, drop the
-connection before answering, or die in the middle of a stream.
+connection before answering, or die in the middle of a stream; or saturate
+like an engine: run at most `max_running` requests at once and keep the
+others waiting first-come first-served, reported as `vllm:num_requests_waiting`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,11 @@ class StubBehaviour:
     """Break the connection after this many streamed chunks."""
     tokens: int = 4
     """Completion tokens per answer (unless max_tokens is lower)."""
+    max_running: int | None = None
+    """Requests run at once; later ones wait in arrival order (None: no limit). Call
+    `StubEngine.admit` after raising it, to start the waiting ones that now fit."""
+    kv_usage: float = 0.0
+    """KV cache usage the engine reports (a fraction)."""
 
 
 #: Upper bounds of the stub's time-to-first-token histogram, in seconds (a subset of vLLM's).
@@ -97,9 +105,45 @@ class StubEngine:
     behaviour: StubBehaviour = field(default_factory=StubBehaviour)
     calls: list[dict[str, Any]] = field(default_factory=list)
     running: int = 0
+    waiting: int = 0
     healthy: bool = True
     url: str = ""
     prefix: "StubPrefixCache" = field(default_factory=lambda: StubPrefixCache())
+    _queue: deque[asyncio.Future] = field(default_factory=deque, repr=False)
+
+    def admit(self) -> None:
+        """Start waiting requests while fewer than `behaviour.max_running` run."""
+        limit = self.behaviour.max_running
+        while self._queue and (limit is None or self.running < limit):
+            ready = self._queue.popleft()
+            if not ready.done():
+                self.running += 1
+                self.waiting -= 1
+                ready.set_result(None)
+
+    async def _start(self) -> None:
+        """Count one request as running, after waiting for a slot if `max_running` are."""
+        limit = self.behaviour.max_running
+        if limit is None or (self.running < limit and not self._queue):
+            self.running += 1
+            return
+        ready = asyncio.get_running_loop().create_future()
+        self._queue.append(ready)
+        self.waiting += 1
+        try:
+            await ready
+        except asyncio.CancelledError:
+            if ready.done() and not ready.cancelled():
+                self._finish()  # started just as the client left
+            else:
+                self.waiting -= 1
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(ready)
+            raise
+
+    def _finish(self) -> None:
+        self.running -= 1
+        self.admit()
 
     def restart(self) -> None:
         """Behave as a restarted engine: calls forgotten, prefix cache and its counters from zero."""
@@ -130,8 +174,8 @@ class StubEngine:
             "# HELP vllm:num_requests_running Number of requests running.",
             "# TYPE vllm:num_requests_running gauge",
             f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} {float(self.running)}',
-            f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0',
-            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0',
+            f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} {float(self.waiting)}',
+            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} {float(self.behaviour.kv_usage)}',
             "# TYPE vllm:prefix_cache_queries counter",
             f"vllm:prefix_cache_queries_total{{{labels}}} {float(cache.queries)}",
             "# TYPE vllm:prefix_cache_hits counter",
@@ -169,8 +213,8 @@ class StubEngine:
             raise asyncio.CancelledError
         if b.fail_status is not None:
             return web.json_response({"error": {"message": "stub failure", "type": "stub", "code": b.fail_status}}, status=b.fail_status)
-        self.running += 1
         started = asyncio.get_running_loop().time()
+        await self._start()
         self.prefix.lookup(json.dumps(body.get("messages") or body.get("prompt")), self.block_size)
         try:
             if b.delay_s:
@@ -208,7 +252,7 @@ class StubEngine:
             await response.write_eof()
             return response
         finally:
-            self.running -= 1
+            self._finish()
 
 
 @contextlib.asynccontextmanager

@@ -137,6 +137,8 @@ class Gateway:
             self.guard,
             on_pod_up=self.router.dispatch_waiting,
             on_scrape=self._scraped,
+            on_scraped=self.router.limit_update,
+            on_pod_gone=self.router.limits.forget,
         )
         self.proxy = Proxy(self.session, self.settings.upstream, self.metrics)
         self._discovery_task = asyncio.create_task(
@@ -309,6 +311,8 @@ class Gateway:
                     if exc.status < 500 and not exc.retryable:
                         raise  # the client's fault, not the pod's
                     self.outliers.report(pod, verdict_of(exc))
+                    if verdict_of(exc) is Verdict.OVERLOADED:
+                        self.router.limits.overloaded(pod)  # the engine itself said it has too many
                     self.metrics.record_outcome(pod.id, spec, exc.status)
                     if not exc.retryable:
                         raise

@@ -2,8 +2,10 @@
 
 Per pod it runs one task that probes `/health` (and `/v1/models` until the
 pod's models are known) every `health_interval_s`, and scrapes `/metrics`
-every `scrape.interval_s`. A pod is taken out after `unhealthy_after`
-consecutive failed probes and put back on its first good probe; an ejected
+every `scrape.interval_s`, after which the router re-evaluates the pod's
+concurrency limit (`router.concurrency`). A pod is taken out after
+`unhealthy_after` consecutive failed probes and put back on its first good
+probe; an ejected
 pod (`router.outliers`) is re-admitted by its first good probe once its
 ejection time is over.
 
@@ -91,6 +93,9 @@ class Monitor:
             waiting for a slot can have its.
         on_scrape: called with the pod, its previous and its new figures
             after each scrape (what learns from the engines' counters).
+        on_scraped: called with a pod whose engine figures were just scraped
+            (the router re-evaluates its concurrency limit).
+        on_pod_gone: called with the id of a pod removed from the table.
     """
 
     def __init__(
@@ -104,10 +109,14 @@ class Monitor:
         guard: Guard,
         on_pod_up: Callable[[], None] = lambda: None,
         on_scrape: Callable[[Pod, EngineStats, EngineStats], None] | None = None,
+        on_scraped: Callable[[Pod], object] = lambda pod: None,
+        on_pod_gone: Callable[[PodId], object] = lambda pod_id: None,
     ) -> None:
         self.pods = pods
         self._on_pod_up = on_pod_up
         self._on_scrape = on_scrape
+        self._on_scraped = on_scraped
+        self._on_pod_gone = on_pod_gone
         self.index = index
         self._session = session
         self._discovery = discovery
@@ -220,6 +229,7 @@ class Monitor:
             pod.touch()  # its occupancy changed
         if stats.block_size is not None:
             self.block_size = stats.block_size
+        self._on_scraped(pod)
 
     def _mark_down(self, pod: Pod, why: str) -> None:
         pod.healthy = False
@@ -233,3 +243,4 @@ class Monitor:
         self._outliers.forget(pod.id)
         self.index.drop_pod(pod.id)
         self.pods.remove(pod.id)
+        self._on_pod_gone(pod.id)

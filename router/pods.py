@@ -74,6 +74,10 @@ class EngineStats:
     num_gpu_blocks: int | None = None
     started_at: float | None = None
     """The engine process's start (`process_start_time_seconds`, Unix seconds), where it exports it."""
+    ttft_sum: float = 0.0
+    """Seconds summed over the engine's time-to-first-token histogram (`vllm:time_to_first_token_seconds_sum`)."""
+    ttft_count: float = 0.0
+    """First tokens the engine has timed (`vllm:time_to_first_token_seconds_count`)."""
     cached_by_source: dict[str, float] = field(default_factory=dict)
     """Cached prompt tokens by the tier that supplied them (`vllm:prompt_tokens_cached_by_source`)."""
     computed_tokens: float = 0.0

@@ -187,7 +187,7 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
-        lease.first_token()
+        lease.first_token(timed=False)  # the whole answer is in: not a time to first token
         outcome = Outcome(upstream.status, first_byte_at=time.perf_counter())
         if upstream.status == 200:
             _read_usage(payload, outcome)

@@ -3,10 +3,14 @@
 `Router.acquire` prices the candidate pods with a policy, takes the cheapest and
 counts the request on it (in flight, queued prefill, predicted prefix blocks)
 in one synchronous step, so concurrent arrivals see each other and spread. When
-every candidate is at `max_inflight_per_pod`, the request waits in the
-admission queue and is handed a pod as soon as one frees, smallest VTC counter
-first. The returned `Lease` must be released exactly once (it is idempotent);
-releasing dispatches the next waiter.
+every candidate is at its concurrency limit (`router.concurrency`: adaptive,
+following the engine's figures, or fixed at `max_inflight_per_pod`), the
+request waits in the admission queue and is handed a pod as soon as one has a
+free slot, smallest VTC counter first: when a lease is released, when a
+pod's limit grows (or resets, idle) and when a pod comes up. A pod backing
+off as overloaded never holds a waiter: it is passed over only while another
+pod has a free slot.
+The returned `Lease` must be released exactly once (it is idempotent).
 
 On a fleet larger than `shortlist_above` pods, a policy that offers a
 shortlist (`kv-aware`, `least-request`, mixes of them) prices only the pods
@@ -19,13 +23,15 @@ fleets, price every eligible pod.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from router.admission import AdmissionQueue, Waiter
+from router.concurrency import ConcurrencyLimits, Decision, Step
 from router.decisions import DECISIONS_KEPT, DecisionRecord
 from router.errors import NoCapacity
 from router.fairness import VirtualTokenCounters
@@ -38,6 +44,8 @@ from router.policies.base import RouteRequest
 from router.settings import AdmissionSettings
 from router.state.base import RoutingState
 from router.state.local import LocalState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)
@@ -52,11 +60,21 @@ class Lease:
     matched_blocks: int
     decoding: bool = False
     released: bool = False
+    sent_at: float = 0.0
+    """`time.monotonic()` when the pod was picked (the start of the request's time to first token)."""
 
-    def first_token(self) -> None:
-        """The pod answered: its prefill for this request is done."""
+    def first_token(self, timed: bool = True) -> None:
+        """The pod answered: its prefill for this request is done.
+
+        Args:
+            timed: now is when the pod's first token came (a stream's first chunk), so the
+                time since `sent_at` is its TTFT; False for a whole answer, whose first byte
+                is its last.
+        """
         if self.decoding or self.released:
             return
+        if timed:
+            self.router.limits.first_token(self.pod, time.monotonic() - self.sent_at)
         self.decoding = True
         self.pod.pending_prefill -= self.uncached_tokens
         self.pod.decoding += 1
@@ -122,22 +140,28 @@ class Router:
         self.settings = settings
         self.metrics = metrics
         self.queue = AdmissionQueue(counters, settings.max_queue)
+        self.limits = ConcurrencyLimits(settings, metrics.registry, lambda: list(self.pods))
+        """Each pod's concurrency limit; `limit_update` evaluates one after a scrape."""
         self._rng = rng or random.Random()
         self.decisions: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
         """The most recent decisions, for the live dashboard (`router.decisions.decision` reads one)."""
         metrics.watch_users(counters)
         metrics.queue_limit.set(settings.max_queue)
 
-    def candidates(self, model: str, exclude: Collection[PodId] = (), limit: int | None = None) -> list[Pod]:
+    def candidates(
+        self, model: str, exclude: Collection[PodId] = (), limit: int | Callable[[Pod], int] | None = None
+    ) -> list[Pod]:
         """Healthy, not ejected pods serving `model` (pods whose models are not yet known count as serving it).
 
         Args:
             model: the model asked for.
             exclude: pods already tried for this request.
-            limit: leave out pods with this many requests in flight (every replica's).
+            limit: leave out pods with this many requests in flight (every replica's), or
+                with as many as this function of the pod says (`ConcurrencyLimits.limit`).
 
         Pods backing off as overloaded (`router.outliers`) are left out while another pod can serve.
         """
+        cap = (lambda pod: limit) if limit is None or isinstance(limit, int) else limit
         pods = [
             pod
             for pod in self.pods
@@ -145,7 +169,7 @@ class Router:
             and not pod.ejected
             and pod.id not in exclude
             and (not pod.models or model in pod.models)
-            and (limit is None or pod.fleet_in_flight < limit)
+            and (limit is None or pod.fleet_in_flight < cap(pod))
         ]
         now = time.monotonic()
         rested = [pod for pod in pods if pod.backoff_until <= now]
@@ -168,7 +192,7 @@ class Router:
         user's VTC counter is charged for the prompt.
         """
         started = time.perf_counter()
-        limit = self.settings.max_inflight_per_pod
+        limit = self.limits.limit
         shortlist = getattr(policy, "shortlist", None)
         if shortlist is not None and len(self.pods) > self.shortlist_above:
             model = request.model
@@ -179,7 +203,7 @@ class Router:
                 return (
                     pod.healthy
                     and not pod.ejected
-                    and pod.fleet_in_flight < limit
+                    and pod.fleet_in_flight < limit(pod)
                     and pod.id not in exclude
                     and (not pod.models or model in pod.models)
                 )
@@ -203,6 +227,7 @@ class Router:
         uncached = round(request.prefill_work(pod, matched))
         pod.in_flight += 1
         pod.pending_prefill += uncached
+        self.limits.dispatched(pod)
         if request.block_hashes:
             self.index.insert(pod.id, request.block_hashes, reused=matched)
         self.state.reserved(pod.id, request.block_hashes, uncached)
@@ -215,7 +240,7 @@ class Router:
             prompt_tokens=request.prompt_tokens,
             in_flight=pod.in_flight,
         )
-        return Lease(self, pod, request, policy_name, uncached, matched)
+        return Lease(self, pod, request, policy_name, uncached, matched, sent_at=time.monotonic())
 
     async def acquire(
         self,
@@ -267,14 +292,26 @@ class Router:
         else:
             waiter.future.cancel()
 
+    def limit_update(self, pod: Pod) -> Decision | None:
+        """Evaluate `pod`'s concurrency limit on its fresh figures (the monitor calls this after each scrape).
+
+        Side effects: when the limit grew, waiters are dispatched to the new slots.
+        """
+        decision = self.limits.update(pod)
+        if decision is not None and decision.step is not Step.HOLD:
+            log.debug("pod %s limit %s to %d: %s", pod.id, decision.step.value, decision.limit, decision.why)
+        if decision is not None and decision.step in (Step.GROW, Step.RESET):
+            self.dispatch_waiting()
+        return decision
+
     def dispatch_waiting(self) -> None:
-        """Hand free slots to waiters, smallest VTC counter first. Called when a slot frees."""
-        limit = self.settings.max_inflight_per_pod
+        """Hand free slots to waiters, smallest VTC counter first. Called when a slot may have freed."""
+        limit = self.limits.limit
         while len(self.queue):
             # Under saturation every release frees one slot for one waiter:
             # without this, finding that nobody else fits would try every
             # waiting user on every pod, per release.
-            if not any(pod.healthy and pod.in_flight < limit for pod in self.pods):
+            if not any(pod.healthy and pod.fleet_in_flight < limit(pod) for pod in self.pods):
                 break
             for waiter in self.queue.in_order():
                 ask: _Ask = waiter.payload

@@ -11,9 +11,12 @@ Only the handful of series the router uses are read, line by line, which is
 several times faster than a full exposition parser on vLLM's large histogram
 output. Values of one name are summed over label sets (several models or
 engines behind one URL), except KV usage, a fraction, where the fullest engine
-counts. `process_start_time_seconds`, where exported, tells a restarted engine. Gauges missing from a scrape read zero; counters missing from it keep
-their previous value, so one truncated answer does not look like a restarted
-engine (whose counters went backwards) and cost the pod its cached prefixes.
+counts; of the TTFT histogram only its sum and count are read (the adaptive
+limits of `router.concurrency` use their deltas). `process_start_time_seconds`,
+where exported, tells a restarted engine. Gauges missing from a scrape read
+zero; counters missing from it keep their previous value, so one truncated
+answer does not look like a restarted engine (whose counters went backwards)
+and cost the pod its cached prefixes.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ _SUMMED = {
     "vllm:external_prefix_cache_hits_total": "external_hits",
     "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
     "vllm:request_prefill_time_seconds_count": "prefill_requests",
+    "vllm:time_to_first_token_seconds_sum": "ttft_sum",
+    "vllm:time_to_first_token_seconds_count": "ttft_count",
 }
 _COUNTERS = (
     "prefix_queries", "prefix_hits", "external_queries", "external_hits", "computed_tokens", "prefill_seconds",
-    "prefill_requests",
+    "prefill_requests", "ttft_sum", "ttft_count",
 )  # fmt: skip
 _CACHE_INFO = "vllm:cache_config_info"
 #: prometheus_client's process collector: vLLM exports it unless it runs several API server processes.
@@ -154,6 +159,8 @@ def parse_engine_metrics(text: str, *, now: float | None = None, previous: Engin
         computed_tokens=sums.get("computed_tokens", 0.0),
         prefill_seconds=sums.get("prefill_seconds", 0.0),
         prefill_requests=sums.get("prefill_requests", 0.0),
+        ttft_sum=sums.get("ttft_sum", 0.0),
+        ttft_count=sums.get("ttft_count", 0.0),
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
         started_at=started_at,

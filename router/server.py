@@ -67,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--service-discovery-port", type=int, metavar="P", help="engine port without a kvgate.io/port annotation (8000)"
     )
-    parser.add_argument("--max-inflight-per-pod", type=int, help="requests in flight per pod before requests queue")
+    parser.add_argument(
+        "--max-inflight-per-pod", type=int, help="requests in flight per pod at most before requests queue (64)"
+    )
+    parser.add_argument(
+        "--adaptive-admission",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each pod's limit follows its engine's waiting queue, KV usage and TTFT, under --max-inflight-per-pod (default on)",
+    )
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait before 429")
     parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)")
     parser.add_argument("--drain-grace", type=float, help="seconds in-flight requests get after SIGTERM")
@@ -107,6 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("server", "drain_grace_s", args.drain_grace)
     put("admission", "max_inflight_per_pod", args.max_inflight_per_pod)
     put("admission", "max_queue", args.max_queue)
+    put("admission", "adaptive", args.adaptive_admission)
     put("state", "url", args.state_url)
     put("state", "cluster", args.state_cluster)
     return settings_module.load(args.config, overrides)

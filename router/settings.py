@@ -11,7 +11,7 @@ YAML shape (every key optional)::
                 kv_event_sources: ["http://pod-a:8000=tcp://pod-a:5557"]}
                or {kind: kubernetes, selector: [app=vllm], namespace: llm, pod_port: 8000}
     routing:   {policy: kv-aware, tokenizer: ./model, block_size: 128}
-    admission: {max_inflight_per_pod: 32, max_queue: 1024}
+    admission: {max_inflight_per_pod: 64, adaptive: true, max_queue: 1024}
     upstream:  {connect_timeout_s: 3, first_byte_timeout_s: 60, read_timeout_s: 30,
                 min_decode_tokens_per_s: 10, max_answer_s: 600, max_answer_bytes: 67108864, retries: 2}
     state:     {url: redis://127.0.0.1:6379/0, lease_s: 3}
@@ -147,8 +147,43 @@ class SharedTierSettings:
 
 @dataclass(slots=True)
 class AdmissionSettings:
+    """How many requests each pod gets at once, and how the others wait (`router.concurrency`, `router.admission`).
+
+    With `adaptive` on (the default) each pod's limit follows what its engine reports: it
+    shrinks while the engine holds requests waiting, its KV cache is nearly full or its time
+    to first token rises, and grows while the engine keeps up, so requests beyond what the
+    engines can run wait at the gateway, in VTC order, instead of first-come first-served
+    inside the engines. `max_inflight_per_pod` caps it; with `adaptive` off it is the limit.
+    """
+
     max_inflight_per_pod: int = 64
-    """Requests the gateway keeps in flight on one pod; beyond that on every pod, requests queue."""
+    """Requests the gateway keeps in flight on one pod at most; beyond each pod's limit, requests queue.
+
+    Default 64: a cap above what a vLLM engine runs well at once; the adaptive limit stays under it."""
+    adaptive: bool = True
+    """Whether each pod's limit follows its engine's figures (True) or is `max_inflight_per_pod` (False)."""
+    min_inflight_per_pod: int = 1
+    """Least adaptive limit. Default 1: an engine that cannot run two requests at once still runs one."""
+    engine_waiting_allowed: int = 0
+    """Requests an engine may report waiting before its limit shrinks.
+
+    Default 0: a request the engine cannot start at once waits first-come first-served inside
+    it; held at the gateway it would wait in VTC order for the same time."""
+    kv_usage_high: float = 0.95
+    """Engine KV cache usage (a fraction) at or above which the limit shrinks.
+
+    Default 0.95: a nearly full cache makes the engine queue or preempt the next request."""
+    ttft_tolerance: float = 3.0
+    """How many times its floor the time to first token may reach before the limit shrinks.
+
+    Default 3: TTFT varies with prompt length by more than 2x between quiet intervals; a rise
+    past 3x is queueing."""
+    ttft_floor_drift: float = 0.01
+    """Relative rise of the TTFT floor per evaluation (per scrape), so it follows prompts that got longer.
+
+    Default 0.01: the floor doubles in about 70 evaluations (35 s at the default scrape interval)."""
+    limit_backoff: float = 0.9
+    """Factor the limit shrinks by at least when the engine is congested. Default 0.9 (as AIMD limiters use)."""
     max_queue: int = 1024
     """Requests allowed to wait; one more answers 429."""
     queue_timeout_s: float = 60.0

@@ -128,6 +128,18 @@ def check_settings(settings: Settings) -> None:
         raise StartupError(f"--policy: {exc.message}") from None
     _positive(settings.admission.max_inflight_per_pod, "--max-inflight-per-pod (admission.max_inflight_per_pod)")
     _positive(settings.admission.max_queue, "--max-queue (admission.max_queue)", zero=True)
+    admission = settings.admission
+    _positive(admission.min_inflight_per_pod, "admission.min_inflight_per_pod")
+    _positive(admission.engine_waiting_allowed, "admission.engine_waiting_allowed", zero=True)
+    _positive(admission.ttft_floor_drift, "admission.ttft_floor_drift", zero=True)
+    if not isinstance(admission.adaptive, bool):
+        raise StartupError(f"admission.adaptive must be true or false, got {admission.adaptive!r}")
+    if not 0 < admission.kv_usage_high <= 1:
+        raise StartupError(f"admission.kv_usage_high must be in (0, 1], got {admission.kv_usage_high!r}")
+    if not 0 < admission.limit_backoff < 1:
+        raise StartupError(f"admission.limit_backoff must be in (0, 1), got {admission.limit_backoff!r}")
+    if not admission.ttft_tolerance > 1:
+        raise StartupError(f"admission.ttft_tolerance must be above 1, got {admission.ttft_tolerance!r}")
     _positive(settings.server.drain_grace_s, "--drain-grace (server.drain_grace_s)", zero=True)
     _positive(settings.server.max_body_bytes, "server.max_body_bytes")
     for group in ("discovery", "scrape", "upstream", "admission", "outliers"):

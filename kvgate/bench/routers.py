@@ -89,19 +89,22 @@ class RouterError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RouterSpec:
-    """A router under test, `family:policy[*replicas][+state]`.
+    """A router under test, `family:policy[*replicas][+state][+fixed]`.
 
     Attributes:
         family: kvgate, sglang or vllm-router.
         policy: the family's routing policy.
         replicas: router processes behind a round-robin client (1: one router).
         shared_state: kvgate replicas share routing state (`--state-url`).
+        fixed_admission: kvgate with its per-pod limit fixed at the cap
+            (`--no-adaptive-admission`), to compare with the adaptive default.
     """
 
     family: str
     policy: str
     replicas: int = 1
     shared_state: bool = False
+    fixed_admission: bool = False
 
     @property
     def name(self) -> str:
@@ -109,12 +112,12 @@ class RouterSpec:
         name = f"{self.family}:{self.policy}"
         if self.replicas > 1:
             name += f"*{self.replicas}"
-        return name + ("+state" if self.shared_state else "")
+        return name + ("+state" if self.shared_state else "") + ("+fixed" if self.fixed_admission else "")
 
     @property
     def single(self) -> RouterSpec:
         """One replica of this router, without shared state: what each process of a group runs."""
-        return RouterSpec(self.family, self.policy)
+        return RouterSpec(self.family, self.policy, fixed_admission=self.fixed_admission)
 
     def with_replicas(self, replicas: int, *, shared_state: bool) -> RouterSpec:
         """The same router as a group of `replicas` (shared state only for kvgate).
@@ -122,17 +125,21 @@ class RouterSpec:
         Raises:
             ValueError: shared state asked of a router other than kvgate, or fewer than one replica.
         """
-        return RouterSpec.parse(f"{self.family}:{self.policy}*{replicas}" + ("+state" if shared_state else ""))
+        suffix = ("+state" if shared_state else "") + ("+fixed" if self.fixed_admission else "")
+        return RouterSpec.parse(f"{self.family}:{self.policy}*{replicas}{suffix}")
 
     @classmethod
     def parse(cls, name: str) -> RouterSpec:
-        """Parse `family:policy[*N][+state]`.
+        """Parse `family:policy[*N][+state][+fixed]`.
 
         Raises:
             ValueError: an unknown family or policy, a bad replica count, or
-                `+state` on a router other than kvgate.
+                `+state` or `+fixed` on a router other than kvgate.
         """
         text = name.strip()
+        fixed = text.endswith("+fixed")
+        if fixed:
+            text = text[: -len("+fixed")]
         shared = text.endswith("+state")
         if shared:
             text = text[: -len("+state")]
@@ -147,6 +154,8 @@ class RouterSpec:
             raise ValueError(f"router {name!r} is not family:policy (e.g. kvgate:kv-aware, sglang:cache_aware)")
         if shared and family != "kvgate":
             raise ValueError(f"router {name!r}: only kvgate replicas share state (+state)")
+        if fixed and family != "kvgate":
+            raise ValueError(f"router {name!r}: only kvgate has adaptive admission to fix (+fixed)")
         if family == "kvgate":
             from router.errors import InvalidRequest
             from router.policies import parse_spec
@@ -160,7 +169,7 @@ class RouterSpec:
                 raise ValueError(f"router {name!r}: {family} policies are {', '.join(PEER_POLICIES[family])}")
         else:
             raise ValueError(f"router {name!r}: family must be kvgate, sglang or vllm-router")
-        return cls(family=family, policy=policy, replicas=replicas, shared_state=shared)
+        return cls(family=family, policy=policy, replicas=replicas, shared_state=shared, fixed_admission=fixed)
 
     @property
     def needs_kv_events(self) -> bool:
@@ -244,6 +253,7 @@ def command(spec: RouterSpec, ctx: LaunchContext, port: int, metrics_port: int) 
             "--tokenizer", str(ctx.model_dir),
             "--log-level", "WARNING",
             *events,
+            *(["--no-adaptive-admission"] if spec.fixed_admission else []),
             *ctx.kvgate_args,
         ]  # fmt: skip
     if spec.family == "sglang":

@@ -50,7 +50,9 @@ def load_row() -> Row:
             timeseries(
                 "In flight per pod (gateway)",
                 Query(f"sum by (pod) (kvgate_pod_in_flight{{{POD}}})", "{{pod}}"),
-                description="Requests the gateway has sent to each pod and not yet seen finish.",
+                Query(f"max by (pod) (kvgate_pod_concurrency_limit{{{POD}}})", "limit {{pod}}"),
+                description="Requests the gateway has sent to each pod and not yet seen finish, and each pod's "
+                "concurrency limit (adaptive: it follows the engine's waiting queue, KV usage and TTFT).",
             ),
             timeseries(
                 "Running and waiting per pod (engines)",

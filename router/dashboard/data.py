@@ -6,8 +6,9 @@
   `RATE_SPAN` apart: prompt tokens per second taken from a cache and
   computed, the fleet's and each pod's engine-confirmed hit rate, the
   router's predicted hit rate, and cached tokens per second by tier;
-- ``pods``: each pod now (health, in flight, engine running/waiting, KV usage,
-  its cumulative counters as ``/metrics`` shows them);
+- ``pods``: each pod now (health, in flight and its concurrency limit,
+  engine running/waiting, KV usage, its cumulative counters as ``/metrics``
+  shows them);
 - ``queue``, ``users`` (VTC counter, service received and share) and
   ``decisions`` (the most recent, each with every candidate's cost).
 
@@ -120,6 +121,7 @@ def snapshot(gateway: Gateway, samples: Sequence[Sample], interval_s: float) -> 
                 "id": pod.id,
                 "healthy": pod.healthy,
                 "in_flight": pod.in_flight,
+                "limit": gateway.router.limits.limit(pod),
                 "pending_prefill": pod.pending_prefill,
                 "running": s.running,
                 "waiting": s.waiting,

@@ -54,6 +54,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "bad-url.yaml").write_text("discovery:\n  worker_urls: [pod-a]\n")
     (root / "zero-block.yaml").write_text("routing:\n  block_size: 0\n")
     (root / "big-port.yaml").write_text("server:\n  port: 65536\n")
+    (root / "kv-over-one.yaml").write_text("admission:\n  kv_usage_high: 1.5\n")
+    (root / "adaptive-word.yaml").write_text("admission:\n  adaptive: sometimes\n")
     # A `vllm` package without its server: vLLM is not usable from this Python.
     (root / "no-vllm" / "vllm").mkdir(parents=True)
     (root / "no-vllm" / "vllm" / "__init__.py").write_text("")
@@ -99,6 +101,8 @@ CASES = [
     pytest.param(["serve", "--config", "{files}/bad-url.yaml"], 2, "'pod-a' is not an http(s) URL", id="serve-config-bad-url"),
     pytest.param(["serve", *W, "--config", "{files}/zero-block.yaml"], 2, "routing.block_size", id="serve-config-zero-block-size"),
     pytest.param(["serve", *W, "--config", "{files}/big-port.yaml"], 2, "not a TCP port", id="serve-config-port-out-of-range"),
+    pytest.param(["serve", *W, "--config", "{files}/kv-over-one.yaml"], 2, "admission.kv_usage_high", id="serve-config-kv-over-one"),
+    pytest.param(["serve", *W, "--config", "{files}/adaptive-word.yaml"], 2, "admission.adaptive", id="serve-config-adaptive-not-bool"),
     pytest.param(["serve", *W, "--tokenizer", "{files}/no-tokenizer"], 2, "has no tokenizer.json", id="serve-tokenizer-without-json"),
     pytest.param(["serve", *W, "--tokenizer", "{files}/nowhere"], 2, "does not exist", id="serve-tokenizer-missing"),
     # kvgate serve: the machine

@@ -28,6 +28,7 @@ from .test_bench_report import _results
         pytest.param("kvgate:kv-aware*3+state", 3, True, id="shared-state-replicas"),
         pytest.param("kvgate:kv-aware+state", 1, True, id="one-with-shared-state"),
         pytest.param("sglang:cache_aware*3", 3, False, id="peer-replicas"),
+        pytest.param("kvgate:kv-aware+fixed", 1, False, id="fixed-admission"),
     ],
 )
 def test_names_round_trip(name, replicas, shared):
@@ -41,6 +42,7 @@ def test_names_round_trip(name, replicas, shared):
     "name",
     [
         pytest.param("sglang:cache_aware*3+state", id="state-on-a-peer"),
+        pytest.param("sglang:cache_aware+fixed", id="fixed-admission-on-a-peer"),
         pytest.param("kvgate:kv-aware*0", id="zero-replicas"),
         pytest.param("kvgate:kv-aware*x", id="not-a-number"),
         pytest.param("kvgate:kv-aware*65", id="too-many"),

@@ -60,7 +60,10 @@ process_open_fds 42.0
 
 
 def test_two_engines_are_summed_and_histograms_ignored():
+    """Histograms are skipped but for the TTFT's sum and count (the adaptive limits' signal)."""
     stats = parse_engine_metrics(TWO_ENGINES, now=100.0)
+
+    assert (stats.ttft_sum, stats.ttft_count) == (pytest.approx(3.25), 17.0)
 
     assert (stats.running, stats.waiting) == (5, 4)
     assert stats.prefix_queries == pytest.approx(2000.0, abs=1e-9)

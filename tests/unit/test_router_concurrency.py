@@ -1,0 +1,168 @@
+"""Adaptive concurrency limits: the controller's table of readings, the per-pod bookkeeping, the router's wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import replace
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from router.concurrency import ConcurrencyLimits, PodLimit, Reading, Step
+from router.fairness import VirtualTokenCounters
+from router.index import PrefixIndex
+from router.metrics import GatewayMetrics
+from router.pods import PodSet, UserId
+from router.policies import PolicyBook, PolicyDeps
+from router.policies.base import RouteRequest
+from router.routing import Router
+from router.settings import AdmissionSettings, RoutingSettings
+
+SETTINGS = AdmissionSettings(max_inflight_per_pod=64, min_inflight_per_pod=1, ttft_tolerance=3.0, ttft_floor_drift=0.0)
+
+
+def reading(waiting=0, running=4, kv=0.5, ttft=0.1, peak=None, limit=10) -> Reading:
+    return Reading(waiting=waiting, running=running, kv_usage=kv, ttft_s=ttft, peak_in_flight=limit if peak is None else peak)
+
+
+@pytest.mark.parametrize(
+    ("limit", "floor", "seen", "expected", "step"),
+    [
+        pytest.param(10, 0.1, reading(peak=10), 11, Step.GROW, id="reached-and-keeping-up-grows-by-one"),
+        pytest.param(10, 0.1, reading(peak=6), 10, Step.HOLD, id="not-reached-holds"),
+        pytest.param(64, 0.1, reading(peak=64), 64, Step.HOLD, id="at-the-cap-holds"),
+        pytest.param(10, 0.1, reading(peak=0, running=0, waiting=0), 64, Step.RESET, id="idle-goes-back-to-the-cap"),
+        pytest.param(64, 0.1, reading(waiting=5, running=8, peak=13), 8, Step.SHRINK, id="engine-waiting-cuts-to-what-it-runs"),
+        pytest.param(10, 0.1, reading(waiting=1, running=10), 9, Step.SHRINK, id="engine-waiting-cuts-by-the-backoff-at-least"),
+        pytest.param(1, 0.1, reading(waiting=3, running=1, limit=1), 1, Step.HOLD, id="never-below-the-least"),
+        pytest.param(8, 0.1, reading(waiting=5, running=8, peak=20), 8, Step.HOLD, id="no-second-cut-while-draining"),
+        pytest.param(8, 0.1, reading(ttft=1.0, peak=9), 8, Step.HOLD, id="no-ttft-cut-while-draining"),
+        pytest.param(20, 0.1, reading(kv=0.97, peak=20), 18, Step.SHRINK, id="kv-nearly-full-cuts"),
+        pytest.param(20, 0.1, reading(ttft=0.4, peak=20), 15, Step.SHRINK, id="ttft-past-tolerance-cuts-by-the-ratio"),
+        pytest.param(20, 0.1, reading(ttft=5.0, peak=20), 10, Step.SHRINK, id="ttft-cut-halves-at-most"),
+        pytest.param(20, 0.1, reading(ttft=0.29, peak=20), 21, Step.GROW, id="ttft-within-tolerance-grows"),
+        pytest.param(20, None, reading(ttft=5.0, peak=20), 21, Step.GROW, id="first-ttft-sets-the-floor"),
+        pytest.param(20, 0.1, reading(ttft=None, peak=20), 21, Step.GROW, id="no-first-token-in-the-interval"),
+    ],
+)
+def test_one_evaluation(limit, floor, seen, expected, step):
+    state = PodLimit(SETTINGS, limit=limit, ttft_floor_s=floor)
+    decision = state.update(seen)
+    assert (decision.limit, decision.step) == (expected, step), decision.why
+    assert state.limit == expected
+
+
+def test_the_ttft_floor_is_the_lowest_seen_and_drifts_up():
+    state = PodLimit(replace(SETTINGS, ttft_floor_drift=0.5), limit=10)
+    state.update(reading(ttft=0.2, peak=0, running=1))
+    state.update(reading(ttft=0.1, peak=0, running=1))
+    assert state.ttft_floor_s == pytest.approx(0.1)
+    state.update(reading(ttft=0.3, peak=0, running=1))
+    assert state.ttft_floor_s == pytest.approx(0.15)
+
+
+def test_a_saturated_pod_settles_around_what_its_engine_runs():
+    """An engine that runs 6 at once and queues the rest: the limit climbs to it and stays within one of it."""
+    state = PodLimit(SETTINGS)
+    in_flight = 40  # demand is always above the limit
+    limits = []
+    for _ in range(200):
+        running = min(in_flight, 6)
+        state.update(Reading(waiting=in_flight - running, running=running, kv_usage=0.5, ttft_s=0.1, peak_in_flight=in_flight))
+        in_flight = state.limit
+        limits.append(state.limit)
+    assert set(limits[-50:]) <= {6, 7}, limits[-50:]
+
+
+def test_fixed_limits_are_the_cap_and_never_move():
+    limits = ConcurrencyLimits(AdmissionSettings(max_inflight_per_pod=5, adaptive=False))
+    pod = PodSet(["http://a"]).get("http://a")
+    pod.stats = replace(pod.stats, waiting=10, running=1)
+    assert limits.update(pod) is None
+    assert limits.limit(pod) == 5
+
+
+def test_gateway_ttfts_count_before_the_engines_mean():
+    limits = ConcurrencyLimits(replace(SETTINGS, ttft_floor_drift=0.0))
+    pod = PodSet(["http://a"]).get("http://a")
+    pod.in_flight = 1
+    pod.stats = replace(pod.stats, running=1, ttft_sum=10.0, ttft_count=100)
+    limits.update(pod)  # first look at the engine's histogram: no interval yet
+    # The engine's mean over the interval: (12 - 10) / (120 - 100) = 0.1 s.
+    pod.stats = replace(pod.stats, ttft_sum=12.0, ttft_count=120)
+    limits.update(pod)
+    assert limits._limits[pod.id].ttft_floor_s == pytest.approx(0.1)
+    # Three streams timed by the gateway outvote the engine's mean.
+    for seconds in (0.05, 0.06, 0.9):
+        limits.first_token(pod, seconds)
+    pod.stats = replace(pod.stats, ttft_sum=20.0, ttft_count=130)
+    limits.update(pod)
+    assert limits._limits[pod.id].ttft_floor_s == pytest.approx(0.06)
+
+
+def test_an_overloaded_answer_cuts_below_what_was_in_flight():
+    limits = ConcurrencyLimits(SETTINGS)
+    pod = PodSet(["http://a"]).get("http://a")
+    pod.in_flight = 12
+    limits.overloaded(pod)
+    assert limits.limit(pod) == 11
+
+
+def test_the_limit_is_exported_per_pod():
+    registry = CollectorRegistry()
+    pods = PodSet(["http://a", "http://b"])
+    limits = ConcurrencyLimits(SETTINGS, registry, lambda: list(pods))
+    pod = pods.get("http://a")
+    pod.in_flight = 30
+    pod.stats = replace(pod.stats, waiting=4, running=7)
+    limits.update(pod)
+    text = generate_latest(registry).decode()
+    assert 'kvgate_pod_concurrency_limit{pod="http://a"} 7.0' in text
+    assert 'kvgate_pod_concurrency_limit{pod="http://b"} 64.0' in text
+
+
+def _request(user: str) -> RouteRequest:
+    return RouteRequest(user=UserId(user), model="tiny", prompt_tokens=10, block_size=16)
+
+
+async def test_a_waiter_is_dispatched_when_the_limit_grows():
+    pods = PodSet(["http://a"])
+    counters = VirtualTokenCounters()
+    router = Router(pods, PrefixIndex(100), counters, SETTINGS, GatewayMetrics(), random.Random(1))
+    policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("least-request")
+    pod = pods.get("http://a")
+    # The engine runs 2 and keeps more waiting: the limit falls to 2.
+    pod.in_flight = 5
+    pod.stats = replace(pod.stats, running=2, waiting=3)
+    router.limit_update(pod)
+    pod.in_flight = 0
+    leases = [router.try_acquire(_request("u"), policy, "least-request") for _ in range(2)]
+    assert all(leases) and router.try_acquire(_request("u"), policy, "least-request") is None
+    waiter = asyncio.create_task(router.acquire(_request("v"), policy, "least-request", timeout=5))
+    await asyncio.sleep(0)
+    assert len(router.queue) == 1
+    # The engine keeps up at the limit: it grows by one, and the waiter gets the new slot at once.
+    pod.stats = replace(pod.stats, running=2, waiting=0)
+    router.limit_update(pod)
+    lease = await asyncio.wait_for(waiter, 1)
+    assert lease.pod is pod and len(router.queue) == 0
+    for held in (*leases, lease):
+        held.release()
+
+
+async def test_a_pod_backing_off_never_holds_a_waiter():
+    """Overload backoff only steers a request to another pod with a free slot; it never makes one wait."""
+    pods = PodSet(["http://a", "http://b"])
+    counters = VirtualTokenCounters()
+    router = Router(pods, PrefixIndex(100), counters, replace(SETTINGS, max_inflight_per_pod=1), GatewayMetrics(), random.Random(1))
+    policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("least-request")
+    a, b = pods.get("http://a"), pods.get("http://b")
+    a.backoff_until = time.monotonic() + 3600
+    first = router.try_acquire(_request("u"), policy, "least-request")
+    assert first is not None and first.pod is b  # the rested pod first
+    second = await asyncio.wait_for(router.acquire(_request("u"), policy, "least-request", timeout=5), 1)
+    assert second.pod is a and len(router.queue) == 0  # then the one backing off, at once
+    first.release()
+    second.release()
