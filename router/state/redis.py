@@ -38,7 +38,7 @@ sends its whole state again on the stream, and the others ignore its changes
 until they have it (`PeerLedger`). A store that stops reading (the socket's
 buffers full for `flush_timeout_s`) or answering (`lease_s`) counts as down.
 
-Writes (`router.state.writer`): a request's `flush()` writes everything
+Writes (`router.state.wire`): a request's `flush()` writes everything
 recorded since the last write as one batch, in the request's own step, and
 does not wait for the store's reply, so sharing adds no round trip to a
 request. Redis executes one connection's commands in order: the batch is in
@@ -82,7 +82,7 @@ from router.settings import StateSettings
 from router.state import codec
 from router.state.base import FleetView
 from router.state.ledger import PeerLedger
-from router.state.writer import STORE_ERRORS, StoreWriter
+from router.state.wire import STORE_ERRORS, StoreWriter, StreamFollower
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,9 @@ class RedisState:
         self._block_ms = max(int(block_s * 1000), 10)
         self._timeout_s = settings.lease_s + block_s
         self._client = aioredis.Redis.from_url(settings.url, socket_timeout=self._timeout_s, socket_connect_timeout=settings.lease_s)
-        self._reader = aioredis.Redis.from_url(settings.url, socket_timeout=self._timeout_s, socket_connect_timeout=settings.lease_s)
+        self._follower = StreamFollower(
+            settings.url, self._stream, block_ms=self._block_ms, count=1000, connect_timeout_s=settings.lease_s
+        )
         # the connection batches are written on; a fresh one after each (re)connect
         self._link: StoreWriter | None = None
         self._view: FleetView | None = None
@@ -164,7 +166,7 @@ class RedisState:
         self._heard: dict[str, float] = {}
         self._up = False
         self._synced = asyncio.Event()
-        self._last_id = "0-0"
+        self._last_id: str | bytes = "0-0"
         self._tasks: list[asyncio.Task] = []
         self._sent = self.metrics.events.labels("sent")
         self._received = self.metrics.events.labels("received")
@@ -226,7 +228,7 @@ class RedisState:
             await link.close()
         self._link = None
         await self._client.aclose()
-        await self._reader.aclose()
+        await self._follower.close()
 
     async def _cancel_loops(self) -> None:
         """Cancel the loops and wait until they ended, cancelling again any that swallowed it.
@@ -263,9 +265,10 @@ class RedisState:
             self._own_add(pod, -1, 0, -1)
         else:
             self._own_add(pod, -1, -uncached_tokens, 0)
-        # Soon rather than lingering: a peer about to pick a pod must not see it busier than it is
-        # (it would send a prefix the pod holds elsewhere). Written after the answer is on its way.
-        self._send([codec.RELEASED, pod, uncached_tokens, decoding], soon=True)
+        # Soon rather than lingering when there are peers: one about to pick a pod must not see it
+        # busier than it is (it would send a prefix the pod holds elsewhere). Written after the
+        # answer is on its way. Without peers it waits for the next request's write.
+        self._send([codec.RELEASED, pod, uncached_tokens, decoding], soon=self._ledger is not None and self._ledger.any)
 
     def charged(self, user: UserId, cost: float) -> None:
         if not self._up:
@@ -390,11 +393,9 @@ class RedisState:
                 if not self._up:
                     await self._sync()
                     backoff = 0.05
-                reply = await self._reader.xread({self._stream: self._last_id}, block=self._block_ms, count=1000)
-                for _, entries in reply or ():
-                    for entry_id, fields in entries:
-                        self._last_id = entry_id
-                        self._apply(fields)
+                for entry_id, fields in await self._follower.read(self._last_id):
+                    self._last_id = entry_id
+                    self._apply(fields)
             except STORE_ERRORS as exc:
                 self._down(exc)
                 await asyncio.sleep(backoff)

@@ -1,25 +1,28 @@
-"""`StoreWriter`: a replica's batches of state events, written to Redis without waiting for the reply.
+"""A replica's two connections to the store: the batch writer and the stream follower.
 
-`RedisState` hands it one batch at a time (the encoded events, the replica's
-snapshot, the counters' increments). `send` packs the batch into one call of
-`WRITE_SCRIPT` and writes it into the connection's socket in the caller's own
-step, then returns: the caller (a request about to leave for its pod) waits
-for no round trip. Redis executes the commands of one connection in order, so
-the batches reach the stream in the order they were sent, and a batch sent
-before a request leaves for its pod is in the store about when the pod sees
-the request. A task reads the replies, one per batch, in the same order, and
+`StoreWriter`: `RedisState` hands it one batch at a time (the encoded events,
+the replica's snapshot, the counters' increments). `send` writes the batch as
+one call of `WRITE_SCRIPT` into the connection's socket in the caller's own
+step and returns: the caller (a request about to leave for its pod) waits for
+no round trip. Redis executes one connection's commands in order, so batches
+reach the stream in the order they were sent, and a batch sent before a
+request leaves for its pod is in the store about when the pod sees the
+request. A task reads the replies, one per batch, in the same order, and
 reports each (whether the replica's lease key was still there, and how long
 the store took) or the first failure.
 
-Why one script call and not a transaction per batch: MULTI, four commands and
-EXEC are six replies to parse, in pure Python, for every change of load; one
-script call is one command and one integer reply. Measured on the stub
-benchmark (sequential requests), awaiting a pipelined transaction per change
-of load cost 0.8-0.9 ms per request; see the README's "Several gateway
-replicas" for the figures after this change.
+`StreamFollower`: one blocking XREAD after another on a connection of its
+own, the command packed once.
 
-Not here: what goes into a batch and when it is written (`RedisState`),
-reading the stream, the lease loop.
+Why not redis-py's client calls: every change of load was a transaction
+(MULTI, four commands, EXEC: six replies) awaited on the request's path, and
+every read went through the client's pool, retry and reply-callback layers,
+all in pure Python. One script call is one command and one integer reply;
+both connections use redis-py's `Connection` (connect, TLS, AUTH, RESP
+parsing) and nothing above it.
+
+Not here: what goes into a batch and when it is written, what the entries
+mean (`RedisState`), the lease loop.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -53,6 +57,35 @@ WRITE_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
 
 #: What a failing store raises through redis-py.
 STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+#: A stream entry as read: its id and its fields.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def _bulks(args: Sequence[bytes | str | int | float]) -> bytes:
+    out = []
+    for arg in args:
+        if isinstance(arg, bytes):
+            out.append(_bulk(arg))
+        elif isinstance(arg, str):
+            out.append(_bulk(arg.encode()))
+        else:
+            out.append(_bulk(repr(arg).encode()))
+    return b"".join(out)
+
+
+def command(*args: bytes | str | int | float) -> bytes:
+    """One Redis command in the protocol's wire form (an array of bulk strings)."""
+    return b"*%d\r\n" % len(args) + _bulks(args)
+
+
+def _connection(url: str, connect_timeout_s: float) -> Any:
+    pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=None)
+    return pool.make_connection()
 
 
 class StoreWriter:
@@ -80,9 +113,9 @@ class StoreWriter:
     ) -> None:
         if len(keys) != 4:
             raise ValueError("the write script takes four keys")
-        pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=None)
-        self._connection = pool.make_connection()
-        self._head = ("EVALSHA", WRITE_SCRIPT_SHA, 4, *keys)
+        self._connection = _connection(url, connect_timeout_s)
+        head = ("EVALSHA", WRITE_SCRIPT_SHA, len(keys), *keys)
+        self._head, self._head_count = _bulks(head), len(head)
         self._connect_timeout_s = connect_timeout_s
         self._reply_timeout_s = reply_timeout_s
         self._on_reply = on_reply
@@ -108,7 +141,7 @@ class StoreWriter:
         """
         async with asyncio.timeout(self._connect_timeout_s):
             await self._connection.connect()
-            await self._connection.send_command("SCRIPT", "LOAD", WRITE_SCRIPT)
+            await self._connection.send_packed_command(command("SCRIPT", "LOAD", WRITE_SCRIPT), check_health=False)
             sha = await self._connection.read_response()
         if (sha.decode() if isinstance(sha, bytes) else sha) != WRITE_SCRIPT_SHA:
             raise ConnectionError(f"the store loaded the write script as {sha!r}, not {WRITE_SCRIPT_SHA}")
@@ -129,7 +162,7 @@ class StoreWriter:
         """
         if self._failed:
             raise ConnectionError("the state store connection had failed")
-        packed = self._connection.pack_command(*self._head, *args)
+        packed = b"*%d\r\n%b%b" % (self._head_count + len(args), self._head, _bulks(args))
         self._pending.append((tag, time.perf_counter()))
         self._more.set()
         self._settled.clear()
@@ -167,3 +200,48 @@ class StoreWriter:
         except STORE_ERRORS as exc:
             self._failed = True
             self._on_failure(exc)
+
+
+class StreamFollower:
+    """Blocking reads of one stream, one after another, on a connection of its own.
+
+    Args:
+        url: the store.
+        stream: the stream's key.
+        block_ms: how long one read waits for new entries.
+        count: entries one read returns at most.
+        connect_timeout_s: seconds to connect.
+    """
+
+    def __init__(self, url: str, stream: str, *, block_ms: int, count: int, connect_timeout_s: float) -> None:
+        self._connection = _connection(url, connect_timeout_s)
+        self._head = b"*8\r\n" + _bulks(("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", stream))
+        self._read_timeout_s = block_ms / 1000 + connect_timeout_s
+
+    async def read(self, after: str | bytes) -> list[Entry]:
+        """The entries after id `after`, waiting up to `block_ms` for some (none: an empty list).
+
+        Raises:
+            RedisError, OSError, asyncio.TimeoutError: the store failed or did not answer in time.
+        """
+        connection = self._connection
+        if not connection.is_connected:
+            await connection.connect()
+        await connection.send_packed_command(self._head + _bulk(after if isinstance(after, bytes) else after.encode()), check_health=False)
+        async with asyncio.timeout(self._read_timeout_s):
+            reply = await connection.read_response()
+        if not reply:
+            return []
+        streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
+        out: list[Entry] = []
+        for entries in streams:
+            for entry_id, fields in entries:
+                if isinstance(fields, list):
+                    fields = dict(zip(fields[::2], fields[1::2]))
+                out.append((entry_id, fields))
+        return out
+
+    async def close(self) -> None:
+        """Disconnect."""
+        with contextlib.suppress(*STORE_ERRORS):
+            await self._connection.disconnect(nowait=True)
