@@ -281,9 +281,10 @@ class StateSettings:
     lease_s: float = 3.0
     """Seconds a replica's load outlives it: a replica that stops renewing is dropped by the others after this."""
     flush_timeout_s: float = 0.05
-    """Seconds a request waits for its reservation to reach the store before going on without (slow store)."""
+    """Seconds a request may wait to write its reservation when the store stopped reading (socket buffers full);
+    past that the store counts as down. A request never waits for the store's reply."""
     batch_linger_s: float = 0.002
-    """Seconds a fairness update (a user's counter or activity) may wait to share a write with a change of load."""
+    """Seconds a first token or fairness update (a user's counter or activity) may wait to share the next write."""
     warmup_timeout_s: float = 5.0
     """Seconds a starting replica waits for the store before routing on its own state."""
     warmup_entries: int = 20_000

@@ -7,7 +7,9 @@ calling the stub directly is the gateway's. For each gateway:
 - added latency: the same small non-streamed chat request (a ~200-token
   system prompt), sent one at a time, alternately in batches straight to the
   stub and through the gateway; p50 and p99 of each path and their
-  difference;
+  difference; and the gateway's own CPU time per request over those batches
+  (from /proc: it moves far less than latency when other jobs load the
+  machine);
 - sustained rate: closed-loop clients at increasing concurrency, each level
   for a few seconds, until two levels in a row fail to beat the best rate by
   `min_gain`; the best rate and its concurrency are reported.
@@ -39,6 +41,7 @@ from pathlib import Path
 import aiohttp
 
 from kvgate.bench.config import OverheadSpec
+from kvgate.bench.cpu import group_cpu_seconds
 from kvgate.bench.replicas import DEFAULT_STATE_URL, RouterGroup
 from kvgate.bench.routers import LaunchContext, RouterSpec
 from kvgate.bench.stats import percentile
@@ -78,6 +81,9 @@ class GatewayOverhead:
         client_bound: max_rps is within 10% of the stub's own ceiling.
         errors: failed requests over the whole measurement.
         router_metrics: the gateway's own figures (kvgate: decision time).
+        cpu_ms_per_request: the gateway's CPU time (user + system, every
+            process of it) over the sequential batches, per request through
+            it; None without /proc.
     """
 
     router: str
@@ -93,6 +99,7 @@ class GatewayOverhead:
     client_bound: bool
     errors: int
     router_metrics: dict[str, float]
+    cpu_ms_per_request: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,12 +261,17 @@ async def _measure_gateway(
     via: list[float] = []
     errors = 0
     batch = max(spec.latency_requests // _LATENCY_ROUNDS, 1)
+    cpu_before = group_cpu_seconds(router.pids)
     for _ in range(_LATENCY_ROUNDS):
         got, bad = await sequential_latencies(http, stub_url, body, batch)
         direct += got
         got, bad_via = await sequential_latencies(http, router.url, body, batch)
         via += got
         errors += bad + bad_via
+    cpu_after = group_cpu_seconds(router.pids)
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None and via:
+        cpu_ms = (cpu_after - cpu_before) * 1000.0 / len(via)
     curve = await rate_ladder(http, router.url, body, spec)
     best = _best(curve)
     ms = 1000.0
@@ -277,6 +289,7 @@ async def _measure_gateway(
         client_bound=best.rps >= _CLIENT_BOUND * ceiling,
         errors=errors + sum(p.errors for p in curve),
         router_metrics=await router.scrape(http),
+        cpu_ms_per_request=cpu_ms,
     )
 
 

@@ -57,12 +57,20 @@ class ReplicaComparison:
 
 @dataclass(frozen=True, slots=True)
 class SharingCost:
-    """Latency that sharing routing state adds per request on the stub benchmark, in ms."""
+    """What sharing routing state adds per request on the stub benchmark, in ms.
+
+    Attributes:
+        router: the gateway with shared state (`+state`).
+        single: the same gateway without.
+        added_p50_ms / added_p99_ms: its added latency minus the other's, per percentile.
+        added_cpu_ms: its CPU time per request minus the other's (None when either is unknown).
+    """
 
     router: str
     single: str
     added_p50_ms: float
     added_p99_ms: float
+    added_cpu_ms: float | None = None
 
 
 def spread(engines: Sequence[EngineShare]) -> float | None:
@@ -129,6 +137,11 @@ def sharing_costs(overhead: OverheadReport | None) -> list[SharingCost]:
                 single=single,
                 added_p50_ms=gateway.added_ms_p50 - base.added_ms_p50,
                 added_p99_ms=gateway.added_ms_p99 - base.added_ms_p99,
+                added_cpu_ms=(
+                    None
+                    if gateway.cpu_ms_per_request is None or base.cpu_ms_per_request is None
+                    else gateway.cpu_ms_per_request - base.cpu_ms_per_request
+                ),
             )
         )
     return out
@@ -167,11 +180,15 @@ def markdown_lines(results: BenchResults) -> list[str]:
         lines += [
             *([""] if comparisons else []),
             "Latency sharing routing state adds per request (stub engine, sequential requests): the `+state` "
-            "gateway's added latency minus the same gateway's without.",
+            "gateway's added latency minus the same gateway's without; and its CPU time per request minus the "
+            "other's (the gateway's processes, from /proc, over the same requests).",
             "",
-            "| gateway | against | sharing adds p50 ms | sharing adds p99 ms |",
-            "| --- | --- | --- | --- |",
+            "| gateway | against | sharing adds p50 ms | sharing adds p99 ms | sharing adds CPU ms |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for cost in costs:
-            lines.append(f"| {cost.router} | {cost.single} | {cost.added_p50_ms:.3f} | {cost.added_p99_ms:.3f} |")
+            lines.append(
+                f"| {cost.router} | {cost.single} | {cost.added_p50_ms:.3f} | {cost.added_p99_ms:.3f} | "
+                f"{_fmt(cost.added_cpu_ms, 3)} |"
+            )
     return lines

@@ -15,11 +15,13 @@ it did and learns what they did:
   active or ended (the VTC lift on arrival needs the fleet's active users).
 
 Select-and-count stays one step: the replica counts the request on its own
-view at once, in the same synchronous step that picks the pod, then awaits
-`flush()` before the request leaves for the pod, so every other replica has
-been sent the reservation before the pod sees the request. Two replicas that
-decide within the same flush round trip (about 0.2 ms on loopback) can still
-pick the same pod; each then sees the other's reservation for the next one.
+view at once, in the same synchronous step that picks the pod, then calls
+`flush()` before the request leaves for the pod, which writes the reservation
+to the store's connection (without waiting for the reply), so the store has
+it about when the pod sees the request and every other replica one stream
+delivery later. Two replicas that decide within that time (about 0.3 ms on
+loopback) can still pick the same pod; each then sees the other's
+reservation for the next one.
 
 Peers' updates are applied to a `FleetView` (pods, index, counters) that the
 gateway hands over when it starts. `LocalState` shares nothing (one replica);
@@ -110,5 +112,9 @@ class RoutingState(Protocol):
         ...
 
     async def flush(self) -> None:
-        """Return once everything recorded so far has been sent to the peers (or the store is down)."""
+        """Return once everything recorded so far is on its way to the peers (or the store is down).
+
+        "On its way": written to the store's connection, in order; the store's
+        reply is not awaited, so a request pays no round trip for it.
+        """
         ...

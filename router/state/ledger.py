@@ -39,6 +39,11 @@ class PeerLedger:
         """Peers whose state is held: heard whole (a snapshot) and not dropped since."""
         return frozenset(self._known)
 
+    @property
+    def any(self) -> bool:
+        """Whether the state of any peer is held."""
+        return bool(self._known)
+
     def knows(self, replica: str) -> bool:
         """Whether `replica`'s changes count (its whole state was heard and it was not dropped since)."""
         return replica in self._known

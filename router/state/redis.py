@@ -19,7 +19,8 @@ Keys, under `kvgate:{cluster}:`:
 What is shared and how fresh (see `router.state.base` for the interface):
 
 - predicted placements and per-pod load: on the stream, in the batch that the
-  request's `flush()` sends before it leaves for the pod;
+  request's `flush()` writes to the store's connection before the request
+  leaves for the pod;
 - engine-confirmed cache contents: not here; every replica subscribes to
   every engine's KV events;
 - VTC counters: charges on the stream and summed in `vtc`; active users on the
@@ -34,17 +35,24 @@ load when the lease key is gone (within `lease_s` plus one check) and it was
 not heard from since the check began. A replica whose lease key was gone
 (dropped by the others while still alive: it was slow, or the key was lost)
 sends its whole state again on the stream, and the others ignore its changes
-until they have it (`PeerLedger`). A flush that takes longer than
-`flush_timeout_s` lets the request go on (counted).
+until they have it (`PeerLedger`). A store that stops reading (the socket's
+buffers full for `flush_timeout_s`) or answering (`lease_s`) counts as down.
 
-Writes: changes of a pod's load (reservation, first token, release) are
-written at once, since a peer may be about to price that pod; the fairness
-updates (counters, active users) wait up to `batch_linger_s` to share a
-transaction with one of those, so a replica writes one stream entry per
-change of load, not per event.
+Writes (`router.state.wire`): a request's `flush()` writes everything
+recorded since the last write as one batch, in the request's own step, and
+does not wait for the store's reply, so sharing adds no round trip to a
+request. Redis executes one connection's commands in order: the batch is in
+the store about when the pod sees the request, and peers hear of it one
+stream delivery later (about 0.15 ms on loopback). Every other event (first
+token, release, counters, active users) waits up to `batch_linger_s` to go
+with the next request's batch, or alone when no request comes, so a replica
+under load writes about one stream entry per request, and fewer when
+requests arrive together.
 
-NOTE: a user's counter and activity reach the peers up to `batch_linger_s`
-late, a fairness error of one request's cost at most, for fewer writes.
+NOTE: a release reaches the peers up to `batch_linger_s` late: meanwhile they
+count the pod one request busier than it is (they err towards other pods,
+never overfill it). A user's counter and activity are late by as much, a
+fairness error of one request's cost at most.
 
 The lease loop only renews the key's expiry: the key's content is written in
 the transaction that appends to the stream, so it always matches a stream
@@ -67,7 +75,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from redis.exceptions import RedisError
 
 from kvcache.keys import BlockHash
 from router.pods import Pod, PodId, UserId
@@ -75,6 +82,7 @@ from router.settings import StateSettings
 from router.state import codec
 from router.state.base import FleetView
 from router.state.ledger import PeerLedger
+from router.state.wire import STORE_ERRORS, StoreWriter, StreamFollower
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +99,6 @@ end
 return {last_id, snaps, redis.call('HGETALL', KEYS[3])}
 """
 
-_STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-
 #: Seconds `stop()` keeps cancelling loops that swallowed their cancellation.
 _STOP_GRACE_S = 5.0
 
@@ -107,12 +113,12 @@ class StateMetrics:
         )
         self.flush_seconds = Histogram(
             "kvgate_state_flush_seconds",
-            "Time a request waited for its reservation to reach the store.",
+            "Time from writing a batch of state events to the store's reply (requests do not wait for it).",
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1),
             registry=registry,
         )
         self.flush_timeouts = Counter(
-            "kvgate_state_flush_timeouts", "Requests that went on without their reservation confirmed.", registry=registry
+            "kvgate_state_flush_timeouts", "Writes the store did not take within flush_timeout_s (it then counts as down).", registry=registry
         )
         self.events = Counter("kvgate_state_events", "State events sent and received.", ["direction"], registry=registry)
         self.peers = Gauge("kvgate_state_peers", "Other gateway replicas whose state this one holds.", registry=registry)
@@ -140,24 +146,30 @@ class RedisState:
         self._lease_ms = max(int(settings.lease_s * 1000), 100)
         block_s = min(settings.lease_s / 3, 1.0)
         self._block_ms = max(int(block_s * 1000), 10)
-        timeout = settings.lease_s + block_s
-        self._writer = aioredis.Redis.from_url(settings.url, socket_timeout=timeout, socket_connect_timeout=settings.lease_s)
-        self._reader = aioredis.Redis.from_url(settings.url, socket_timeout=timeout, socket_connect_timeout=settings.lease_s)
+        self._timeout_s = settings.lease_s + block_s
+        self._client = aioredis.Redis.from_url(settings.url, socket_timeout=self._timeout_s, socket_connect_timeout=settings.lease_s)
+        self._follower = StreamFollower(
+            settings.url, self._stream, block_ms=self._block_ms, count=1000, connect_timeout_s=settings.lease_s
+        )
+        # the connection batches are written on; a fresh one after each (re)connect
+        self._link: StoreWriter | None = None
         self._view: FleetView | None = None
         self._ledger: PeerLedger | None = None
         self._own: dict[PodId, list[int]] = {}
         self._own_users: dict[UserId, int] = {}
         self._outbox: list[list[Any]] = []
         self._charges: dict[UserId, float] = {}
-        self._waiters: list[asyncio.Future] = []
+        # when the events waiting in the outbox are written without a request's flush
+        self._due: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
-        self._urgent = asyncio.Event()
         # peer -> when its last stream entry was applied (monotonic), so a lease check never drops a fresher peer
         self._heard: dict[str, float] = {}
         self._up = False
         self._synced = asyncio.Event()
-        self._last_id = "0-0"
+        self._last_id: str | bytes = "0-0"
         self._tasks: list[asyncio.Task] = []
+        self._sent = self.metrics.events.labels("sent")
+        self._received = self.metrics.events.labels("received")
 
     @property
     def synced(self) -> bool:
@@ -196,21 +208,27 @@ class RedisState:
 
     async def stop(self) -> None:
         await self._cancel_loops()
-        if self._up:
-            # Leave at once rather than when the lease runs out: peers drop our load now.
-            with contextlib.suppress(*_STORE_ERRORS):
-                pipe = self._writer.pipeline(transaction=True)
-                pipe.xadd(self._stream, {"r": self.replica_id, "e": codec.encode([codec.snapshot({}, {})])},
-                          maxlen=self.settings.stream_max_entries, approximate=True)
-                pipe.delete(self._snapshots + self.replica_id)
-                pipe.srem(self._replicas, self.replica_id)
-                await asyncio.wait_for(pipe.execute(), timeout=self.settings.lease_s)
-        for future in self._waiters:
-            if not future.done():
-                future.set_result(None)
-        self._waiters.clear()
-        await self._writer.aclose()
-        await self._reader.aclose()
+        self._disarm()
+        link = self._link
+        if self._up and link is not None:
+            # Leave at once rather than when the lease runs out: peers drop our load now. The
+            # empty snapshot goes on the link, after every batch already sent, so none lands later.
+            self._own.clear()
+            self._own_users.clear()
+            self._outbox.append(codec.snapshot({}, {}))
+            await self._write()
+            if self._up and await link.settle(self.settings.lease_s):
+                with contextlib.suppress(*STORE_ERRORS):
+                    pipe = self._client.pipeline(transaction=True)
+                    pipe.delete(self._snapshots + self.replica_id)
+                    pipe.srem(self._replicas, self.replica_id)
+                    await asyncio.wait_for(pipe.execute(), timeout=self.settings.lease_s)
+        self._up = False
+        if link is not None:
+            await link.close()
+        self._link = None
+        await self._client.aclose()
+        await self._follower.close()
 
     async def _cancel_loops(self) -> None:
         """Cancel the loops and wait until they ended, cancelling again any that swallowed it.
@@ -247,35 +265,28 @@ class RedisState:
             self._own_add(pod, -1, 0, -1)
         else:
             self._own_add(pod, -1, -uncached_tokens, 0)
-        self._send([codec.RELEASED, pod, uncached_tokens, decoding])
+        # Soon rather than lingering when there are peers: one about to pick a pod must not see it
+        # busier than it is (it would send a prefix the pod holds elsewhere). Written after the
+        # answer is on its way. Without peers it waits for the next request's write.
+        self._send([codec.RELEASED, pod, uncached_tokens, decoding], soon=self._ledger is not None and self._ledger.any)
 
     def charged(self, user: UserId, cost: float) -> None:
         if not self._up:
             return
         self._charges[user] = self._charges.get(user, 0.0) + cost
-        self._send([codec.CHARGED, user, cost], linger=True)
+        self._send([codec.CHARGED, user, cost])
 
     def activity(self, user: UserId, active: int) -> None:
         if active > 0:
             self._own_users[user] = active
         else:
             self._own_users.pop(user, None)
-        self._send([codec.USER, user, active], linger=True)
+        self._send([codec.USER, user, active])
 
     async def flush(self) -> None:
-        if not self._up or not self._outbox:
-            return
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        self._urgent.set()
-        self._wake.set()
-        started = time.perf_counter()
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout=self.settings.flush_timeout_s)
-        except asyncio.TimeoutError:
-            self.metrics.flush_timeouts.inc()
-            return
-        self.metrics.flush_seconds.observe(time.perf_counter() - started)
+        """Write everything recorded so far to the store's connection; the store's reply is not awaited."""
+        if self._up and self._outbox:
+            await self._write()
 
     def _own_add(self, pod: PodId, in_flight: int, pending: int, decoding: int) -> None:
         row = self._own.setdefault(pod, [0, 0, 0])
@@ -285,61 +296,66 @@ class RedisState:
         if row == [0, 0, 0]:
             del self._own[pod]
 
-    def _send(self, event: list[Any], *, linger: bool = False) -> None:
-        """Queue `event` for the writer; without `linger` it writes at once."""
+    def _send(self, event: list[Any], *, soon: bool = False) -> None:
+        """Queue `event` for the next write: a request's flush, or `batch_linger_s` from now at the latest.
+
+        With `soon`, the next write is as soon as the event loop is free (after
+        the current step, which may be handing an answer to its client).
+        """
         if self._up:
             self._outbox.append(event)
-            if not linger:
-                self._urgent.set()
-            self._wake.set()
+            if soon:
+                self._wake.set()
+            elif self._due is None:
+                self._due = asyncio.get_running_loop().call_later(self.settings.batch_linger_s, self._wake.set)
+
+    def _disarm(self) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
 
     # -- the loops -------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        """Write what no request's flush took along (lingering events, a snapshot sent again)."""
         while True:
             await self._wake.wait()
-            if self._up and self._outbox and not self._urgent.is_set():
-                # Only updates that change little: let the next urgent one (often a reservation) take them along.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), timeout=self.settings.batch_linger_s)
             self._wake.clear()
-            self._urgent.clear()
-            if not self._up or not self._outbox:
-                self._release_waiters()
-                continue
-            batch, self._outbox = self._outbox, []
-            charges, self._charges = self._charges, {}
-            waiters, self._waiters = self._waiters, []
-            try:
-                pipe = self._writer.pipeline(transaction=True)
-                pipe.xadd(self._stream, {"r": self.replica_id, "e": codec.encode(batch)},
-                          maxlen=self.settings.stream_max_entries, approximate=True)
-                self._put_snapshot(pipe)
-                for user, cost in charges.items():
-                    pipe.hincrbyfloat(self._vtc, user, cost)
-                replies = await pipe.execute()
-                self.metrics.events.labels("sent").inc(len(batch))
-                if not replies[1] and batch[0][0] != codec.SNAPSHOT:
-                    self._announce("its lease key was gone")
-            except _STORE_ERRORS as exc:
-                self._down(exc)
-            finally:
-                for future in waiters:
-                    if not future.done():
-                        future.set_result(None)
+            if self._up and self._outbox:
+                await self._write()
 
-    def _release_waiters(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+    async def _write(self) -> None:
+        """Send the outbox as one batch, with our snapshot and the counters' increments."""
+        self._disarm()
+        link = self._link
+        if link is None or not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        charges, self._charges = self._charges, {}
+        args: list[Any] = [
+            self.replica_id,
+            codec.encode(batch),
+            codec.encode(codec.snapshot(self._own, self._own_users)),
+            self._lease_ms,
+            self.settings.stream_max_entries,
+        ]
+        for user, cost in charges.items():
+            args += (user, cost)
+        try:
+            async with asyncio.timeout(self.settings.flush_timeout_s):
+                await link.send(args, tag=batch[0][0] == codec.SNAPSHOT)
+        except TimeoutError as exc:
+            self.metrics.flush_timeouts.inc()
+            self._down(exc)
+        except STORE_ERRORS as exc:
+            self._down(exc)
+        else:
+            self._sent.inc(len(batch))
 
-    def _put_snapshot(self, pipe: Any) -> None:
-        """Write our snapshot with the batch; the first reply says whether the key was still there."""
-        key = self._snapshots + self.replica_id
-        pipe.exists(key)
-        pipe.set(key, codec.encode(codec.snapshot(self._own, self._own_users)), px=self._lease_ms)
-        pipe.sadd(self._replicas, self.replica_id)
+    def _replied(self, whole: bool, had_lease: bool, seconds: float) -> None:
+        self.metrics.flush_seconds.observe(seconds)
+        if not had_lease and not whole:
+            self._announce("its lease key was gone")
 
     def _announce(self, why: str) -> None:
         """Send our whole state next: peers may have dropped us (and ignore our changes until they have it)."""
@@ -347,8 +363,28 @@ class RedisState:
             return
         log.info("shared routing state: sending this replica's whole state again (%s)", why)
         self._outbox.insert(0, codec.snapshot(self._own, self._own_users))
-        self._urgent.set()
         self._wake.set()
+
+    def _open_link(self) -> StoreWriter:
+        link: StoreWriter
+
+        def replied(whole: bool, had_lease: bool, seconds: float) -> None:
+            if self._link is link:
+                self._replied(whole, had_lease, seconds)
+
+        def failed(exc: BaseException) -> None:
+            if self._link is link:
+                self._down(exc)
+
+        link = StoreWriter(
+            self.settings.url or "",
+            (self._stream, self._snapshots + self.replica_id, self._replicas, self._vtc),
+            connect_timeout_s=self.settings.lease_s,
+            reply_timeout_s=self._timeout_s,
+            on_reply=replied,
+            on_failure=failed,
+        )
+        return link
 
     async def _read_loop(self) -> None:
         backoff = 0.05
@@ -357,12 +393,10 @@ class RedisState:
                 if not self._up:
                     await self._sync()
                     backoff = 0.05
-                reply = await self._reader.xread({self._stream: self._last_id}, block=self._block_ms, count=1000)
-                for _, entries in reply or ():
-                    for entry_id, fields in entries:
-                        self._last_id = entry_id
-                        self._apply(fields)
-            except _STORE_ERRORS as exc:
+                for entry_id, fields in await self._follower.read(self._last_id):
+                    self._last_id = entry_id
+                    self._apply(fields)
+            except STORE_ERRORS as exc:
                 self._down(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.lease_s)
@@ -375,20 +409,20 @@ class RedisState:
                 continue
             try:
                 checked = time.monotonic()
-                if not await self._writer.pexpire(self._snapshots + self.replica_id, self._lease_ms):
+                if not await self._client.pexpire(self._snapshots + self.replica_id, self._lease_ms):
                     self._announce("its lease had expired")
-                members = [m.decode() if isinstance(m, bytes) else m for m in await self._writer.smembers(self._replicas)]
+                members = [m.decode() if isinstance(m, bytes) else m for m in await self._client.smembers(self._replicas)]
                 others = [m for m in members if m != self.replica_id]
                 alive = []
                 if others:
-                    pipe = self._writer.pipeline(transaction=False)
+                    pipe = self._client.pipeline(transaction=False)
                     for member in others:
                         pipe.exists(self._snapshots + member)
                     for member, exists in zip(others, await pipe.execute()):
                         if exists:
                             alive.append(member)
                         else:
-                            await self._writer.srem(self._replicas, member)
+                            await self._client.srem(self._replicas, member)
                 assert self._ledger is not None
                 # A peer heard from since the check began is alive, whatever the check saw.
                 alive += [r for r, at in self._heard.items() if at >= checked]
@@ -396,7 +430,7 @@ class RedisState:
                     self._heard.pop(gone, None)
                     log.info("gateway replica %s stopped renewing its lease; dropped its load", gone)
                 self.metrics.peers.set(len(self._ledger.replicas))
-            except _STORE_ERRORS as exc:
+            except STORE_ERRORS as exc:
                 self._down(exc)
 
     # -- applying what peers did ---------------------------------------------------------
@@ -404,11 +438,21 @@ class RedisState:
     async def _sync(self) -> None:
         """Read the fleet's state back (at start and after an outage) and send ours."""
         assert self._view is not None and self._ledger is not None
-        last_id, snapshots, vtc = await self._writer.eval(_SYNC_SCRIPT, 3, self._stream, self._replicas, self._vtc, self._snapshots)
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
+        link = self._open_link()
+        try:
+            await link.open()
+        except BaseException:
+            await link.close()
+            raise
+        self._link = link
+        last_id, snapshots, vtc = await self._client.eval(_SYNC_SCRIPT, 3, self._stream, self._replicas, self._vtc, self._snapshots)
         last_id = last_id.decode() if isinstance(last_id, bytes) else last_id
         # Recent placements first (oldest to newest), so the index warms up as the peers' did.
         if self.settings.warmup_entries and last_id != "0-0":
-            recent = await self._writer.xrevrange(self._stream, max=last_id, count=self.settings.warmup_entries)
+            recent = await self._client.xrevrange(self._stream, max=last_id, count=self.settings.warmup_entries)
             for _, fields in reversed(recent):
                 self._apply_placements(fields)
         self._ledger.drop_all()
@@ -422,15 +466,16 @@ class RedisState:
                 continue
             self._ledger.replace(replica, {PodId(p): row for p, row in load.items()}, {UserId(u): n for u, n in users.items()})
         shared = {UserId(vtc[i].decode()): float(vtc[i + 1]) for i in range(0, len(vtc), 2)}
+        mine = self._view.counters.snapshot()
         for user, value in shared.items():
-            self._view.counters.add(user, max(value - self._view.counters.snapshot().get(user, 0.0), 0.0))
+            self._view.counters.add(user, max(value - mine.get(user, 0.0), 0.0))
         self._last_id = last_id
         self._up = True
         self.metrics.up.set(1)
         self.metrics.peers.set(len(self._ledger.replicas))
         # Peers replace whatever they held of us with our state as it is now.
         self._outbox = [codec.snapshot(self._own, self._own_users)]
-        self._wake.set()
+        await self._write()
         if not self._synced.is_set():
             log.info("shared routing state: %d peer replicas, %d counters", len(self._ledger.replicas), len(shared))
         else:
@@ -446,7 +491,7 @@ class RedisState:
         self.metrics.up.set(0)
         self._outbox.clear()
         self._charges.clear()
-        self._release_waiters()
+        self._disarm()
         if self._ledger is not None:
             self._ledger.drop_all()
             self.metrics.peers.set(0)

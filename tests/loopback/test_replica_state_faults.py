@@ -17,7 +17,8 @@ from tests.loopback.test_replicas import fleet
 async def test_a_replica_dropped_while_alive_is_counted_again_with_its_whole_load(redis_server):  # noqa: F811
     async with fleet(redis_server.url) as f:
         for engine in f.engines:
-            engine.behaviour.delay_s = 1.5
+            # Outlives the drop by far: the lease (1 s) runs out and the peer checks every third of it.
+            engine.behaviour.delay_s = 3.0
         a, b = (m.gateway for m in f.replicas)
 
         def peer_in_flight() -> list[int]:
@@ -42,7 +43,7 @@ async def test_stopping_a_replica_returns_even_if_a_blocking_read_swallowed_its_
         state = f.replicas[0].gateway.state
         reading = asyncio.Event()
 
-        async def stubborn_xread(*args, **kwargs):
+        async def stubborn_read(*args, **kwargs):
             reading.set()
             try:
                 await asyncio.sleep(3600)
@@ -50,7 +51,7 @@ async def test_stopping_a_replica_returns_even_if_a_blocking_read_swallowed_its_
                 pass  # as a blocking read cancelled just when its own timeout fires can do
             await asyncio.sleep(3600)
 
-        state._reader.xread = stubborn_xread
+        state._follower.read = stubborn_read
         await asyncio.wait_for(reading.wait(), timeout=5)
         stopping = asyncio.create_task(state.stop())
         done, _ = await asyncio.wait({stopping}, timeout=10)

@@ -49,8 +49,8 @@ class Fleet:
             return r.headers["x-kvgate-pod"]
 
 
-def replica_settings(state_url: str | None, *, lease_s: float = 1.0):
-    settings = fast_settings()
+def replica_settings(state_url: str | None, *, lease_s: float = 1.0, **admission):
+    settings = fast_settings(**admission)
     settings.state.url = state_url
     settings.state.lease_s = lease_s
     settings.state.cluster = "test"
@@ -62,13 +62,17 @@ def replica_settings(state_url: str | None, *, lease_s: float = 1.0):
 
 
 @contextlib.asynccontextmanager
-async def fleet(state_url: str | None, *, replicas: int = 2, pods: int = 3, seed: int = 0) -> AsyncIterator[Fleet]:
+async def fleet(
+    state_url: str | None, *, replicas: int = 2, pods: int = 3, seed: int = 0, **admission
+) -> AsyncIterator[Fleet]:
     async with contextlib.AsyncExitStack() as stack:
         engines = [await stack.enter_async_context(run_stub(StubEngine())) for _ in range(pods)]
         members = []
         for i in range(replicas):
             app = create_app(
-                replica_settings(state_url), discovery=StaticDiscovery([e.url for e in engines]), rng=random.Random(seed + i)
+                replica_settings(state_url, **admission),
+                discovery=StaticDiscovery([e.url for e in engines]),
+                rng=random.Random(seed + i),
             )
             url = await stack.enter_async_context(run_app(app, **RUNNER_OPTIONS))
             members.append(Replica(url, app[GATEWAY]))
@@ -80,9 +84,18 @@ async def fleet(state_url: str | None, *, replicas: int = 2, pods: int = 3, seed
 
 async def test_a_new_prefix_sent_alternately_to_two_replicas_stays_on_one_pod(redis_server):
     async with fleet(redis_server.url) as f:
+
+        def settled() -> bool:
+            return all(p.fleet_in_flight == 0 and p.fleet_pending_prefill == 0 for m in f.replicas for p in m.gateway.pods)
+
         for group in range(4):
             system = f"Group {group} house rules, to be followed to the letter. " * 30
-            pods = {await f.chat(i % 2, f"question {i}", system=system) for i in range(6)}
+            pods = set()
+            for i in range(6):
+                pods.add(await f.chat(i % 2, f"question {i}", system=system))
+                # The stub answers at once: let the release reach the other replica (one stream
+                # delivery) before the next request, as it has long before with a real engine.
+                await wait_until(settled)
             assert len(pods) == 1, (group, pods)
 
 
@@ -109,6 +122,26 @@ async def test_in_flight_counts_and_user_counters_are_seen_by_every_replica(redi
         await wait_until(lambda: b.counters.get("alice") > 0 and b.counters.get("alice") == a.counters.get("alice"))
         await task
         await wait_until(lambda: all(p.fleet_in_flight == 0 and p.fleet_pending_prefill == 0 for p in b.pods))
+
+
+async def test_a_replicas_queue_serves_first_the_user_its_peers_served_least(redis_server):
+    """Each replica queues its own requests, by the fleet's counters: service got through another replica counts."""
+    async with fleet(redis_server.url, pods=1, max_inflight_per_pod=1) as f:
+        a, b = (m.gateway for m in f.replicas)
+        [engine] = f.engines
+        for i in range(3):
+            await f.chat(0, f"warm-up {i}", user="heavy")  # served through replica a only
+        await wait_until(lambda: b.counters.get("heavy") > 0 and b.counters.get("heavy") == a.counters.get("heavy"))
+        engine.behaviour.delay_s = 0.5
+        blocker = asyncio.create_task(f.chat(0, "blocker", user="blocker"))
+        await wait_until(lambda: engine.running == 1 and all(p.fleet_in_flight == 1 for p in b.pods))
+        heavy = asyncio.create_task(f.chat(1, "heavy again", user="heavy"))
+        await wait_until(lambda: len(b.router.queue) == 1)
+        light = asyncio.create_task(f.chat(1, "light", user="light"))
+        await wait_until(lambda: len(b.router.queue) == 2)
+        await asyncio.gather(blocker, heavy, light)
+        served = [call["body"]["messages"][-1]["content"] for call in engine.calls]
+        assert served[-2:] == ["light", "heavy again"]
 
 
 async def test_the_store_dying_mid_run_serves_every_request_and_recovers(redis_server):

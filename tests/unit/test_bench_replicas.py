@@ -156,9 +156,15 @@ def _with_replica_runs():
         router="kvgate:kv-aware*3+state",
         summary=replace(base.summary, hit_rate=base.summary.hit_rate * 0.9, ttft_ms_p50=base.summary.ttft_ms_p50 * 1.2),
     )
-    gateway = results.overhead.gateways[0]
-    shared = replace(gateway, router="kvgate:kv-aware+state", added_ms_p50=gateway.added_ms_p50 + 0.25, added_ms_p99=gateway.added_ms_p99 + 1.0)
-    overhead = replace(results.overhead, gateways=(*results.overhead.gateways, shared))
+    gateway = replace(results.overhead.gateways[0], cpu_ms_per_request=0.5)
+    shared = replace(
+        gateway,
+        router="kvgate:kv-aware+state",
+        added_ms_p50=gateway.added_ms_p50 + 0.25,
+        added_ms_p99=gateway.added_ms_p99 + 1.0,
+        cpu_ms_per_request=0.625,
+    )
+    overhead = replace(results.overhead, gateways=(gateway, *results.overhead.gateways[1:], shared))
     return replace(results, runs=(*results.runs, group), routers=(*results.routers, group.router), overhead=overhead)
 
 
@@ -175,11 +181,20 @@ def test_sharing_cost_is_the_shared_gateways_added_latency_minus_the_plain_ones(
 
     assert cost.router == "kvgate:kv-aware+state" and cost.single == "kvgate:kv-aware"
     assert cost.added_p50_ms == pytest.approx(0.25) and cost.added_p99_ms == pytest.approx(1.0)
+    assert cost.added_cpu_ms == pytest.approx(0.125)
+
+
+def test_sharing_cost_has_no_cpu_figure_when_a_gateway_has_none():
+    results = _with_replica_runs()
+    gateways = tuple(replace(g, cpu_ms_per_request=None) if g.router == "kvgate:kv-aware" else g for g in results.overhead.gateways)
+    [cost] = sharing_costs(replace(results.overhead, gateways=gateways))
+
+    assert cost.added_cpu_ms is None
 
 
 def test_the_section_appears_only_when_replicas_ran():
     assert markdown_lines(_results()) == []
     text = "\n".join(markdown_lines(_with_replica_runs()))
     assert "## Gateway replicas" in text and "| skewed-users | kvgate:kv-aware*3+state | kvgate:kv-aware | 0.900 | 1.20 |" in text
-    assert "| kvgate:kv-aware+state | kvgate:kv-aware | 0.250 | 1.000 |" in text
+    assert "| kvgate:kv-aware+state | kvgate:kv-aware | 0.250 | 1.000 | 0.125 |" in text
     assert sharing_costs(None) == []
