@@ -542,7 +542,9 @@ class RedisState:
             self._ledger.reserved(replica, pod, int(event[2]))
             hashes = codec.split_hashes(event[3])
             if hashes:
-                self._view.index.insert(pod, hashes)
+                # A peer's request that found its prefix on the pod flags it as reused here too.
+                index = self._view.index
+                index.insert(pod, hashes, reused=index.match(hashes).get(pod, 0))
         elif kind == codec.FIRST_TOKEN:
             self._ledger.first_token(replica, PodId(event[1]), int(event[2]))
         elif kind == codec.RELEASED:

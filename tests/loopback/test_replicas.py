@@ -85,18 +85,35 @@ async def fleet(
 async def test_a_new_prefix_sent_alternately_to_two_replicas_stays_on_one_pod(redis_server):
     async with fleet(redis_server.url) as f:
 
-        def settled() -> bool:
-            return all(p.fleet_in_flight == 0 and p.fleet_pending_prefill == 0 for m in f.replicas for p in m.gateway.pods)
+        def counts() -> list[tuple[float, float]]:
+            return [
+                (m.gateway.state.metrics.events.labels("sent")._value.get(),
+                 m.gateway.state.metrics.events.labels("received")._value.get())
+                for m in f.replicas
+            ]  # fmt: skip
+
+        def settled(before: list[tuple[float, float]]) -> bool:
+            # Every event a replica sent since `before` has reached the other (zero in flight alone
+            # also holds before it has), and the release it carried has been applied.
+            now = counts()
+            sent = [s - b[0] for (s, _), b in zip(now, before)]
+            heard = all(r - b[1] >= sum(sent) - mine for (_, r), b, mine in zip(now, before, sent))
+            return heard and all(p.fleet_in_flight == 0 and p.fleet_pending_prefill == 0 for m in f.replicas for p in m.gateway.pods)
 
         for group in range(4):
             system = f"Group {group} house rules, to be followed to the letter. " * 30
             pods = set()
             for i in range(6):
+                before = counts()
                 pods.add(await f.chat(i % 2, f"question {i}", system=system))
                 # The stub answers at once: let the release reach the other replica (one stream
                 # delivery) before the next request, as it has long before with a real engine.
-                await wait_until(settled)
+                await wait_until(lambda: settled(before))
             assert len(pods) == 1, (group, pods)
+        # Both replicas count the prefixes' blocks as reused on their pods, whichever replica routed the reuse.
+        for member in f.replicas:
+            index = member.gateway.index
+            assert sum(index.reused_share(pod.id) for pod in member.gateway.pods) > 0
 
 
 async def test_without_shared_state_the_replicas_split_prefixes():
