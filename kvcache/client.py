@@ -8,6 +8,14 @@ batches are split to stay under the limit, `Get` is asked again for what a
 response could not hold, and frames larger than a message travel through the
 streams in chunks.
 
+Puts and gets go over the node's framed data port instead
+(`kvcache.datapath`) when the node names one (the ``DataPath`` call, asked
+once) and the channel is not TLS: same answers, same errors, a fraction of
+the copies. A node that serves none, or predates the call, is spoken to over
+gRPC alone. When the data port cannot be reached the node counts as
+unreachable (as when gRPC cannot reach it), and its data port is asked for
+again on the next call.
+
 Every call carries the caller's token (`kvcache.auth`); with a CA file the
 channel is TLS. A node's answers are bounded like a caller's requests: a
 streamed frame larger than `max_block_bytes`, or chunks that do not add up,
@@ -18,6 +26,7 @@ Frames are returned unchecked; checking is the caller's duty.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,8 @@ import grpc.aio
 from kvcache._pb import kvcache_pb2 as pb
 from kvcache._pb import kvcache_pb2_grpc as pb_grpc
 from kvcache.auth import call_metadata
+from kvcache.datapath.client import DataClient
+from kvcache.datapath.protocol import VERSION as DATA_VERSION
 from kvcache.errors import ConfigError, TierError, TierRejected, TierTimeout, TierUnavailable
 from kvcache.framing import Buffer
 from kvcache.keys import BlockKey
@@ -96,6 +107,8 @@ class NodeClient:
         tls_server_name: name to check the certificate against, when it is
             not the host in `address`.
         max_block_bytes: largest frame accepted from a stream.
+        data_plane: use the node's framed data port for puts and gets when
+            it serves one (never over TLS).
 
     Raises:
         ConfigError: the CA file cannot be read.
@@ -113,8 +126,13 @@ class NodeClient:
         tls_ca_file: str = "",
         tls_server_name: str = "",
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+        data_plane: bool = True,
     ) -> None:
         self.address = address
+        self._token = token
+        self._data_plane = data_plane and not tls_ca_file
+        self._data: DataClient | None = None
+        self._data_lock = asyncio.Lock()
         self._timeout = timeout_s
         self._limit = max_message_bytes
         self._batch_bytes = max(1, max_message_bytes - _ENVELOPE)
@@ -147,6 +165,48 @@ class NodeClient:
     def _error(self, exc: grpc.aio.AioRpcError) -> TierError:
         return rpc_error(self._tier, self.address, exc)
 
+    async def data_client(self) -> DataClient | None:
+        """The node's data-port client, asking the node for its port the first time; None for gRPC only.
+
+        Raises:
+            TierError: the node did not answer the ``DataPath`` call.
+        """
+        if self._data is not None or not self._data_plane:
+            return self._data
+        async with self._data_lock:  # concurrent first calls ask once and share one client
+            if self._data is not None or not self._data_plane:
+                return self._data
+            return await self._discover_data()
+
+    async def _discover_data(self) -> DataClient | None:
+        try:
+            reply = await self._stub.DataPath(pb.DataPathRequest(), timeout=self._timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._data_plane = False  # a node from before the data port
+                return None
+            raise self._error(exc) from exc
+        if not reply.port or reply.version != DATA_VERSION:
+            self._data_plane = False
+            return None
+        self._data = DataClient(
+            self.address.rsplit(":", 1)[0],
+            reply.port,
+            token=self._token,
+            timeout_s=self._timeout,
+            max_block_bytes=self._max_block,
+            bytes_per_deadline=self._limit,
+            tier=self._tier,
+            address=self.address,
+        )
+        return self._data
+
+    async def _forget_data(self, exc: TierError) -> None:
+        """After a failed data call: a node that went away may come back on another data port."""
+        if exc.retryable and self._data is not None:
+            data, self._data = self._data, None
+            await data.aclose()
+
     async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Whether the node holds each key.
 
@@ -165,12 +225,19 @@ class NodeClient:
             raise self._error(exc) from exc
         return present
 
-    async def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+    async def get(self, keys: Sequence[BlockKey]) -> list[Buffer | None]:
         """The stored frame of each key, or None.
 
         Raises:
             TierError: the node did not answer.
         """
+        data = await self.data_client()
+        if data is not None:
+            try:
+                return await data.get(keys)  # type: ignore[return-value]
+            except TierError as exc:
+                await self._forget_data(exc)
+                raise
         frames: list[bytes | None] = []
         try:
             while len(frames) < len(keys):
@@ -218,6 +285,13 @@ class NodeClient:
         Raises:
             TierError: the node did not take the writes.
         """
+        data = await self.data_client()
+        if data is not None:
+            try:
+                return PutResult(*await data.put(items))
+            except TierError as exc:
+                await self._forget_data(exc)
+                raise
         stored = rejected = 0
         batch: list[tuple[BlockKey, Buffer]] = []
         size = 0
@@ -286,5 +360,7 @@ class NodeClient:
             raise self._error(exc) from exc
 
     async def aclose(self) -> None:
-        """Close the channel."""
+        """Close the channel and the data connections."""
+        if self._data is not None:
+            await self._data.aclose()
         await self._channel.close()

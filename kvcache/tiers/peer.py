@@ -1,4 +1,9 @@
-"""L2: blocks on a ring of cache nodes, reached over gRPC.
+"""L2: blocks on a ring of cache nodes, reached over gRPC and their data ports.
+
+Frames travel over each node's framed data port when it serves one
+(`kvcache.datapath`, through `kvcache.client.NodeClient`), over gRPC
+otherwise; control calls (which keys a node holds, its fill level, where its
+data port is) are gRPC.
 
 Placement: `kvcache.ring.Ring` over the current members (from a
 `kvcache.membership` source, re-read every `refresh_s`). A block is written to
@@ -56,6 +61,8 @@ class PeerTier:
             plain TCP).
         tls_server_name: name the nodes' certificates carry, when it is not
             the host of their address.
+        data_plane: move frames over the nodes' data ports when they serve
+            one (never with TLS); off: gRPC for everything.
         name: metric label.
         metrics: where to count corrupt frames and node failures.
         clock: monotonic clock (tests pass a fake one).
@@ -75,6 +82,7 @@ class PeerTier:
         token: str = "",
         tls_ca_file: str = "",
         tls_server_name: str = "",
+        data_plane: bool = True,
         name: str = "l2",
         metrics: StoreMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -90,6 +98,7 @@ class PeerTier:
         self._token = token
         self._tls_ca_file = tls_ca_file
         self._tls_server_name = tls_server_name
+        self._data_plane = data_plane
         self._name = name
         self._metrics = metrics
         self._clock = clock
@@ -170,6 +179,7 @@ class PeerTier:
                 token=self._token,
                 tls_ca_file=self._tls_ca_file,
                 tls_server_name=self._tls_server_name,
+                data_plane=self._data_plane,
             )
             self._clients[node.address] = client
         return client

@@ -1,0 +1,284 @@
+"""The framed TCP data protocol of the cache nodes: message layout and socket I/O.
+
+gRPC carries the control calls of `proto/kvcache.proto`; the bulk of the
+bytes, frames put to and read from a node, can travel over this plainer
+protocol instead, on a second port the node names in its ``DataPath`` reply.
+It exists because Python gRPC copies every message several times and costs
+about 200 µs per call (measured by ``scripts/bench_kvcache.py --sections
+l2``); here a frame goes from the sender's buffer to the socket, and from the
+socket into the one buffer the receiver keeps, with no copy in between.
+
+Every message is a 16-byte header then a body (all integers little endian)::
+
+    magic "KVGD" | version u8 | type u8 | reserved u16 (0) | body length u64
+
+The message types, their bodies and the rules each side enforces are
+documented byte by byte in proto/README.md; this module holds the constants,
+the encoders and decoders of the small parts (headers, directories), and the
+socket helpers both sides read and write with (`recv_exact`, `recv_into`,
+`send_all`), which run on the event loop's non-blocking socket calls.
+
+Who uses it: `kvcache.datapath.listener` (the node) and
+`kvcache.datapath.client` (the L2 client). Not here: authentication, budgets
+and storage (the listener), pooling and retries (the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+
+from kvcache.framing import Buffer
+from kvcache.uploads import MAX_KEY_BYTES
+
+MAGIC = b"KVGD"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQ")
+HEADER_SIZE = HEADER.size
+#: Most keys one PUT or GET names (as the gRPC calls).
+MAX_KEYS = 4096
+#: Largest HELLO body (the token).
+MAX_HELLO_BYTES = 512
+#: Largest body of a reply other than FRAMES (a status or an error text).
+MAX_REPLY_BYTES = 4096
+#: Largest PUT directory: MAX_KEYS entries of key length, key and frame length.
+MAX_DIRECTORY_BYTES = MAX_KEYS * (1 + MAX_KEY_BYTES + 8)
+#: Largest GET body: a count, then MAX_KEYS entries of key length and key.
+MAX_GET_BYTES = 4 + MAX_KEYS * (1 + MAX_KEY_BYTES)
+#: Most bytes a reader waits for before the loop wakes it (see `recv_into`).
+LOW_WATER_BYTES = 1 << 20
+_COUNT = struct.Struct("<I")
+_PUT_HEAD = struct.Struct("<II")
+_STORED = struct.Struct("<II")
+_U64 = struct.Struct("<Q")
+
+
+class MessageType(enum.IntEnum):
+    """The `type` byte of a header: requests below 0x80, replies above."""
+
+    HELLO = 0x01
+    PUT = 0x02
+    GET = 0x03
+    WELCOME = 0x81
+    STORED = 0x82
+    FRAMES = 0x83
+    ERROR = 0xFF
+
+
+class Status(enum.IntEnum):
+    """Status byte of an ERROR body: the gRPC status code of the same refusal."""
+
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    RESOURCE_EXHAUSTED = 8
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class ProtocolError(ValueError):
+    """Bytes that break the protocol (bad magic, a length beyond its bound, a short body)."""
+
+
+class PeerClosed(ConnectionError):
+    """The other side closed the connection (possibly mid-message)."""
+
+
+def header(kind: MessageType, body_length: int) -> bytes:
+    """The 16-byte header of a message."""
+    return HEADER.pack(MAGIC, VERSION, kind, 0, body_length)
+
+
+def parse_header(data: Buffer) -> tuple[int, int]:
+    """(type, body length) of a header.
+
+    Raises:
+        ProtocolError: wrong magic or version, reserved bits set.
+    """
+    magic, version, kind, reserved, length = HEADER.unpack(data)
+    if magic != MAGIC or version != VERSION or reserved:
+        raise ProtocolError(f"not a v{VERSION} data message (magic {bytes(magic)!r}, version {version})")
+    return kind, length
+
+
+def encode_put_head(items: Sequence[tuple[bytes, int]]) -> bytes:
+    """Header, count, directory length and directory of a PUT of (key, frame length) pairs."""
+    directory = b"".join(bytes((len(key),)) + key + _U64.pack(length) for key, length in items)
+    body = _PUT_HEAD.size + len(directory) + sum(length for _, length in items)
+    return header(MessageType.PUT, body) + _PUT_HEAD.pack(len(items), len(directory)) + directory
+
+
+def parse_put_head(data: Buffer) -> tuple[int, int]:
+    """(count, directory length) of a PUT body's first 8 bytes.
+
+    Raises:
+        ProtocolError: more than `MAX_KEYS` blocks or an oversized directory.
+    """
+    count, size = _PUT_HEAD.unpack(data)
+    if count > MAX_KEYS or size > MAX_DIRECTORY_BYTES:
+        raise ProtocolError(f"a PUT of {count} blocks with a {size}-byte directory is beyond the limits")
+    return count, size
+
+
+def parse_directory(data: Buffer, count: int) -> list[tuple[bytes, int]]:
+    """The (key, frame length) entries of a PUT directory.
+
+    Raises:
+        ProtocolError: entries that do not fill the directory exactly.
+    """
+    view = memoryview(data)
+    entries: list[tuple[bytes, int]] = []
+    pos = 0
+    for _ in range(count):
+        if pos >= len(view):
+            raise ProtocolError("directory shorter than its count")
+        size = view[pos]
+        end = pos + 1 + size + 8
+        if end > len(view):
+            raise ProtocolError("directory entry beyond the directory")
+        entries.append((bytes(view[pos + 1 : pos + 1 + size]), _U64.unpack_from(view, pos + 1 + size)[0]))
+        pos = end
+    if pos != len(view):
+        raise ProtocolError("directory longer than its count")
+    return entries
+
+
+def encode_get(keys: Sequence[bytes]) -> bytes:
+    """A whole GET message."""
+    body = _COUNT.pack(len(keys)) + b"".join(bytes((len(key),)) + key for key in keys)
+    return header(MessageType.GET, len(body)) + body
+
+
+def parse_get(data: Buffer) -> list[bytes]:
+    """The keys of a GET body.
+
+    Raises:
+        ProtocolError: more than `MAX_KEYS` keys, or entries that do not fill the body.
+    """
+    view = memoryview(data)
+    if len(view) < _COUNT.size:
+        raise ProtocolError("GET body shorter than its count")
+    (count,) = _COUNT.unpack_from(view)
+    if count > MAX_KEYS:
+        raise ProtocolError(f"a GET of {count} keys; at most {MAX_KEYS}")
+    keys: list[bytes] = []
+    pos = _COUNT.size
+    for _ in range(count):
+        if pos >= len(view) or pos + 1 + view[pos] > len(view):
+            raise ProtocolError("GET key beyond the body")
+        keys.append(bytes(view[pos + 1 : pos + 1 + view[pos]]))
+        pos += 1 + view[pos]
+    if pos != len(view):
+        raise ProtocolError("GET body longer than its keys")
+    return keys
+
+
+def encode_frames_head(lengths: Sequence[int]) -> bytes:
+    """Header, count and lengths of a FRAMES reply (0 stands for an absent key)."""
+    table = _COUNT.pack(len(lengths)) + b"".join(_U64.pack(n) for n in lengths)
+    return header(MessageType.FRAMES, len(table) + sum(lengths)) + table
+
+
+def parse_lengths(data: Buffer) -> list[int]:
+    """The frame lengths of a FRAMES reply's table (after its count)."""
+    return [length for (length,) in _U64.iter_unpack(data)]
+
+
+def encode_stored(stored: int, rejected: int) -> bytes:
+    """A whole STORED reply."""
+    return header(MessageType.STORED, _STORED.size) + _STORED.pack(stored, rejected)
+
+
+def parse_stored(data: Buffer) -> tuple[int, int]:
+    """(stored, rejected) of a STORED body."""
+    if len(data) != _STORED.size:
+        raise ProtocolError(f"STORED body of {len(data)} bytes")
+    return _STORED.unpack(data)
+
+
+def encode_error(status: Status, message: str) -> bytes:
+    """A whole ERROR message (the text cut to fit `MAX_REPLY_BYTES`)."""
+    body = bytes((status,)) + message.encode()[: MAX_REPLY_BYTES - 1]
+    return header(MessageType.ERROR, len(body)) + body
+
+
+def parse_error(data: Buffer) -> tuple[int, str]:
+    """(status, message) of an ERROR body."""
+    view = bytes(data)
+    if not view:
+        raise ProtocolError("empty ERROR body")
+    return view[0], view[1:].decode(errors="replace")
+
+
+def encode_count(value: int) -> bytes:
+    """A u32 (the WELCOME body's fields use u64, see `encode_u64`)."""
+    return _COUNT.pack(value)
+
+
+def encode_u64(value: int) -> bytes:
+    """A u64."""
+    return _U64.pack(value)
+
+
+def parse_u64(data: Buffer) -> int:
+    """A u64."""
+    return _U64.unpack(data)[0]
+
+
+def parse_count(data: Buffer) -> int:
+    """A u32."""
+    return _COUNT.unpack(data)[0]
+
+
+async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket, straight from the kernel (no copy in between).
+
+    NOTE: while much is due, the socket's receive low-water mark is raised
+    (up to `LOW_WATER_BYTES`) so the loop is woken when a large piece has
+    arrived, not for every segment: on a busy machine each wake-up waits for a
+    core, and the wake-ups, not the copies, set the pace (measured with
+    scripts/bench_kvcache.py). The mark is put back to 1 before returning.
+
+    Raises:
+        PeerClosed: the connection ended first.
+    """
+    received = 0
+    total = view.nbytes
+    mark = 1
+    try:
+        while received < total:
+            want = min(total - received, LOW_WATER_BYTES)
+            if want != mark and (want > 1 << 16 or mark > 1):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                mark = want
+            count = await loop.sock_recv_into(sock, view[received:])
+            if not count:
+                raise PeerClosed(f"connection closed {total - received} bytes short")
+            received += count
+    finally:
+        if mark != 1 and sock.fileno() >= 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytearray:
+    """`size` bytes from the socket, in a new buffer.
+
+    Raises:
+        PeerClosed: the connection ended first.
+    """
+    buffer = bytearray(size)
+    await recv_into(loop, sock, memoryview(buffer))
+    return buffer
+
+
+async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: Buffer) -> None:
+    """Write a buffer whole (the loop sends from it in place)."""
+    await loop.sock_sendall(sock, data)
+
+
+def tune(sock: socket.socket) -> None:
+    """Options of every data connection: no Nagle delay (a reply is often one small write)."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
