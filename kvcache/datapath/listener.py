@@ -74,6 +74,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Longest a refused connection is kept open for its caller to read the ERROR.
+LINGER_S = 1.0
+#: Most bytes discarded meanwhile.
+LINGER_BYTES = 16 << 20
+
 
 class _Refused(Exception):
     """A request the listener answers with an ERROR, then closes the connection."""
@@ -180,18 +185,37 @@ class DataListener:
                     raise ProtocolError(f"unexpected message type {kind:#x}")
         except _Refused as exc:
             self._node.metrics.rejected.labels("Data", exc.reason).inc()
-            with contextlib.suppress(OSError):
-                await send_all(loop, conn, encode_error(exc.status, str(exc)))
+            await self._refuse(loop, conn, encode_error(exc.status, str(exc)))
         except ProtocolError as exc:
             self._node.metrics.rejected.labels("Data", "wire").inc()
-            with contextlib.suppress(OSError):
-                await send_all(loop, conn, encode_error(Status.INVALID_ARGUMENT, str(exc)))
+            await self._refuse(loop, conn, encode_error(Status.INVALID_ARGUMENT, str(exc)))
         except TimeoutError:
             self._node.metrics.rejected.labels("Data", "idle").inc()
         except (PeerClosed, OSError) as exc:
             log.debug("data connection dropped: %s", exc)
         finally:
             conn.close()
+
+    async def _refuse(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, error: bytes) -> None:
+        """Send an ERROR, then let the caller read it before the connection closes.
+
+        Closing a socket with unread bytes in it resets the connection, and a
+        reset can overtake the ERROR on its way to the caller. So the node
+        ends its side of the stream and discards what still arrives, for at
+        most `LINGER_S` and `LINGER_BYTES` (the caller is expected to stop
+        sending and close once it reads the ERROR).
+        """
+        with contextlib.suppress(OSError, TimeoutError, PeerClosed):
+            await send_all(loop, conn, error)
+            conn.shutdown(socket.SHUT_WR)
+            scratch = bytearray(1 << 16)
+            discarded = 0
+            async with asyncio.timeout(LINGER_S):
+                while discarded < LINGER_BYTES:
+                    count = await loop.sock_recv_into(conn, scratch)
+                    if not count:
+                        break
+                    discarded += count
 
     async def _read(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, size: int) -> bytearray:
         async with asyncio.timeout(self._node.settings.upload_idle_timeout_s):
