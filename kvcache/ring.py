@@ -105,6 +105,10 @@ class NodeInfo:
         return cls.make(data["id"], data["address"], data.get("labels"))
 
 
+#: Keys whose ring order a `Ring` remembers before starting afresh.
+MAX_REMEMBERED_KEYS = 1 << 14
+
+
 class Ring:
     """An immutable consistent-hash ring over cache nodes.
 
@@ -113,7 +117,7 @@ class Ring:
         vnodes: points per node on the ring.
     """
 
-    __slots__ = ("_nodes", "_vnodes", "_ring")
+    __slots__ = ("_nodes", "_vnodes", "_ring", "_orders")
 
     def __init__(self, nodes: Iterable[NodeInfo], *, vnodes: int = DEFAULT_VNODES) -> None:
         self._nodes: dict[NodeId, NodeInfo] = {node.node_id: node for node in nodes}
@@ -121,6 +125,10 @@ class Ring:
         self._ring = HashRing(
             nodes={node_id: {"instance": node_id, "vnodes": vnodes} for node_id in self._nodes}
         )
+        # NOTE: walking the ring costs about 20 us a key (profiled with
+        # scripts/bench_kvcache.py --sections l2), as much as moving a 64 KiB
+        # block; the ring never changes, so each key's order is kept (bounded).
+        self._orders: dict[bytes, list[NodeId]] = {}
 
     @property
     def nodes(self) -> Mapping[NodeId, NodeInfo]:
@@ -151,7 +159,13 @@ class Ring:
         """
         if not self._nodes:
             return []
-        return [NodeId(node["instance"]) for node in self._ring.range(key.hex(), size=count, unique=True)]
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) >= MAX_REMEMBERED_KEYS:
+                self._orders.clear()
+            order = [NodeId(node["instance"]) for node in self._ring.range(key.hex(), size=None, unique=True)]
+            self._orders[key] = order
+        return order[:count] if count is not None else list(order)
 
     def owner(self, key: bytes) -> NodeId | None:
         """The node that owns `key`, or None on an empty ring."""

@@ -289,7 +289,40 @@ def _raw_grpc_server(port_queue: multiprocessing.Queue) -> None:  # type: ignore
     asyncio.run(serve())
 
 
-async def measure_raw_grpc(port: int, size: int, total: int, batch_bytes: int, runs: int) -> tuple[float, float]:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Throughput and CPU cost of a timed section: this process plus the server's.
+
+    On a shared machine the wall clock counts the time spent waiting for a
+    core; CPU seconds per GB moved do not, so they show what a path costs
+    whatever the load.
+    """
+
+    def __init__(self, server_pid: int, moved: int) -> None:
+        self._pid = server_pid
+        self._moved = moved
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self) -> Meter:
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time() + process_cpu_s(self._pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() + process_cpu_s(self._pid) - self._cpu
+        self.samples.append((self._moved / wall / 1e9, cpu / (self._moved / 1e9)))
+
+
+Sample = tuple[tuple[float, float], tuple[float, float]]
+
+
+async def measure_raw_grpc(port: int, pid: int, size: int, total: int, batch_bytes: int) -> Sample:
     import grpc.aio
 
     from kvcache.client import channel_options
@@ -297,19 +330,15 @@ async def measure_raw_grpc(port: int, size: int, total: int, batch_bytes: int, r
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(128 << 20))
     put, get = channel.unary_unary("/raw.Bytes/Put"), channel.unary_unary("/raw.Bytes/Get")
     blocks = payloads(max(4, total // size), size)
-    moved = len(blocks) * size
-    put_best = get_best = 0.0
-    for _ in range(runs):
-        started = time.perf_counter()
+    meter = Meter(pid, len(blocks) * size)
+    with meter:
         for batch in batches(blocks, size, batch_bytes):
             await put(b"".join(batch))
-        put_best = max(put_best, moved / (time.perf_counter() - started) / 1e9)
-        started = time.perf_counter()
+    with meter:
         for _batch in batches(blocks, size, batch_bytes):
             await get(b"")
-        get_best = max(get_best, moved / (time.perf_counter() - started) / 1e9)
     await channel.close()
-    return put_best, get_best
+    return meter.samples[0], meter.samples[1]
 
 
 class RawClient:
@@ -352,10 +381,8 @@ def start_node(directory: Path, *extra: str) -> tuple[subprocess.Popen[bytes], s
     return process, json.loads(ready.read_text())["spec"]
 
 
-async def measure_l2(
-    spec: str, size: int, total: int, batch_bytes: int, runs: int, *, data_plane: bool = True
-) -> tuple[float, float]:
-    """Best L2 put and get throughput (GB/s) through the ring client, frames checked on get."""
+async def measure_l2(spec: str, pid: int, size: int, total: int, batch_bytes: int, *, data_plane: bool = True) -> Sample:
+    """L2 put and get through the ring client (frames checked on get), over the data port or gRPC alone."""
     from kvcache.membership import StaticMembership
     from kvcache.ring import NodeInfo
     from kvcache.tiers import PeerTier
@@ -369,38 +396,31 @@ async def measure_l2(
         body[:] = payload
         frames.append(bytes(seal(frame)))
     items = list(zip(keys, frames))
-    moved = len(keys) * size
-    put_best = get_best = 0.0
-    for _ in range(runs):
-        started = time.perf_counter()
+    await tier.put(items[:1])  # connect (and find the data port) outside the timed part
+    meter = Meter(pid, len(keys) * size)
+    with meter:
         for batch in batches(items, size, batch_bytes):
             await tier.put(batch)
-        put_best = max(put_best, moved / (time.perf_counter() - started) / 1e9)
-        started = time.perf_counter()
+    with meter:
         for batch in batches(keys, size, batch_bytes):
             got = await tier.get(batch)
             assert all(g is not None for g in got)
-        get_best = max(get_best, moved / (time.perf_counter() - started) / 1e9)
     await tier.aclose()
-    return put_best, get_best
+    return meter.samples[0], meter.samples[1]
 
 
-def measure_raw_socket(port: int, size: int, total: int, batch_bytes: int, runs: int) -> tuple[float, float]:
+def measure_raw_socket(port: int, pid: int, size: int, total: int, batch_bytes: int) -> Sample:
     client = RawClient(port)
     blocks = payloads(max(4, total // size), size)
-    moved = len(blocks) * size
-    put_best = get_best = 0.0
-    for _ in range(runs):
-        started = time.perf_counter()
+    meter = Meter(pid, len(blocks) * size)
+    with meter:
         for batch in batches(blocks, size, batch_bytes):
             client.put(batch)
-        put_best = max(put_best, moved / (time.perf_counter() - started) / 1e9)
-        started = time.perf_counter()
+    with meter:
         for batch in batches(blocks, size, batch_bytes):
             client.get(sum(len(b) for b in batch))
-        get_best = max(get_best, moved / (time.perf_counter() - started) / 1e9)
     client.sock.close()
-    return put_best, get_best
+    return meter.samples[0], meter.samples[1]
 
 
 def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
@@ -426,27 +446,30 @@ def run_l2(total: int, runs: int, batch_bytes: int) -> None:
     for peer in peers:
         peer.start()
     socket_port, grpc_port = (queue.get(timeout=30) for queue in queues)
-    rows, ratio_rows = [], []
+    rows, ratio_rows, cpu_rows = [], [], []
     with tempfile.TemporaryDirectory() as directory:
         node, spec = start_node(Path(directory), "--capacity-bytes", str(4 * total))
         try:
             for size in SIZES:
-                measures: dict[str, Callable[[], tuple[float, float]]] = {
-                    "socket": lambda: measure_raw_socket(socket_port, size, total, batch_bytes, 1),  # noqa: B023
-                    "gRPC": lambda: asyncio.run(measure_raw_grpc(grpc_port, size, total, batch_bytes, 1)),  # noqa: B023
-                    "L2": lambda: asyncio.run(measure_l2(spec, size, total, batch_bytes, 1)),  # noqa: B023
+                raw_pid, grpc_pid = (peer.pid or 0 for peer in peers)
+                measures: dict[str, Callable[[], Sample]] = {
+                    "socket": lambda: measure_raw_socket(socket_port, raw_pid, size, total, batch_bytes),  # noqa: B023
+                    "gRPC": lambda: asyncio.run(  # noqa: B023
+                        measure_raw_grpc(grpc_port, grpc_pid, size, total, batch_bytes)  # noqa: B023
+                    ),
+                    "L2": lambda: asyncio.run(measure_l2(spec, node.pid, size, total, batch_bytes)),  # noqa: B023
                     "L2 gRPC": lambda: asyncio.run(  # noqa: B023
-                        measure_l2(spec, size, total, batch_bytes, 1, data_plane=False)  # noqa: B023
+                        measure_l2(spec, node.pid, size, total, batch_bytes, data_plane=False)  # noqa: B023
                     ),
                 }
                 names = list(measures)
-                got: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+                got: dict[str, list[Sample]] = {name: [] for name in names}
                 for round_ in range(runs):
                     for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                         got[name].append(measures[name]())
 
-                def column(name: str, op: int) -> list[float]:
-                    return [sample[op] for sample in got[name]]  # noqa: B023
+                def column(name: str, op: int, part: int = 0) -> list[float]:
+                    return [sample[op][part] for sample in got[name]]  # noqa: B023
 
                 def ratios(name: str, op: int, base: str = "socket") -> list[float]:
                     return [a / b for a, b in zip(column(name, op), column(base, op))]
@@ -462,6 +485,8 @@ def run_l2(total: int, runs: int, batch_bytes: int) -> None:
                                   spread(ratios("L2", op, "L2 gRPC"), "{:.1f}x")]
                 rows.append(tuple(row))
                 ratio_rows.append(tuple(ratio_row))
+                cpu_rows.append((f"{size >> 10} KiB", *(spread(column(name, op, 1), "{:.2f}")
+                                                       for op in (0, 1) for name in names)))
         finally:
             node.terminate()
             node.wait()
@@ -474,6 +499,8 @@ def run_l2(total: int, runs: int, batch_bytes: int) -> None:
     table("L2 put/get as a share of the raw socket, per round; median (range)",
           ("block", "L2 put/socket", "L2 gRPC put/socket", "put: data port/gRPC",
            "L2 get/socket", "L2 gRPC get/socket", "get: data port/gRPC"), ratio_rows)
+    table("CPU seconds per GB moved, client and server processes together (independent of waiting for a core); "
+          "median (range)", tuple(header), cpu_rows)
 
 
 # --------------------------------------------------------------------------- L3

@@ -250,7 +250,7 @@ async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: 
     try:
         while received < total:
             want = min(total - received, LOW_WATER_BYTES)
-            if want != mark and (want > 1 << 16 or mark > 1):
+            if want != mark and (want > 1 << 18 or mark > 1):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
                 mark = want
             count = await loop.sock_recv_into(sock, view[received:])
