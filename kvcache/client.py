@@ -12,9 +12,10 @@ Puts and gets go over the node's framed data port instead
 (`kvcache.datapath`) when the node names one (the ``DataPath`` call, asked
 once) and the channel is not TLS: same answers, same errors, a fraction of
 the copies. A node that serves none, or predates the call, is spoken to over
-gRPC alone. When the data port cannot be reached the node counts as
-unreachable (as when gRPC cannot reach it), and its data port is asked for
-again on the next call.
+gRPC alone. When the data port fails (unreachable, reset), the call is made
+again over gRPC, which fails in turn if the node is gone, and the node is
+spoken to over gRPC for the next `DATA_PORT_RETRY_S` before its data port is
+asked for again.
 
 Every call carries the caller's token (`kvcache.auth`); with a CA file the
 channel is TLS. A node's answers are bounded like a caller's requests: a
@@ -27,6 +28,8 @@ Frames are returned unchecked; checking is the caller's duty.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,8 @@ from kvcache.framing import Buffer
 from kvcache.keys import BlockKey
 from kvcache.wire import WireError, decode_get_response, encode_put_request
 
+log = logging.getLogger(__name__)
+
 #: Default cap on one gRPC message, both directions.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 #: Room left in a message for field tags and lengths.
@@ -56,6 +61,8 @@ MIN_CHUNK_BYTES = 64 << 10
 MAX_KEYS_PER_CALL = 4096
 #: Largest frame a client reads from a stream (the nodes' default maximum).
 DEFAULT_MAX_BLOCK_BYTES = 256 << 20
+#: After a node's data port failed, how long its calls go over gRPC only.
+DATA_PORT_RETRY_S = 30.0
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -133,6 +140,7 @@ class NodeClient:
         self._data_plane = data_plane and not tls_ca_file
         self._data: DataClient | None = None
         self._data_lock = asyncio.Lock()
+        self._data_resume_at = 0.0
         self._timeout = timeout_s
         self._limit = max_message_bytes
         self._batch_bytes = max(1, max_message_bytes - _ENVELOPE)
@@ -171,7 +179,7 @@ class NodeClient:
         Raises:
             TierError: the node did not answer the ``DataPath`` call.
         """
-        if self._data is not None or not self._data_plane:
+        if self._data is not None or not self._data_plane or time.monotonic() < self._data_resume_at:
             return self._data
         async with self._data_lock:  # concurrent first calls ask once and share one client
             if self._data is not None or not self._data_plane:
@@ -201,11 +209,24 @@ class NodeClient:
         )
         return self._data
 
-    async def _forget_data(self, exc: TierError) -> None:
-        """After a failed data call: a node that went away may come back on another data port."""
-        if exc.retryable and self._data is not None:
+    async def _data_failed(self, exc: TierError) -> bool:
+        """After a failed data-port call: whether to make the same call over gRPC.
+
+        A refusal (`TierRejected`) stands. Otherwise the data port is left
+        alone for `DATA_PORT_RETRY_S` (the node may have restarted on another
+        port, or its data port may be unreachable from here while its gRPC
+        port is not, as behind a port mapping that publishes only the latter)
+        and, unless the node timed out, the call is made again over gRPC,
+        which fails in turn if the node itself is gone.
+        """
+        if not exc.retryable:
+            return False
+        log.warning("%s: data port failed (%s); gRPC only for %.0f s", self.address, exc, DATA_PORT_RETRY_S)
+        self._data_resume_at = time.monotonic() + DATA_PORT_RETRY_S
+        if self._data is not None:
             data, self._data = self._data, None
             await data.aclose()
+        return not isinstance(exc, TierTimeout)
 
     async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Whether the node holds each key.
@@ -236,8 +257,8 @@ class NodeClient:
             try:
                 return await data.get(keys)  # type: ignore[return-value]
             except TierError as exc:
-                await self._forget_data(exc)
-                raise
+                if not await self._data_failed(exc):
+                    raise
         frames: list[bytes | None] = []
         try:
             while len(frames) < len(keys):
@@ -290,8 +311,8 @@ class NodeClient:
             try:
                 return PutResult(*await data.put(items))
             except TierError as exc:
-                await self._forget_data(exc)
-                raise
+                if not await self._data_failed(exc):
+                    raise
         stored = rejected = 0
         batch: list[tuple[BlockKey, Buffer]] = []
         size = 0

@@ -21,9 +21,10 @@ handlers (`kvcache.service`) keep:
   gRPC, frames are stored as they came: readers check each
   (`kvcache.framing.open_frame`) before it is used, so a frame damaged on
   the way in is a counted miss when read, never a block handed to an engine.
-- Timeouts: a connection that stalls mid-message for
-  `upload_idle_timeout_s`, or idles between messages for `idle_timeout_s`,
-  is closed (and its reservation freed).
+- Timeouts: a connection whose bytes stop coming mid-message for
+  `upload_idle_timeout_s`, or that idles between messages for
+  `idle_timeout_s`, is closed (and its reservation freed); so is one whose
+  reader takes longer than `upload_idle_timeout_s` to take a frame.
 - While the node is leaving, PUT is refused with UNAVAILABLE; GET is served.
 
 After an ERROR the listener closes the connection: a refused body is never
@@ -175,7 +176,7 @@ class DataListener:
                 if not head:
                     return  # the client closed between messages
                 if len(head) < HEADER_SIZE:
-                    head += await recv_exact(loop, conn, HEADER_SIZE - len(head))
+                    head += await self._read(loop, conn, HEADER_SIZE - len(head))
                 kind, length = parse_header(head)
                 if kind == MessageType.PUT:
                     await self._put(loop, conn, caller, length)
@@ -218,8 +219,7 @@ class DataListener:
                     discarded += count
 
     async def _read(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, size: int) -> bytearray:
-        async with asyncio.timeout(self._node.settings.upload_idle_timeout_s):
-            return await recv_exact(loop, conn, size)
+        return await recv_exact(loop, conn, size, idle_s=self._node.settings.upload_idle_timeout_s)
 
     async def _hello(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Caller:
         node = self._node
@@ -275,8 +275,7 @@ class DataListener:
             self._node.metrics.pending_upload_bytes.set(uploads.used_bytes)
             # NOTE: the one allocation of this frame, after its size was checked and reserved.
             frame = bytearray(size)
-            async with asyncio.timeout(self._node.settings.upload_idle_timeout_s):
-                await recv_into(loop, conn, memoryview(frame))
+            await recv_into(loop, conn, memoryview(frame), idle_s=self._node.settings.upload_idle_timeout_s)
             return frame
         finally:
             uploads.release(size)

@@ -232,8 +232,17 @@ def parse_count(data: Buffer) -> int:
     return _COUNT.unpack(data)[0]
 
 
-async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
+async def recv_into(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, *, idle_s: float | None = None
+) -> None:
     """Fill `view` from the socket, straight from the kernel (no copy in between).
+
+    Args:
+        loop: the running loop.
+        sock: a non-blocking socket.
+        view: where the bytes go.
+        idle_s: longest wait for the next bytes (None: no limit); a sender
+            that stalls longer raises TimeoutError.
 
     NOTE: while much is due, the socket's receive low-water mark is raised
     (up to `LOW_WATER_BYTES`) so the loop is woken when a large piece has
@@ -253,7 +262,11 @@ async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: 
             if want != mark and (want > 1 << 18 or mark > 1):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
                 mark = want
-            count = await loop.sock_recv_into(sock, view[received:])
+            if idle_s is None:
+                count = await loop.sock_recv_into(sock, view[received:])
+            else:
+                async with asyncio.timeout(idle_s):
+                    count = await loop.sock_recv_into(sock, view[received:])
             if not count:
                 raise PeerClosed(f"connection closed {total - received} bytes short")
             received += count
@@ -262,14 +275,16 @@ async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: 
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
-async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytearray:
-    """`size` bytes from the socket, in a new buffer.
+async def recv_exact(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int, *, idle_s: float | None = None
+) -> bytearray:
+    """`size` bytes from the socket, in a new buffer (`idle_s` as in `recv_into`).
 
     Raises:
         PeerClosed: the connection ended first.
     """
     buffer = bytearray(size)
-    await recv_into(loop, sock, memoryview(buffer))
+    await recv_into(loop, sock, memoryview(buffer), idle_s=idle_s)
     return buffer
 
 

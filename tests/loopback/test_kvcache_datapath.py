@@ -294,3 +294,39 @@ async def test_a_hostile_node_cannot_make_the_client_allocate_what_it_claims() -
         server.close()
         await server.wait_closed()
     assert peak < 4 * MiB
+
+
+class _Unreachable:
+    """Stands in for a node's data listener whose port no longer answers (say, not published)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_a_data_port_that_stops_answering_costs_no_call_and_gRPC_carries_on() -> None:
+    metrics = StoreMetrics(CollectorRegistry())
+    async with run_nodes(1) as (nodes, membership):
+        node = nodes[0]
+        tier = PeerTier(StaticMembership(await membership.members()), read_fallback=0, timeout_s=10, metrics=metrics)
+        await tier.start()
+        try:
+            await tier.put([(key(1), frame(1, MiB))])
+            listener, port = node._data, node.data_port
+            assert listener is not None
+            await listener.stop()  # nothing listens there any more, but the node still names the port
+            node._data = _Unreachable(port)  # type: ignore[assignment]
+            await tier.put([(key(2), frame(2, MiB))])
+            got = await tier.get([key(1), key(2)])
+            assert [bytes(g) if g is not None else None for g in got] == [bytes(frame(1, MiB)), bytes(frame(2, MiB))]
+            assert "n0" in tier.ring, "the node must not be suspected"
+            assert node_count(node, "requests_total", method="Put") == 1
+            assert node_count(node, "requests_total", method="Get") == 1
+            failures = metrics.registry.get_sample_value(
+                "kvgate_kvcache_tier_failures_total", {"tier": "l2", "op": "put", "error": "TierUnavailable"}
+            )
+            assert not failures
+        finally:
+            await tier.aclose()
