@@ -22,7 +22,8 @@ channel is TLS. A node's answers are bounded like a caller's requests: a
 streamed frame larger than `max_block_bytes`, or chunks that do not add up,
 are refused (`TierRejected`) before anything is allocated for them.
 
-Frames are returned unchecked; checking is the caller's duty.
+Frames are returned unchecked unless `get` is given a check; checking is the
+caller's duty (the L2 tier checks each frame as it arrives).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import grpc.aio
 from kvcache._pb import kvcache_pb2 as pb
 from kvcache._pb import kvcache_pb2_grpc as pb_grpc
 from kvcache.auth import call_metadata
-from kvcache.datapath.client import DataClient
+from kvcache.datapath.client import DataClient, FrameCheck
 from kvcache.datapath.protocol import VERSION as DATA_VERSION
 from kvcache.errors import ConfigError, TierError, TierRejected, TierTimeout, TierUnavailable
 from kvcache.framing import Buffer
@@ -246,8 +247,14 @@ class NodeClient:
             raise self._error(exc) from exc
         return present
 
-    async def get(self, keys: Sequence[BlockKey]) -> list[Buffer | None]:
+    async def get(self, keys: Sequence[BlockKey], *, check: FrameCheck | None = None) -> list[Buffer | None]:
         """The stored frame of each key, or None.
+
+        Args:
+            keys: the keys.
+            check: called with each key and frame read; a frame it refuses
+                is returned as None. Over the data port it runs as each
+                frame arrives, while the frame is still in the CPU's cache.
 
         Raises:
             TierError: the node did not answer.
@@ -255,7 +262,7 @@ class NodeClient:
         data = await self.data_client()
         if data is not None:
             try:
-                return await data.get(keys)  # type: ignore[return-value]
+                return await data.get(keys, check=check)  # type: ignore[return-value]
             except TierError as exc:
                 if not await self._data_failed(exc):
                     raise
@@ -274,6 +281,8 @@ class NodeClient:
                     frames.extend(await self._get_streamed(rest[:1]))
                     continue
                 frames.extend(got[:served])
+            if check is not None:
+                frames = [None if f is None or not check(k, f) else f for k, f in zip(keys, frames)]
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         except WireError as exc:

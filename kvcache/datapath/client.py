@@ -13,8 +13,8 @@ unreachable, reset or refused for leaving or for the token:
 refuses for good, or an answer that breaks the protocol: `TierRejected`. A
 connection that fails in any way is closed, never reused.
 
-Frames are returned unchecked; checking is the caller's duty (the L2 tier
-checks each before it is used).
+Frames are checked by the caller's `check` as each arrives (the L2 tier
+passes `kvcache.framing.open_frame`), or returned unchecked without one.
 
 Who uses it: `kvcache.client.NodeClient`, once the node has named its data
 port over gRPC. Not here: deciding whether a node has a data port.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvcache.datapath.protocol import (
     HEADER_SIZE,
@@ -51,6 +51,9 @@ from kvcache.datapath.protocol import (
 )
 from kvcache.errors import TierError, TierRejected, TierTimeout, TierUnavailable
 from kvcache.framing import Buffer
+
+#: Checks a frame read for a key (True: usable).
+FrameCheck = Callable[[bytes, Buffer], bool]
 
 #: Idle connections kept per node.
 MAX_IDLE_CONNECTIONS = 4
@@ -222,8 +225,16 @@ class DataClient:
 
         return await self._call(work, moved)  # type: ignore[no-any-return]
 
-    async def get(self, keys: Sequence[bytes]) -> list[bytearray | None]:
-        """The stored frame of each key, or None (unchecked).
+    async def get(self, keys: Sequence[bytes], *, check: FrameCheck | None = None) -> list[bytearray | None]:
+        """The stored frame of each key, or None.
+
+        Args:
+            keys: the keys.
+            check: called with each key and frame as soon as the frame has
+                arrived (while it is still in the CPU's cache: checking the
+                whole batch afterwards costs a second trip through memory);
+                a frame it refuses is returned as None. Without it frames are
+                returned unchecked.
 
         Raises:
             TierError: the node did not answer, or answered out of protocol.
@@ -249,14 +260,14 @@ class DataClient:
                 if any(n > limit for n in lengths) or 4 + 8 * count + sum(lengths) != length:
                     raise ProtocolError("frame lengths beyond the block limit or the message")
                 scope.reschedule(loop.time() + self._timeout * (1 + sum(lengths) // self._per_deadline))
-                for size in lengths:
+                for asked, size in zip(batch, lengths):
                     if not size:
                         frames.append(None)
                         continue
                     # NOTE: the one copy of a frame on this side: kernel to its own buffer.
                     frame = bytearray(size)
                     await recv_into(loop, conn.sock, memoryview(frame))
-                    frames.append(frame)
+                    frames.append(frame if check is None or check(asked, frame) else None)
             return frames
 
         return await self._call(work, 0)  # type: ignore[no-any-return]

@@ -251,21 +251,20 @@ class PeerTier:
         try:
             if call == "exists":
                 return list(await client.exists(keys))
-            frames = await client.get(keys)
+            return list(await client.get(keys, check=self._intact))
         except TierError as exc:
             self._failed(node, exc)
             return exc if isinstance(exc, TierRejected) else None
-        checked: list[object] = []
-        for key, frame in zip(keys, frames):
-            if frame is not None:
-                try:
-                    open_frame(key, frame)
-                except CorruptBlock as exc:
-                    if self._metrics is not None:
-                        self._metrics.checksum_failures.labels(self._name, corruption_reason(exc)).inc()
-                    frame = None
-            checked.append(frame)
-        return checked
+
+    def _intact(self, key: bytes, frame: Buffer) -> bool:
+        """Whether a frame read from a node passes its check (a failure is counted, and a miss)."""
+        try:
+            open_frame(key, frame)
+        except CorruptBlock as exc:
+            if self._metrics is not None:
+                self._metrics.checksum_failures.labels(self._name, corruption_reason(exc)).inc()
+            return False
+        return True
 
     async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [bool(found) for found in await self._rounds(keys, "exists")]
