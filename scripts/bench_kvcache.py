@@ -9,7 +9,10 @@ Sections (``--sections``, default all but ``aibrix``):
 - ``l1``: L1 put (frame a block: copy + checksum + insert) and get (check +
   copy out) in GB/s, against a plain memory copy of the same blocks.
 - ``l2``: L2 put/get through the ring client to a cache node in another
-  process, against a raw TCP socket moving the same batches.
+  process, over the node's data port and over gRPC alone, against a raw TCP
+  socket and raw gRPC bytes moving the same batches; in rounds, with the
+  order rotated, ratios taken within a round, and CPU seconds per GB moved
+  (client and server together), which waiting for a core does not inflate.
 - ``l3``: L3 on Redis (pipelined, frames checked on read) against raw redis-py
   pipelines of SET and MGET of the same sizes, on a private redis-server.
 - ``ttft``: time to first token on engine B for a 3,000-token prompt that
@@ -24,8 +27,9 @@ Run from the repository root, e.g.::
     python scripts/bench_kvcache.py --sections ttft
     python scripts/bench_kvcache.py --sections aibrix --aibrix-python /path/to/venv/bin/python
 
-Figures are best-of-N throughputs (medians for TTFT); the machine is shared, so
-compare ratios measured in the same run, not absolute numbers across runs.
+Figures are best-of-N throughputs (L2: medians of N rounds with their range;
+medians for TTFT); the machine is shared, so compare ratios measured in the
+same run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
