@@ -1,6 +1,7 @@
 """An L2 cache node: the gRPC service, its block storage and its life cycle.
 
-`CacheNode` binds a `grpc.aio` server, stores frames in a byte-budgeted
+`CacheNode` binds a `grpc.aio` server (and, beside it, the framed data port
+of `kvcache.datapath.listener`), stores frames in a byte-budgeted
 `LocalTier` (frames are kept opaque; clients check them; the bulk messages
 are read and written in wire format by `kvcache.wire`), registers itself in
 the membership, and on `leave` hands every block it holds to the block's new
@@ -88,6 +89,14 @@ class NodeSettings:
         tls_key_file: PEM private key of `tls_cert_file`.
         tls_ca_file: PEM roots the node trusts when it hands blocks to other
             nodes (default: `tls_cert_file`, for a certificate shared by all).
+        data_plane: serve the framed data protocol (`kvcache.datapath`,
+            proto/README.md) beside gRPC (default on): frames move there at
+            about half gRPC's CPU per byte. Off, or with TLS (the data port
+            has none), clients use gRPC for everything.
+        data_port: port of the data protocol on `host`; 0 (default) picks
+            a free one, which clients learn from the ``DataPath`` call.
+        data_idle_timeout_s: a data connection with no request for this long
+            is closed (default 300 s; clients open another when they need one).
     """
 
     node_id: str = ""

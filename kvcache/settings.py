@@ -85,9 +85,9 @@ class L2Settings:
         tls_server_name: the name the nodes' certificates carry, when it is
             not the host of their address.
         data_plane: move frames over the nodes' framed data ports
-            (`kvcache.datapath`) when they serve one (default true: 2 to 3
-            times gRPC's throughput for blocks of 256 KiB and up); never
-            with TLS. False keeps every call on gRPC.
+            (`kvcache.datapath`) when they serve one (default true: about
+            half gRPC's CPU per byte moved, see kvcache/README.md, "L2
+            throughput"); never with TLS. False keeps every call on gRPC.
     """
 
     peers: tuple[str, ...] = ()
