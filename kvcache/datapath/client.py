@@ -128,7 +128,7 @@ class DataClient:
         try:
             tune(sock)
             await loop.sock_connect(sock, address)
-            await send_all(loop, sock, header(MessageType.HELLO, len(self._token)) + self._token)
+            await send_all(loop, sock, [header(MessageType.HELLO, len(self._token)) + self._token])
             body = await self._reply(loop, sock, MessageType.WELCOME)
             return _Connection(sock, parse_u64(body))
         except BaseException:
@@ -216,9 +216,8 @@ class DataClient:
             rejected += len(views) - len(fitting)
             for start in range(0, len(fitting), MAX_KEYS):
                 batch = fitting[start : start + MAX_KEYS]
-                await send_all(loop, conn.sock, encode_put_head([(key, view.nbytes) for key, view in batch]))
-                for _, view in batch:
-                    await send_all(loop, conn.sock, view)
+                head = encode_put_head([(key, view.nbytes) for key, view in batch])
+                await send_all(loop, conn.sock, [head, *(view for _, view in batch)])
                 done, refused = parse_stored(await self._reply(loop, conn.sock, MessageType.STORED))
                 stored, rejected = stored + done, rejected + refused
             return stored, rejected
@@ -245,7 +244,7 @@ class DataClient:
             limit = min(self._max_block, conn.max_block)
             for start in range(0, len(keys), MAX_KEYS):
                 batch = keys[start : start + MAX_KEYS]
-                await send_all(loop, conn.sock, encode_get(batch))
+                await send_all(loop, conn.sock, [encode_get(batch)])
                 kind, length = parse_header(await recv_exact(loop, conn.sock, HEADER_SIZE))
                 if kind == MessageType.ERROR:
                     if length > MAX_REPLY_BYTES:

@@ -24,7 +24,7 @@ handlers (`kvcache.service`) keep:
 - Timeouts: a connection whose bytes stop coming mid-message for
   `upload_idle_timeout_s`, or that idles between messages for
   `idle_timeout_s`, is closed (and its reservation freed); so is one whose
-  reader takes longer than `upload_idle_timeout_s` to take a frame.
+  reader takes no byte of an answer for `upload_idle_timeout_s`.
 - While the node is leaving, PUT is refused with UNAVAILABLE; GET is served.
 
 After an ERROR the listener closes the connection: a refused body is never
@@ -207,11 +207,11 @@ class DataListener:
         sending and close once it reads the ERROR).
         """
         with contextlib.suppress(OSError, TimeoutError, PeerClosed):
-            await send_all(loop, conn, error)
-            conn.shutdown(socket.SHUT_WR)
-            scratch = bytearray(1 << 16)
-            discarded = 0
             async with asyncio.timeout(LINGER_S):
+                await send_all(loop, conn, [error])
+                conn.shutdown(socket.SHUT_WR)
+                scratch = bytearray(1 << 16)
+                discarded = 0
                 while discarded < LINGER_BYTES:
                     count = await loop.sock_recv_into(conn, scratch)
                     if not count:
@@ -231,7 +231,9 @@ class DataListener:
         if caller is None:
             raise _Refused(Status.UNAUTHENTICATED, "unauthenticated", "missing or unknown token")
         welcome = encode_u64(node.max_block_bytes)
-        await send_all(loop, conn, header(MessageType.WELCOME, len(welcome)) + welcome)
+        await send_all(
+            loop, conn, [header(MessageType.WELCOME, len(welcome)) + welcome], idle_s=node.settings.upload_idle_timeout_s
+        )
         return caller
 
     async def _put(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, caller: Caller, length: int) -> None:
@@ -261,8 +263,7 @@ class DataListener:
                 rejected += 1
         node.metrics.blocks.labels("DataPut", "stored").inc(stored)
         node.metrics.blocks.labels("DataPut", "rejected").inc(rejected)
-        async with asyncio.timeout(node.settings.upload_idle_timeout_s):
-            await send_all(loop, conn, encode_stored(stored, rejected))
+        await send_all(loop, conn, [encode_stored(stored, rejected)], idle_s=node.settings.upload_idle_timeout_s)
 
     async def _receive_frame(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, size: int) -> bytearray:
         """One frame of a PUT, read into a buffer reserved in the upload budget first."""
@@ -295,10 +296,8 @@ class DataListener:
         hits = sum(frame is not None for frame in frames)
         node.metrics.blocks.labels("DataGet", "hit").inc(hits)
         node.metrics.blocks.labels("DataGet", "miss").inc(len(frames) - hits)
-        # A reader that stops reading for the idle timeout loses the connection.
-        async with asyncio.timeout(node.settings.upload_idle_timeout_s):
-            await send_all(loop, conn, encode_frames_head([0 if f is None else memoryview(f).nbytes for f in frames]))
-        for frame in frames:
-            if frame is not None:
-                async with asyncio.timeout(node.settings.upload_idle_timeout_s):
-                    await send_all(loop, conn, frame)
+        head = encode_frames_head([0 if f is None else memoryview(f).nbytes for f in frames])
+        # A reader that stops taking bytes for the idle timeout loses the connection.
+        await send_all(
+            loop, conn, [head, *(f for f in frames if f is not None)], idle_s=node.settings.upload_idle_timeout_s
+        )

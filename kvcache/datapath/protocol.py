@@ -48,8 +48,8 @@ MAX_REPLY_BYTES = 4096
 MAX_DIRECTORY_BYTES = MAX_KEYS * (1 + MAX_KEY_BYTES + 8)
 #: Largest GET body: a count, then MAX_KEYS entries of key length and key.
 MAX_GET_BYTES = 4 + MAX_KEYS * (1 + MAX_KEY_BYTES)
-#: Most bytes a reader waits for before the loop wakes it (see `recv_into`).
-LOW_WATER_BYTES = 1 << 20
+#: Buffers handed to one sendmsg (Linux's IOV_MAX is 1024).
+_MAX_IOV = 512
 _COUNT = struct.Struct("<I")
 _PUT_HEAD = struct.Struct("<II")
 _STORED = struct.Struct("<II")
@@ -244,35 +244,26 @@ async def recv_into(
         idle_s: longest wait for the next bytes (None: no limit); a sender
             that stalls longer raises TimeoutError.
 
-    NOTE: while much is due, the socket's receive low-water mark is raised
-    (up to `LOW_WATER_BYTES`) so the loop is woken when a large piece has
-    arrived, not for every segment: on a busy machine each wake-up waits for a
-    core, and the wake-ups, not the copies, set the pace (measured with
-    scripts/bench_kvcache.py). The mark is put back to 1 before returning.
+    NOTE: bytes already in the socket are taken without a trip through the
+    loop, and a timer is armed only when there is nothing to take.
 
     Raises:
         PeerClosed: the connection ended first.
     """
     received = 0
     total = view.nbytes
-    mark = 1
-    try:
-        while received < total:
-            want = min(total - received, LOW_WATER_BYTES)
-            if want != mark and (want > 1 << 18 or mark > 1):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                mark = want
+    while received < total:
+        try:
+            count = sock.recv_into(view[received:])
+        except (BlockingIOError, InterruptedError):
             if idle_s is None:
                 count = await loop.sock_recv_into(sock, view[received:])
             else:
                 async with asyncio.timeout(idle_s):
                     count = await loop.sock_recv_into(sock, view[received:])
-            if not count:
-                raise PeerClosed(f"connection closed {total - received} bytes short")
-            received += count
-    finally:
-        if mark != 1 and sock.fileno() >= 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if not count:
+            raise PeerClosed(f"connection closed {total - received} bytes short")
+        received += count
 
 
 async def recv_exact(
@@ -288,9 +279,55 @@ async def recv_exact(
     return buffer
 
 
-async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: Buffer) -> None:
-    """Write a buffer whole (the loop sends from it in place)."""
-    await loop.sock_sendall(sock, data)
+async def send_all(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, parts: Sequence[Buffer], *, idle_s: float | None = None
+) -> None:
+    """Write buffers whole, in order, from where they are (no copy, no joining).
+
+    Args:
+        loop: the running loop.
+        sock: a non-blocking socket.
+        parts: the buffers, sent back to back.
+        idle_s: longest wait for the socket to take more (None: no limit);
+            a reader that stalls longer raises TimeoutError.
+
+    NOTE: one ``sendmsg`` hands the kernel as many buffers as fit (a header
+    and the frames of a batch), where a call per buffer would cost a system
+    call, and often a trip through the loop, per frame.
+    """
+    views = [view for view in (memoryview(part).cast("B") for part in parts) if view.nbytes]
+    first = 0
+    while first < len(views):
+        try:
+            sent = sock.sendmsg(views[first : first + _MAX_IOV])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        while first < len(views) and sent >= views[first].nbytes:
+            sent -= views[first].nbytes
+            first += 1
+        if first < len(views) and sent:
+            views[first] = views[first][sent:]
+        elif first < len(views):
+            await _writable(loop, sock, idle_s)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket, idle_s: float | None) -> None:
+    """Wait until the socket can take more bytes."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        if idle_s is None:
+            await ready
+        else:
+            async with asyncio.timeout(idle_s):
+                await ready
+    finally:
+        loop.remove_writer(sock.fileno())
 
 
 def tune(sock: socket.socket) -> None:
