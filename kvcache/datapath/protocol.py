@@ -212,11 +212,6 @@ def parse_error(data: Buffer) -> tuple[int, str]:
     return view[0], view[1:].decode(errors="replace")
 
 
-def encode_count(value: int) -> bytes:
-    """A u32 (the WELCOME body's fields use u64, see `encode_u64`)."""
-    return _COUNT.pack(value)
-
-
 def encode_u64(value: int) -> bytes:
     """A u64."""
     return _U64.pack(value)
