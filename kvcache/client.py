@@ -8,16 +8,29 @@ batches are split to stay under the limit, `Get` is asked again for what a
 response could not hold, and frames larger than a message travel through the
 streams in chunks.
 
+Puts and gets go over the node's framed data port instead
+(`kvcache.datapath`) when the node names one (the ``DataPath`` call, asked
+once) and the channel is not TLS: same answers, same errors, a fraction of
+the copies. A node that serves none, or predates the call, is spoken to over
+gRPC alone. When the data port fails (unreachable, reset), the call is made
+again over gRPC, which fails in turn if the node is gone, and the node is
+spoken to over gRPC for the next `DATA_PORT_RETRY_S` before its data port is
+asked for again.
+
 Every call carries the caller's token (`kvcache.auth`); with a CA file the
 channel is TLS. A node's answers are bounded like a caller's requests: a
 streamed frame larger than `max_block_bytes`, or chunks that do not add up,
 are refused (`TierRejected`) before anything is allocated for them.
 
-Frames are returned unchecked; checking is the caller's duty.
+Frames are returned unchecked unless `get` is given a check; checking is the
+caller's duty (the L2 tier checks each frame as it arrives).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +41,14 @@ import grpc.aio
 from kvcache._pb import kvcache_pb2 as pb
 from kvcache._pb import kvcache_pb2_grpc as pb_grpc
 from kvcache.auth import call_metadata
+from kvcache.datapath.client import DataClient, FrameCheck
+from kvcache.datapath.protocol import VERSION as DATA_VERSION
 from kvcache.errors import ConfigError, TierError, TierRejected, TierTimeout, TierUnavailable
 from kvcache.framing import Buffer
 from kvcache.keys import BlockKey
 from kvcache.wire import WireError, decode_get_response, encode_put_request
+
+log = logging.getLogger(__name__)
 
 #: Default cap on one gRPC message, both directions.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -45,6 +62,8 @@ MIN_CHUNK_BYTES = 64 << 10
 MAX_KEYS_PER_CALL = 4096
 #: Largest frame a client reads from a stream (the nodes' default maximum).
 DEFAULT_MAX_BLOCK_BYTES = 256 << 20
+#: After a node's data port failed, how long its calls go over gRPC only.
+DATA_PORT_RETRY_S = 30.0
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -96,6 +115,8 @@ class NodeClient:
         tls_server_name: name to check the certificate against, when it is
             not the host in `address`.
         max_block_bytes: largest frame accepted from a stream.
+        data_plane: use the node's framed data port for puts and gets when
+            it serves one (never over TLS).
 
     Raises:
         ConfigError: the CA file cannot be read.
@@ -113,8 +134,14 @@ class NodeClient:
         tls_ca_file: str = "",
         tls_server_name: str = "",
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+        data_plane: bool = True,
     ) -> None:
         self.address = address
+        self._token = token
+        self._data_plane = data_plane and not tls_ca_file
+        self._data: DataClient | None = None
+        self._data_lock = asyncio.Lock()
+        self._data_resume_at = 0.0
         self._timeout = timeout_s
         self._limit = max_message_bytes
         self._batch_bytes = max(1, max_message_bytes - _ENVELOPE)
@@ -147,6 +174,61 @@ class NodeClient:
     def _error(self, exc: grpc.aio.AioRpcError) -> TierError:
         return rpc_error(self._tier, self.address, exc)
 
+    async def data_client(self) -> DataClient | None:
+        """The node's data-port client, asking the node for its port the first time; None for gRPC only.
+
+        Raises:
+            TierError: the node did not answer the ``DataPath`` call.
+        """
+        if self._data is not None or not self._data_plane or time.monotonic() < self._data_resume_at:
+            return self._data
+        async with self._data_lock:  # concurrent first calls ask once and share one client
+            if self._data is not None or not self._data_plane:
+                return self._data
+            return await self._discover_data()
+
+    async def _discover_data(self) -> DataClient | None:
+        try:
+            reply = await self._stub.DataPath(pb.DataPathRequest(), timeout=self._timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._data_plane = False  # a node from before the data port
+                return None
+            raise self._error(exc) from exc
+        if not reply.port or reply.version != DATA_VERSION:
+            self._data_plane = False
+            return None
+        self._data = DataClient(
+            self.address.rsplit(":", 1)[0],
+            reply.port,
+            token=self._token,
+            timeout_s=self._timeout,
+            max_block_bytes=self._max_block,
+            bytes_per_deadline=self._limit,
+            tier=self._tier,
+            address=self.address,
+        )
+        return self._data
+
+    async def _data_failed(self, exc: TierError) -> bool:
+        """After a failed data-port call: whether to make the same call over gRPC.
+
+        A refusal (`TierRejected`) stands. Otherwise the data port is left
+        alone for `DATA_PORT_RETRY_S` (the node may have restarted on another
+        port, or its data port may be unreachable from here while its gRPC
+        port is not, as behind a port mapping that publishes only the latter)
+        and, unless the node timed out, the call is made again over gRPC,
+        which fails in turn if the node itself is gone.
+        """
+        if not exc.retryable:
+            return False
+        log.warning("%s: data port failed (%s); gRPC only for %.0f s", self.address, exc, DATA_PORT_RETRY_S)
+        self._data_resume_at = time.monotonic() + DATA_PORT_RETRY_S
+        if self._data is not None:
+            data, self._data = self._data, None
+            await data.aclose()
+        return not isinstance(exc, TierTimeout)
+
     async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Whether the node holds each key.
 
@@ -165,12 +247,25 @@ class NodeClient:
             raise self._error(exc) from exc
         return present
 
-    async def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+    async def get(self, keys: Sequence[BlockKey], *, check: FrameCheck | None = None) -> list[Buffer | None]:
         """The stored frame of each key, or None.
+
+        Args:
+            keys: the keys.
+            check: called with each key and frame read; a frame it refuses
+                is returned as None. Over the data port it runs as each
+                frame arrives, while the frame is still in the CPU's cache.
 
         Raises:
             TierError: the node did not answer.
         """
+        data = await self.data_client()
+        if data is not None:
+            try:
+                return await data.get(keys, check=check)  # type: ignore[return-value]
+            except TierError as exc:
+                if not await self._data_failed(exc):
+                    raise
         frames: list[bytes | None] = []
         try:
             while len(frames) < len(keys):
@@ -186,6 +281,8 @@ class NodeClient:
                     frames.extend(await self._get_streamed(rest[:1]))
                     continue
                 frames.extend(got[:served])
+            if check is not None:
+                frames = [None if f is None or not check(k, f) else f for k, f in zip(keys, frames)]
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         except WireError as exc:
@@ -218,6 +315,13 @@ class NodeClient:
         Raises:
             TierError: the node did not take the writes.
         """
+        data = await self.data_client()
+        if data is not None:
+            try:
+                return PutResult(*await data.put(items))
+            except TierError as exc:
+                if not await self._data_failed(exc):
+                    raise
         stored = rejected = 0
         batch: list[tuple[BlockKey, Buffer]] = []
         size = 0
@@ -286,5 +390,7 @@ class NodeClient:
             raise self._error(exc) from exc
 
     async def aclose(self) -> None:
-        """Close the channel."""
+        """Close the channel and the data connections."""
+        if self._data is not None:
+            await self._data.aclose()
         await self._channel.close()

@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unauthenticated", action="store_true",
         help="serve a non-loopback interface without a token (anyone reaching the port reads and writes every block)",
     )
+    parser.add_argument(
+        "--data-port", type=int, default=0,
+        help="port of the framed data protocol (bulk puts and gets beside gRPC); 0 picks a free one (default), -1 serves none",
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics here (0: off)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write JSON here once serving")
     parser.add_argument(
@@ -238,6 +242,8 @@ async def _run(args: argparse.Namespace) -> int:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_ca_file=args.tls_ca,
+        data_plane=args.data_port >= 0,
+        data_port=max(0, args.data_port),
     )
     registry = CollectorRegistry()
     if args.metrics_port:

@@ -17,6 +17,9 @@ leaves. Both must build rings from the same members with the same `vnodes`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +108,10 @@ class NodeInfo:
         return cls.make(data["id"], data["address"], data.get("labels"))
 
 
+#: Keys whose ring order a `Ring` remembers before starting afresh.
+MAX_REMEMBERED_KEYS = 1 << 14
+
+
 class Ring:
     """An immutable consistent-hash ring over cache nodes.
 
@@ -113,7 +120,7 @@ class Ring:
         vnodes: points per node on the ring.
     """
 
-    __slots__ = ("_nodes", "_vnodes", "_ring")
+    __slots__ = ("_nodes", "_vnodes", "_ring", "_orders", "_points", "_owners")
 
     def __init__(self, nodes: Iterable[NodeInfo], *, vnodes: int = DEFAULT_VNODES) -> None:
         self._nodes: dict[NodeId, NodeInfo] = {node.node_id: node for node in nodes}
@@ -121,6 +128,15 @@ class Ring:
         self._ring = HashRing(
             nodes={node_id: {"instance": node_id, "vnodes": vnodes} for node_id in self._nodes}
         )
+        # NOTE: uhashring's own walk (`range`) copies its point list on every
+        # call: 20 to 50 us a key, profiled with scripts/bench_kvcache.py
+        # --sections l2, as much as moving a 64 KiB block. The same points,
+        # in the same order, are walked here with a bisect (tests compare the
+        # two), and each key's order is kept, since the ring never changes.
+        runtime = self._ring.runtime
+        self._points: list[int] = list(runtime._keys)
+        self._owners: list[NodeId] = [NodeId(runtime._nodes[runtime._ring[p]]["instance"]) for p in self._points]
+        self._orders: dict[bytes, list[NodeId]] = {}
 
     @property
     def nodes(self) -> Mapping[NodeId, NodeInfo]:
@@ -151,7 +167,29 @@ class Ring:
         """
         if not self._nodes:
             return []
-        return [NodeId(node["instance"]) for node in self._ring.range(key.hex(), size=count, unique=True)]
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) >= MAX_REMEMBERED_KEYS:
+                self._orders.clear()
+            order = self._walk(key)
+            self._orders[key] = order
+        return order[:count] if count is not None else list(order)
+
+    def _walk(self, key: bytes) -> list[NodeId]:
+        """Every node, in ring order from the key's point (uhashring's `range`, without its copies)."""
+        points, owners = self._points, self._owners
+        start = bisect.bisect(points, self._ring.hashi(key.hex()))
+        wanted = len(self._nodes)
+        order: list[NodeId] = []
+        seen: set[NodeId] = set()
+        for index in itertools.chain(range(start, len(points)), range(start)):
+            node = owners[index]
+            if node not in seen:
+                seen.add(node)
+                order.append(node)
+                if len(order) == wanted:
+                    break
+        return order
 
     def owner(self, key: bytes) -> NodeId | None:
         """The node that owns `key`, or None on an empty ring."""

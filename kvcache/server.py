@@ -1,6 +1,7 @@
 """An L2 cache node: the gRPC service, its block storage and its life cycle.
 
-`CacheNode` binds a `grpc.aio` server, stores frames in a byte-budgeted
+`CacheNode` binds a `grpc.aio` server (and, beside it, the framed data port
+of `kvcache.datapath.listener`), stores frames in a byte-budgeted
 `LocalTier` (frames are kept opaque; clients check them; the bulk messages
 are read and written in wire format by `kvcache.wire`), registers itself in
 the membership, and on `leave` hands every block it holds to the block's new
@@ -30,6 +31,7 @@ import grpc.aio
 
 from kvcache.auth import AuthInterceptor, Authenticator
 from kvcache.client import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, NodeClient, channel_options
+from kvcache.datapath.listener import DataListener
 from kvcache.errors import ConfigError, TierError
 from kvcache.eviction import DEFAULT_POLICY
 from kvcache.framing import Buffer
@@ -87,6 +89,14 @@ class NodeSettings:
         tls_key_file: PEM private key of `tls_cert_file`.
         tls_ca_file: PEM roots the node trusts when it hands blocks to other
             nodes (default: `tls_cert_file`, for a certificate shared by all).
+        data_plane: serve the framed data protocol (`kvcache.datapath`,
+            proto/README.md) beside gRPC (default on): frames move there at
+            about half gRPC's CPU per byte. Off, or with TLS (the data port
+            has none), clients use gRPC for everything.
+        data_port: port of the data protocol on `host`; 0 (default) picks
+            a free one, which clients learn from the ``DataPath`` call.
+        data_idle_timeout_s: a data connection with no request for this long
+            is closed (default 300 s; clients open another when they need one).
     """
 
     node_id: str = ""
@@ -110,6 +120,9 @@ class NodeSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    data_plane: bool = True
+    data_port: int = 0
+    data_idle_timeout_s: float = 300.0
 
 
 class CacheNode:
@@ -144,7 +157,13 @@ class CacheNode:
         self.leaving = False
         self._membership = membership
         self._server: grpc.aio.Server | None = None
+        self._data: DataListener | None = None
         self._info: NodeInfo | None = None
+
+    @property
+    def data_port(self) -> int:
+        """Port of the framed data protocol, 0 when the node serves none."""
+        return self._data.port if self._data is not None else 0
 
     @property
     def info(self) -> NodeInfo:
@@ -179,6 +198,9 @@ class CacheNode:
             port = server.add_insecure_port(bind)
         await server.start()
         self._server = server
+        if settings.data_plane and not settings.tls_cert_file:
+            self._data = DataListener(self, idle_timeout_s=settings.data_idle_timeout_s)
+            await self._data.start(settings.host, settings.data_port)
         loopback = settings.host in ("127.0.0.1", "localhost", "::1")
         if self.auth.open and not loopback:
             log.warning("cache node on %s accepts calls without a token: anyone who reaches it can read and write every block", bind)
@@ -190,7 +212,10 @@ class CacheNode:
         await self._membership.register(self._info)
         members = await self._membership.members()
         self.metrics.members.set(len(members))
-        log.info("cache node %s serving on %s (%d members)", self._info.node_id, address, len(members))
+        log.info(
+            "cache node %s serving on %s (data port %s, %d members)",
+            self._info.node_id, address, self.data_port or "off", len(members),
+        )
         return self._info
 
     async def leave(self) -> HandoffReport:
@@ -264,6 +289,9 @@ class CacheNode:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop serving (after `leave`, or abruptly without it)."""
+        if self._data is not None:
+            await self._data.stop()
+            self._data = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

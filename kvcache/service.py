@@ -24,6 +24,7 @@ import grpc.aio
 from kvcache._pb import kvcache_pb2 as pb
 from kvcache.auth import Caller
 from kvcache.client import MAX_KEYS_PER_CALL, MIN_CHUNK_BYTES
+from kvcache.datapath.protocol import VERSION as DATA_VERSION
 from kvcache.errors import InvalidRequest, OverBudget, RequestRejected
 from kvcache.framing import Buffer
 from kvcache.keys import BlockKey
@@ -189,6 +190,13 @@ class _Service:
         )
 
 
+    async def DataPath(self, request: pb.DataPathRequest, context: grpc.aio.ServicerContext) -> pb.DataPathResponse:
+        node = self._node
+        return pb.DataPathResponse(
+            port=node.data_port, version=DATA_VERSION if node.data_port else 0, max_block_bytes=node.max_block_bytes
+        )
+
+
 def service_handlers(node: CacheNode) -> grpc.GenericRpcHandler:
     """The KVCache service of `node`: raw wire bytes for Put and Get, generated classes otherwise."""
     service = _Service(node)
@@ -221,6 +229,11 @@ def service_handlers(node: CacheNode) -> grpc.GenericRpcHandler:
                 service.Stats,
                 request_deserializer=pb.StatsRequest.FromString,
                 response_serializer=pb.StatsResponse.SerializeToString,
+            ),
+            "DataPath": grpc.unary_unary_rpc_method_handler(
+                service.DataPath,
+                request_deserializer=pb.DataPathRequest.FromString,
+                response_serializer=pb.DataPathResponse.SerializeToString,
             ),
         },
     )

@@ -84,6 +84,10 @@ class L2Settings:
             empty (default) speaks plain TCP.
         tls_server_name: the name the nodes' certificates carry, when it is
             not the host of their address.
+        data_plane: move frames over the nodes' framed data ports
+            (`kvcache.datapath`) when they serve one (default true: about
+            half gRPC's CPU per byte moved, see kvcache/README.md, "L2
+            throughput"); never with TLS. False keeps every call on gRPC.
     """
 
     peers: tuple[str, ...] = ()
@@ -103,6 +107,7 @@ class L2Settings:
     token_file: str = ""
     tls_ca_file: str = ""
     tls_server_name: str = ""
+    data_plane: bool = True
 
     @property
     def enabled(self) -> bool:

@@ -84,6 +84,7 @@ def build_tiers(
                 token=token,
                 tls_ca_file=l2.tls_ca_file,
                 tls_server_name=l2.tls_server_name,
+                data_plane=l2.data_plane,
                 metrics=metrics,
             )
         )

@@ -9,7 +9,10 @@ Sections (``--sections``, default all but ``aibrix``):
 - ``l1``: L1 put (frame a block: copy + checksum + insert) and get (check +
   copy out) in GB/s, against a plain memory copy of the same blocks.
 - ``l2``: L2 put/get through the ring client to a cache node in another
-  process, against a raw TCP socket moving the same batches.
+  process, over the node's data port and over gRPC alone, against a raw TCP
+  socket and raw gRPC bytes moving the same batches; in rounds, with the
+  order rotated, ratios taken within a round, and CPU seconds per GB moved
+  (client and server together), which waiting for a core does not inflate.
 - ``l3``: L3 on Redis (pipelined, frames checked on read) against raw redis-py
   pipelines of SET and MGET of the same sizes, on a private redis-server.
 - ``ttft``: time to first token on engine B for a 3,000-token prompt that
@@ -24,8 +27,9 @@ Run from the repository root, e.g.::
     python scripts/bench_kvcache.py --sections ttft
     python scripts/bench_kvcache.py --sections aibrix --aibrix-python /path/to/venv/bin/python
 
-Figures are best-of-N throughputs (medians for TTFT); the machine is shared, so
-compare ratios measured in the same run, not absolute numbers across runs.
+Figures are best-of-N throughputs (L2: medians of N rounds with their range;
+medians for TTFT); the machine is shared, so compare ratios measured in the
+same run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -289,7 +293,40 @@ def _raw_grpc_server(port_queue: multiprocessing.Queue) -> None:  # type: ignore
     asyncio.run(serve())
 
 
-async def measure_raw_grpc(port: int, size: int, total: int, batch_bytes: int, runs: int) -> tuple[float, float]:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Throughput and CPU cost of a timed section: this process plus the server's.
+
+    On a shared machine the wall clock counts the time spent waiting for a
+    core; CPU seconds per GB moved do not, so they show what a path costs
+    whatever the load.
+    """
+
+    def __init__(self, server_pid: int, moved: int) -> None:
+        self._pid = server_pid
+        self._moved = moved
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self) -> Meter:
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time() + process_cpu_s(self._pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() + process_cpu_s(self._pid) - self._cpu
+        self.samples.append((self._moved / wall / 1e9, cpu / (self._moved / 1e9)))
+
+
+Sample = tuple[tuple[float, float], tuple[float, float]]
+
+
+async def measure_raw_grpc(port: int, pid: int, size: int, total: int, batch_bytes: int) -> Sample:
     import grpc.aio
 
     from kvcache.client import channel_options
@@ -297,19 +334,15 @@ async def measure_raw_grpc(port: int, size: int, total: int, batch_bytes: int, r
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(128 << 20))
     put, get = channel.unary_unary("/raw.Bytes/Put"), channel.unary_unary("/raw.Bytes/Get")
     blocks = payloads(max(4, total // size), size)
-    moved = len(blocks) * size
-    put_best = get_best = 0.0
-    for _ in range(runs):
-        started = time.perf_counter()
+    meter = Meter(pid, len(blocks) * size)
+    with meter:
         for batch in batches(blocks, size, batch_bytes):
             await put(b"".join(batch))
-        put_best = max(put_best, moved / (time.perf_counter() - started) / 1e9)
-        started = time.perf_counter()
+    with meter:
         for _batch in batches(blocks, size, batch_bytes):
             await get(b"")
-        get_best = max(get_best, moved / (time.perf_counter() - started) / 1e9)
     await channel.close()
-    return put_best, get_best
+    return meter.samples[0], meter.samples[1]
 
 
 class RawClient:
@@ -352,12 +385,13 @@ def start_node(directory: Path, *extra: str) -> tuple[subprocess.Popen[bytes], s
     return process, json.loads(ready.read_text())["spec"]
 
 
-async def measure_l2(spec: str, size: int, total: int, batch_bytes: int, runs: int) -> tuple[float, float]:
+async def measure_l2(spec: str, pid: int, size: int, total: int, batch_bytes: int, *, data_plane: bool = True) -> Sample:
+    """L2 put and get through the ring client (frames checked on get), over the data port or gRPC alone."""
     from kvcache.membership import StaticMembership
     from kvcache.ring import NodeInfo
     from kvcache.tiers import PeerTier
 
-    tier = PeerTier(StaticMembership([NodeInfo.parse(spec)]), timeout_s=60, read_fallback=0)
+    tier = PeerTier(StaticMembership([NodeInfo.parse(spec)]), timeout_s=60, read_fallback=0, data_plane=data_plane)
     await tier.start()
     keys = keys_for(max(4, total // size), salt=size)
     frames = []
@@ -366,41 +400,47 @@ async def measure_l2(spec: str, size: int, total: int, batch_bytes: int, runs: i
         body[:] = payload
         frames.append(bytes(seal(frame)))
     items = list(zip(keys, frames))
-    moved = len(keys) * size
-    put_best = get_best = 0.0
-    for _ in range(runs):
-        started = time.perf_counter()
+    await tier.put(items[:1])  # connect (and find the data port) outside the timed part
+    meter = Meter(pid, len(keys) * size)
+    with meter:
         for batch in batches(items, size, batch_bytes):
             await tier.put(batch)
-        put_best = max(put_best, moved / (time.perf_counter() - started) / 1e9)
-        started = time.perf_counter()
+    with meter:
         for batch in batches(keys, size, batch_bytes):
             got = await tier.get(batch)
             assert all(g is not None for g in got)
-        get_best = max(get_best, moved / (time.perf_counter() - started) / 1e9)
     await tier.aclose()
-    return put_best, get_best
+    return meter.samples[0], meter.samples[1]
 
 
-def measure_raw_socket(port: int, size: int, total: int, batch_bytes: int, runs: int) -> tuple[float, float]:
+def measure_raw_socket(port: int, pid: int, size: int, total: int, batch_bytes: int) -> Sample:
     client = RawClient(port)
     blocks = payloads(max(4, total // size), size)
-    moved = len(blocks) * size
-    put_best = get_best = 0.0
-    for _ in range(runs):
-        started = time.perf_counter()
+    meter = Meter(pid, len(blocks) * size)
+    with meter:
         for batch in batches(blocks, size, batch_bytes):
             client.put(batch)
-        put_best = max(put_best, moved / (time.perf_counter() - started) / 1e9)
-        started = time.perf_counter()
+    with meter:
         for batch in batches(blocks, size, batch_bytes):
             client.get(sum(len(b) for b in batch))
-        get_best = max(get_best, moved / (time.perf_counter() - started) / 1e9)
     client.sock.close()
-    return put_best, get_best
+    return meter.samples[0], meter.samples[1]
+
+
+def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """Median of `values` with their range, e.g. ``1.52 (1.40-1.61)``."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def run_l2(total: int, runs: int, batch_bytes: int) -> None:
+    """L2 put/get against a raw socket, in rounds.
+
+    Each round measures, for one block size, the raw TCP socket, raw gRPC
+    bytes, L2 over the data port and L2 over gRPC alone, once each, in an
+    order rotated from round to round; ratios are taken within a round (so a
+    burst of load from other jobs hits both sides of a ratio alike), and the
+    table gives their median over `runs` rounds with the range.
+    """
     context = multiprocessing.get_context("spawn")
     queues = [context.Queue(), context.Queue()]
     peers = [
@@ -410,32 +450,61 @@ def run_l2(total: int, runs: int, batch_bytes: int) -> None:
     for peer in peers:
         peer.start()
     socket_port, grpc_port = (queue.get(timeout=30) for queue in queues)
-    rows = []
+    rows, ratio_rows, cpu_rows = [], [], []
     with tempfile.TemporaryDirectory() as directory:
         node, spec = start_node(Path(directory), "--capacity-bytes", str(4 * total))
         try:
             for size in SIZES:
-                raw_put, raw_get = measure_raw_socket(socket_port, size, total, batch_bytes, runs)
-                rpc_put, rpc_get = asyncio.run(measure_raw_grpc(grpc_port, size, total, batch_bytes, runs))
-                put, get = asyncio.run(measure_l2(spec, size, total, batch_bytes, runs))
+                raw_pid, grpc_pid = (peer.pid or 0 for peer in peers)
+                measures: dict[str, Callable[[], Sample]] = {
+                    "socket": lambda: measure_raw_socket(socket_port, raw_pid, size, total, batch_bytes),  # noqa: B023
+                    "gRPC": lambda: asyncio.run(  # noqa: B023
+                        measure_raw_grpc(grpc_port, grpc_pid, size, total, batch_bytes)  # noqa: B023
+                    ),
+                    "L2": lambda: asyncio.run(measure_l2(spec, node.pid, size, total, batch_bytes)),  # noqa: B023
+                    "L2 gRPC": lambda: asyncio.run(  # noqa: B023
+                        measure_l2(spec, node.pid, size, total, batch_bytes, data_plane=False)  # noqa: B023
+                    ),
+                }
+                names = list(measures)
+                got: dict[str, list[Sample]] = {name: [] for name in names}
+                for round_ in range(runs):
+                    for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                        got[name].append(measures[name]())
+
+                def column(name: str, op: int, part: int = 0) -> list[float]:
+                    return [sample[op][part] for sample in got[name]]  # noqa: B023
+
+                def ratios(name: str, op: int, base: str = "socket") -> list[float]:
+                    return [a / b for a, b in zip(column(name, op), column(base, op))]
+
                 goal = 0.5 if size >= 256 << 10 else 0.0
-
-                def ratio(ours: float, base: float) -> str:
-                    return verdict(ours / base, goal) if goal else f"{ours / base:.0%}"  # noqa: B023
-
-                rows.append((f"{size >> 10} KiB", f"{raw_put:.2f}", f"{rpc_put:.2f}", f"{put:.2f}",
-                             ratio(put, raw_put), f"{put / rpc_put:.0%}",
-                             f"{raw_get:.2f}", f"{rpc_get:.2f}", f"{get:.2f}", ratio(get, raw_get),
-                             f"{get / rpc_get:.0%}"))
+                row = [f"{size >> 10} KiB"]
+                ratio_row = [f"{size >> 10} KiB"]
+                for op in (0, 1):
+                    row += [spread(column(name, op)) for name in names]
+                    ours = ratios("L2", op)
+                    mark = f" ({'met' if statistics.median(ours) >= goal else 'below'} {goal:.0%})" if goal else ""
+                    ratio_row += [spread(ours, "{:.0%}") + mark, spread(ratios("L2 gRPC", op), "{:.0%}"),
+                                  spread(ratios("L2", op, "L2 gRPC"), "{:.1f}x")]
+                rows.append(tuple(row))
+                ratio_rows.append(tuple(ratio_row))
+                cpu_rows.append((f"{size >> 10} KiB", *(spread(column(name, op, 1), "{:.2f}")
+                                                       for op in (0, 1) for name in names)))
         finally:
             node.terminate()
             node.wait()
             for peer in peers:
                 peer.terminate()
-    table(f"L2 (gRPC cache node, another process) vs raw TCP socket and raw gRPC bytes, GB/s, "
-          f"batches of {batch_bytes >> 20} MiB",
-          ("block", "socket put", "gRPC put", "L2 put", "put/socket", "put/gRPC",
-           "socket get", "gRPC get", "L2 get", "get/socket", "get/gRPC"), rows)
+    header = ["block"] + [f"{name} {op}" for op in ("put", "get") for name in ("socket", "raw gRPC", "L2", "L2 gRPC")]
+    table(f"L2 put/get (cache node in another process) vs a raw TCP socket and raw gRPC bytes, GB/s, "
+          f"batches of {batch_bytes >> 20} MiB, {total >> 20} MiB per measurement; median (range) of {runs} rounds. "
+          "L2: over the node's data port; L2 gRPC: the same tier with the data port off", tuple(header), rows)
+    table("L2 put/get as a share of the raw socket, per round; median (range)",
+          ("block", "L2 put/socket", "L2 gRPC put/socket", "put: data port/gRPC",
+           "L2 get/socket", "L2 gRPC get/socket", "get: data port/gRPC"), ratio_rows)
+    table("CPU seconds per GB moved, client and server processes together (independent of waiting for a core); "
+          "median (range)", tuple(header), cpu_rows)
 
 
 # --------------------------------------------------------------------------- L3

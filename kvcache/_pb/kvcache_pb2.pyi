@@ -83,3 +83,17 @@ class StatsResponse(_message.Message):
     bytes_used: int
     capacity_bytes: int
     def __init__(self, node_id: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+
+class DataPathRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DataPathResponse(_message.Message):
+    __slots__ = ("port", "version", "max_block_bytes")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    version: int
+    max_block_bytes: int
+    def __init__(self, port: _Optional[int] = ..., version: _Optional[int] = ..., max_block_bytes: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class KVCacheStub:
                 request_serializer=kvcache_dot___pb_dot_kvcache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvcache_dot___pb_dot_kvcache__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.DataPath = channel.unary_unary(
+                '/kvgate.kvcache.v1.KVCache/DataPath',
+                request_serializer=kvcache_dot___pb_dot_kvcache__pb2.DataPathRequest.SerializeToString,
+                response_deserializer=kvcache_dot___pb_dot_kvcache__pb2.DataPathResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServicer:
@@ -111,6 +116,13 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DataPath(self, request, context):
+        """Where the node serves the framed data protocol, if it does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvcache_dot___pb_dot_kvcache__pb2.StatsRequest.FromString,
                     response_serializer=kvcache_dot___pb_dot_kvcache__pb2.StatsResponse.SerializeToString,
+            ),
+            'DataPath': grpc.unary_unary_rpc_method_handler(
+                    servicer.DataPath,
+                    request_deserializer=kvcache_dot___pb_dot_kvcache__pb2.DataPathRequest.FromString,
+                    response_serializer=kvcache_dot___pb_dot_kvcache__pb2.DataPathResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class KVCache:
             '/kvgate.kvcache.v1.KVCache/Stats',
             kvcache_dot___pb_dot_kvcache__pb2.StatsRequest.SerializeToString,
             kvcache_dot___pb_dot_kvcache__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DataPath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvgate.kvcache.v1.KVCache/DataPath',
+            kvcache_dot___pb_dot_kvcache__pb2.DataPathRequest.SerializeToString,
+            kvcache_dot___pb_dot_kvcache__pb2.DataPathResponse.FromString,
             options,
             channel_credentials,
             insecure,

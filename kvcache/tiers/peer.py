@@ -1,4 +1,9 @@
-"""L2: blocks on a ring of cache nodes, reached over gRPC.
+"""L2: blocks on a ring of cache nodes, reached over gRPC and their data ports.
+
+Frames travel over each node's framed data port when it serves one
+(`kvcache.datapath`, through `kvcache.client.NodeClient`), over gRPC
+otherwise; control calls (which keys a node holds, its fill level, where its
+data port is) are gRPC.
 
 Placement: `kvcache.ring.Ring` over the current members (from a
 `kvcache.membership` source, re-read every `refresh_s`). A block is written to
@@ -56,6 +61,8 @@ class PeerTier:
             plain TCP).
         tls_server_name: name the nodes' certificates carry, when it is not
             the host of their address.
+        data_plane: move frames over the nodes' data ports when they serve
+            one (never with TLS); off: gRPC for everything.
         name: metric label.
         metrics: where to count corrupt frames and node failures.
         clock: monotonic clock (tests pass a fake one).
@@ -75,6 +82,7 @@ class PeerTier:
         token: str = "",
         tls_ca_file: str = "",
         tls_server_name: str = "",
+        data_plane: bool = True,
         name: str = "l2",
         metrics: StoreMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -90,6 +98,7 @@ class PeerTier:
         self._token = token
         self._tls_ca_file = tls_ca_file
         self._tls_server_name = tls_server_name
+        self._data_plane = data_plane
         self._name = name
         self._metrics = metrics
         self._clock = clock
@@ -170,6 +179,7 @@ class PeerTier:
                 token=self._token,
                 tls_ca_file=self._tls_ca_file,
                 tls_server_name=self._tls_server_name,
+                data_plane=self._data_plane,
             )
             self._clients[node.address] = client
         return client
@@ -241,21 +251,20 @@ class PeerTier:
         try:
             if call == "exists":
                 return list(await client.exists(keys))
-            frames = await client.get(keys)
+            return list(await client.get(keys, check=self._intact))
         except TierError as exc:
             self._failed(node, exc)
             return exc if isinstance(exc, TierRejected) else None
-        checked: list[object] = []
-        for key, frame in zip(keys, frames):
-            if frame is not None:
-                try:
-                    open_frame(key, frame)
-                except CorruptBlock as exc:
-                    if self._metrics is not None:
-                        self._metrics.checksum_failures.labels(self._name, corruption_reason(exc)).inc()
-                    frame = None
-            checked.append(frame)
-        return checked
+
+    def _intact(self, key: bytes, frame: Buffer) -> bool:
+        """Whether a frame read from a node passes its check (a failure is counted, and a miss)."""
+        try:
+            open_frame(key, frame)
+        except CorruptBlock as exc:
+            if self._metrics is not None:
+                self._metrics.checksum_failures.labels(self._name, corruption_reason(exc)).inc()
+            return False
+        return True
 
     async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [bool(found) for found in await self._rounds(keys, "exists")]

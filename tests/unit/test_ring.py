@@ -116,3 +116,16 @@ def test_node_specs_parse_and_round_trip(spec: str, node_id: str, address: str, 
 def test_a_bad_node_spec_is_a_config_error(spec: str) -> None:
     with pytest.raises(ConfigError):
         NodeInfo.parse(spec)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 17])
+def test_the_ring_walk_is_uhashrings_own_order(count: int) -> None:
+    # Nodes and clients of any version must place a key alike: the bisect walk
+    # must give exactly what uhashring's range() gives over the same points.
+    ring = Ring([NodeInfo.make(f"n{i}", f"10.0.0.{i}:7400", {"host": f"h{i}"}) for i in range(count)])
+    for index in range(500):
+        block = bytes(key(index))
+        theirs = [node["instance"] for node in ring._ring.range(block.hex(), size=None, unique=True)]
+        assert ring.candidates(block) == theirs
+        assert ring.candidates(block, 2) == theirs[:2]
+        assert ring.owner(block) == theirs[0]
