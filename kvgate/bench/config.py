@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from kvgate.bench.workloads import (
     MultiTurnSpec,
+    SharedCacheSpec,
     SharedPrefixSpec,
     SkewedUsersSpec,
     WorkloadSizes,
@@ -56,6 +57,8 @@ class BenchConfig:
         seed: seed of every workload.
         engine_start_timeout_s: seconds the engines may take to start.
         request_timeout_s: seconds one request may take before it fails.
+        cache_nodes: L2 cache nodes of the shared-cache engine set (2, as
+            `kvgate up` starts; L3 is a local directory).
     """
 
     engines: int
@@ -66,6 +69,7 @@ class BenchConfig:
     seed: int = 1
     engine_start_timeout_s: float = 300.0
     request_timeout_s: float = 300.0
+    cache_nodes: int = 2
 
     @property
     def max_model_len(self) -> int:
@@ -98,7 +102,11 @@ def full() -> BenchConfig:
     shared-prefix: 12 groups of a 1,024-token prompt (8 full blocks): one
     engine holds about 5 of them, the fleet about 16. multi-turn: 6
     conversations at a time, each growing to up to 32 blocks, against 144
-    blocks in all. skewed-users: 24 clients for 60 s.
+    blocks in all. skewed-users: 24 clients for 60 s. shared-cache: 24
+    documents of 1,024 tokens (9 blocks each with the template: 216 blocks
+    against the fleet's 144) visited 3 times, 6 chats of 3 turns growing to
+    about 12 blocks, a burst of 24 requests on one prefix (8 clients all on
+    it), engine 0 restarted halfway: 114 requests.
     """
     return BenchConfig(
         engines=3,
@@ -107,6 +115,9 @@ def full() -> BenchConfig:
             shared_prefix=SharedPrefixSpec(groups=12, requests_per_group=16, prefix_tokens=1024, clients=8),
             multi_turn=MultiTurnSpec(conversations=24, clients=6, max_turns=8),
             skewed_users=SkewedUsersSpec(light_users=6, heavy_clients=12, light_clients=2, duration_s=60.0),
+            shared_cache=SharedCacheSpec(
+                documents=24, visits=3, prefix_tokens=1024, hot_requests=24, chats=6, turns=3, turn_tokens=192
+            ),
             max_model_len=4096,
         ),
         overhead=OverheadSpec(),
@@ -114,7 +125,11 @@ def full() -> BenchConfig:
 
 
 def quick() -> BenchConfig:
-    """A small run for smoke tests: 2 engines of 24 blocks, a few dozen requests per workload."""
+    """A small run for smoke tests: 2 engines of 24 blocks, a few dozen requests per workload.
+
+    shared-cache: 10 documents of 512 tokens (5 blocks each: 50 against the
+    fleet's 48) visited twice, 2 chats of 2 turns, 6 hot requests: 30 requests.
+    """
     return BenchConfig(
         engines=2,
         kv_blocks=24,
@@ -132,6 +147,18 @@ def quick() -> BenchConfig:
                 question_tokens=48,
                 max_tokens=16,
                 requests_per_client=40,
+            ),
+            shared_cache=SharedCacheSpec(
+                documents=10,
+                visits=2,
+                prefix_tokens=512,
+                hot_requests=6,
+                chats=2,
+                turns=2,
+                turn_tokens=96,
+                question_tokens=16,
+                max_tokens=8,
+                clients=4,
             ),
             max_model_len=2048,
         ),
