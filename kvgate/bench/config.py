@@ -55,7 +55,9 @@ class BenchConfig:
         sizes: the workloads' sizes (and `max_model_len`).
         overhead: the stub-engine measurement.
         seed: seed of every workload.
-        engine_start_timeout_s: seconds the engines may take to start.
+        engine_start_timeout_s: seconds the engines may take to start (or an
+            engine restarted mid-run to serve again); generous, because on a
+            loaded two-core machine a start can take minutes.
         request_timeout_s: seconds one request may take before it fails.
         cache_nodes: L2 cache nodes of the shared-cache engine set (2, as
             `kvgate up` starts; L3 is a local directory).
@@ -67,7 +69,7 @@ class BenchConfig:
     overhead: OverheadSpec
     block_size: int = 128
     seed: int = 1
-    engine_start_timeout_s: float = 300.0
+    engine_start_timeout_s: float = 900.0
     request_timeout_s: float = 300.0
     cache_nodes: int = 2
 

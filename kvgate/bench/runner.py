@@ -204,10 +204,10 @@ async def _run_one(
                 request_timeout_s=config.request_timeout_s,
                 on_record=on_record,
             )
+            cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pids))
         finally:
             # An engine being restarted is waited for even when the replay failed.
             restart_s = None if restart is None else await restart
-        cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pids))
         await fleet.wait_idle(http)
         await asyncio.sleep(0.5)  # the engines' counters trail the last answer by a step
         after = await fleet.counters(http)
