@@ -86,7 +86,9 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def _with_range(row: RouterRow, figure: str, text: str, repeats: int, digits: int = 0, thousands: bool = False) -> str:
+def _with_range(
+    row: RouterRow, figure: str, text: str, repeats: int, digits: int = 0, thousands: bool = False
+) -> str:
     """`text`, then the figure's range over repeats in brackets when there were several."""
     found = row.spreads.get(figure)
     if repeats <= 1 or found is None:

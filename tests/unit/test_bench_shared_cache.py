@@ -1,4 +1,4 @@
-"""The `shared-cache` workload: more long prefixes than the fleet holds, chats that come back, a hot burst, a restart."""
+"""The `shared-cache` workload: more long prefixes than the fleet holds, chats that return, a hot burst, a restart."""
 
 from __future__ import annotations
 
