@@ -1,11 +1,12 @@
-"""One row per router and workload: the median over repeated runs.
+"""One row per router, engine set and workload: the median over repeated runs.
 
-With `--repeat N` every router replays every workload N times. On a small
-shared machine one run's TTFT can move by half between repeats, so the tables
-and plots show, per router, the median of each figure over its successful
-repeats (request counts and failures are summed) with the range of the two
-figures most compared, hit rate and TTFT p50. With one repeat a row is that
-run.
+With `--repeat N` every router replays every workload N times on each engine
+set. On a small shared machine one run's TTFT can move by half between
+repeats, so the tables and plots show, per router and engine set, the median
+of each figure over its successful repeats (request counts and failures are
+summed) with the range (min-max) of the figures most compared: hit rate,
+TTFT p50 and p90, and prefill tokens computed (`SPREAD_FIGURES`). With one
+repeat a row is that run.
 
 Called by `kvgate.bench.report`; pure.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+from kvgate.bench.engine_sets import row_label
 from kvgate.bench.runner import BenchResults, RunOutcome
+from kvgate.bench.stats import Spread, spread
 from kvgate.bench.summary import RunSummary
 
 #: RunSummary fields that count things over a run: summed over repeats, not medianed.
@@ -34,10 +37,13 @@ SUMMED = frozenset(
     }
 )
 
+#: RunSummary figures whose spread over repeats the rows carry.
+SPREAD_FIGURES: tuple[str, ...] = ("hit_rate", "ttft_ms_p50", "ttft_ms_p90", "prefill_tokens_computed")
+
 
 @dataclass(frozen=True, slots=True)
 class RouterRow:
-    """A router's figures on one workload.
+    """A router's figures on one workload and engine set.
 
     Attributes:
         router: `family:policy`.
@@ -48,6 +54,10 @@ class RouterRow:
         ttft_p50_range: (min, max) TTFT p50 over repeats, ms.
         router_cpu_ms: median CPU milliseconds of the router process per request.
         others_cpu_share: median share of the cores used outside the benchmark.
+        engine_set: the engines it ran on (`plain`, `shared`).
+        spreads: median and range over repeats of each of `SPREAD_FIGURES`
+            (absent when no repeat produced the figure).
+        restart_s: median seconds the engine restarted mid-run took to come back.
     """
 
     router: str
@@ -58,6 +68,14 @@ class RouterRow:
     ttft_p50_range: tuple[float, float] | None
     router_cpu_ms: float | None
     others_cpu_share: float | None
+    engine_set: str = "plain"
+    spreads: dict[str, Spread] = field(default_factory=dict)
+    restart_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables: the router, with `@set` on other than plain engines."""
+        return row_label(self.router, self.engine_set)
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -95,29 +113,40 @@ def _cpu_ms(run: RunOutcome) -> float | None:
     return run.cpu.router_s / run.summary.requests_sent * 1000.0
 
 
+def _spreads(summaries: Sequence[RunSummary]) -> dict[str, Spread]:
+    found = {name: spread([float(getattr(s, name)) for s in summaries]) for name in SPREAD_FIGURES}
+    return {name: value for name, value in found.items() if value is not None}
+
+
 def rows(results: BenchResults, workload: str) -> list[RouterRow]:
-    """One row per router that ran `workload`, in the order routers were given."""
+    """One row per router and engine set that ran `workload`: engine sets in their order, routers within each."""
     out = []
-    for router in results.routers:
-        runs = [r for r in results.runs if r.workload == workload and r.router == router]
-        if not runs:
-            continue
-        ok = [r for r in runs if r.summary is not None]
-        summaries = [r.summary for r in ok if r.summary is not None]
-        out.append(
-            RouterRow(
-                router=router,
-                summary=combine(summaries) if summaries else None,
-                repeats_ok=len(ok),
-                errors=tuple(r.error or "" for r in runs if r.summary is None),
-                hit_rate_range=(min(s.hit_rate for s in summaries), max(s.hit_rate for s in summaries))
-                if summaries
-                else None,
-                ttft_p50_range=(min(s.ttft_ms_p50 for s in summaries), max(s.ttft_ms_p50 for s in summaries))
-                if summaries
-                else None,
-                router_cpu_ms=_median([_cpu_ms(r) for r in ok]),
-                others_cpu_share=_median([r.cpu.others_share if r.cpu else None for r in ok]),
+    for engine_set in results.engine_sets:
+        for router in results.routers:
+            runs = [
+                r for r in results.runs if r.workload == workload and r.router == router and r.engine_set == engine_set
+            ]
+            if not runs:
+                continue
+            ok = [r for r in runs if r.summary is not None]
+            summaries = [r.summary for r in ok if r.summary is not None]
+            out.append(
+                RouterRow(
+                    router=router,
+                    summary=combine(summaries) if summaries else None,
+                    repeats_ok=len(ok),
+                    errors=tuple(r.error or "" for r in runs if r.summary is None),
+                    hit_rate_range=(min(s.hit_rate for s in summaries), max(s.hit_rate for s in summaries))
+                    if summaries
+                    else None,
+                    ttft_p50_range=(min(s.ttft_ms_p50 for s in summaries), max(s.ttft_ms_p50 for s in summaries))
+                    if summaries
+                    else None,
+                    router_cpu_ms=_median([_cpu_ms(r) for r in ok]),
+                    others_cpu_share=_median([r.cpu.others_share if r.cpu else None for r in ok]),
+                    engine_set=engine_set,
+                    spreads=_spreads(summaries),
+                    restart_s=_median([r.restart_s for r in ok]),
+                )
             )
-        )
     return out

@@ -1,8 +1,8 @@
 """`kvgate bench`: the command line of the side-by-side benchmark.
 
     kvgate bench [--quick] [--out DIR] [--routers LIST] [--workloads LIST]
-                 [--overhead-routers LIST] [--engines N] [--kv-blocks N]
-                 [--seed N] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
+                 [--engine-sets LIST] [--overhead-routers LIST] [--engines N]
+                 [--kv-blocks N] [--seed N] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
                  [--[no-]kvgate-kv-events] [--gateway-replicas N]
                  [--state-url URL] [--no-progress]
     kvgate bench --fleet-sim [--quick] [--out DIR] [--seed N]
@@ -12,6 +12,12 @@ measures the gateways against the stub engine). The results folder defaults
 to `results/bench-<UTC timestamp>`. Exit status: 0 when every router ran on
 every workload and every figure was produced, 1 when something failed (the
 folder still holds what was measured), 2 for bad arguments.
+
+`--engine-sets plain,shared` runs every router on two sets of the same
+engines: plain (each engine with its own prefix cache only) and wired to
+kvgate's shared KV cache as `kvgate up` wires them (`kvgate.bench.engine_sets`);
+`--repeat N` runs every router on every engine set N times in an order
+shifted each repeat, and the tables show medians with their ranges.
 
 `--gateway-replicas N` adds, beside each router, N replicas of it with
 requests spread round-robin over them (`kvgate.bench.replicas.replica_rows`):
@@ -56,8 +62,9 @@ from kvgate.bench.routers import (
     missing_executable,
     parse_routers,
 )
+from kvgate.bench.engine_sets import ENGINE_SETS, parse_engine_sets
 from kvgate.bench.runner import Progress
-from kvgate.bench.workloads import WORKLOADS
+from kvgate.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
 from kvgate.engines import EngineError, vllm_missing
 from router.startup import CommandParser
 
@@ -81,7 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"family:policy list, or none (default {','.join(DEFAULT_ROUTERS)})",
     )
     parser.add_argument(
-        "--workloads", type=_list, default=list(WORKLOADS), help=f"list of {','.join(WORKLOADS)}, or none (default all)"
+        "--workloads",
+        type=_list,
+        default=list(DEFAULT_WORKLOADS),
+        help=f"list of {','.join(WORKLOADS)}, or none (default {','.join(DEFAULT_WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--engine-sets",
+        type=_list,
+        default=["plain"],
+        help=f"engines every router runs on: {','.join(ENGINE_SETS)} (shared: wired to kvgate's shared KV cache;"
+        " default plain)",
     )
     parser.add_argument(
         "--overhead-routers",
@@ -96,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat",
         type=int,
         default=1,
-        help="replay every workload on every router this many times; tables show medians (default 1)",
+        help="replay every workload on every router and engine set this many times, in an order shifted each"
+        " repeat; tables show medians with their ranges (default 1; 3 for figures worth quoting)",
     )
     parser.add_argument(
         "--model", type=Path, help="model directory (built if missing; default $KVGATE_HOME/models/tiny-llama)"
@@ -274,6 +292,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
         repeats=args.repeat,
         progress=TqdmProgress(enabled=not args.no_progress),
         state_url=args.state_url,
+        engine_sets=args.engine_sets,
     )
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     write_json(results, meta, out)
@@ -283,7 +302,8 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
     print(f"results: {out}  ({len(plots)} plots, {meta['elapsed_s']:.0f} s)", flush=True)
     for run in results.runs:
         if run.summary is None:
-            print(f"failed: {run.router} on {run.workload}: {(run.error or '').splitlines()[0]}", file=sys.stderr)
+            where = f"{run.router} on {run.workload} ({run.engine_set} engines)"
+            print(f"failed: {where}: {(run.error or '').splitlines()[0]}", file=sys.stderr)
     if results.overhead_error:
         print(f"failed: overhead: {results.overhead_error}", file=sys.stderr)
     elif results.overhead is not None:
@@ -327,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in args.workloads if name not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    try:
+        args.engine_sets = parse_engine_sets(args.engine_sets)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.gateway_replicas is not None and not 2 <= args.gateway_replicas <= 64:
         parser.error("--gateway-replicas must be from 2 to 64")
     try:
@@ -365,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         return asyncio.run(_main(args, routers, overhead, out))
-    except (EngineError, FleetError) as exc:
+    except (EngineError, FleetError, TimeoutError) as exc:
         print(f"kvgate bench: engines failed, nothing written: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

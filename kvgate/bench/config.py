@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from kvgate.bench.workloads import (
     MixedSpec,
     MultiTurnSpec,
+    SharedCacheSpec,
     SharedPrefixSpec,
     SkewedUsersSpec,
     WorkloadSizes,
@@ -55,8 +56,12 @@ class BenchConfig:
         sizes: the workloads' sizes (and `max_model_len`).
         overhead: the stub-engine measurement.
         seed: seed of every workload.
-        engine_start_timeout_s: seconds the engines may take to start.
+        engine_start_timeout_s: seconds the engines may take to start (or an
+            engine restarted mid-run to serve again); generous, because on a
+            loaded two-core machine a start can take minutes.
         request_timeout_s: seconds one request may take before it fails.
+        cache_nodes: L2 cache nodes of the shared-cache engine set (2, as
+            `kvgate up` starts; L3 is a local directory).
     """
 
     engines: int
@@ -65,8 +70,9 @@ class BenchConfig:
     overhead: OverheadSpec
     block_size: int = 128
     seed: int = 1
-    engine_start_timeout_s: float = 300.0
+    engine_start_timeout_s: float = 900.0
     request_timeout_s: float = 300.0
+    cache_nodes: int = 2
 
     @property
     def max_model_len(self) -> int:
@@ -101,7 +107,11 @@ def full() -> BenchConfig:
     conversations at a time, each growing to up to 32 blocks, against 144
     blocks in all. skewed-users: 24 clients for 60 s. mixed: 10 groups of a
     1,024-token prompt (80 blocks, more than one engine holds) under 64
-    one-off prompts of 5 to 15 blocks each.
+    one-off prompts of 5 to 15 blocks each. shared-cache: 24
+    documents of 1,024 tokens (9 blocks each with the template: 216 blocks
+    against the fleet's 144) visited 3 times, 6 chats of 3 turns growing to
+    about 12 blocks, a burst of 24 requests on one prefix (8 clients all on
+    it), engine 0 restarted halfway: 114 requests.
     """
     return BenchConfig(
         engines=3,
@@ -111,6 +121,9 @@ def full() -> BenchConfig:
             multi_turn=MultiTurnSpec(conversations=24, clients=6, max_turns=8),
             skewed_users=SkewedUsersSpec(light_users=6, heavy_clients=12, light_clients=2, duration_s=60.0),
             mixed=MixedSpec(groups=10, requests=160, prefix_tokens=1024, one_offs=64, one_off_tokens=1280, clients=8),
+            shared_cache=SharedCacheSpec(
+                documents=24, visits=3, prefix_tokens=1024, hot_requests=24, chats=6, turns=3, turn_tokens=192
+            ),
             max_model_len=4096,
         ),
         overhead=OverheadSpec(),
@@ -118,7 +131,11 @@ def full() -> BenchConfig:
 
 
 def quick() -> BenchConfig:
-    """A small run for smoke tests: 2 engines of 24 blocks, a few dozen requests per workload."""
+    """A small run for smoke tests: 2 engines of 24 blocks, a few dozen requests per workload.
+
+    shared-cache: 10 documents of 512 tokens (5 blocks each: 50 against the
+    fleet's 48) visited twice, 2 chats of 2 turns, 6 hot requests: 30 requests.
+    """
     return BenchConfig(
         engines=2,
         kv_blocks=24,
@@ -145,6 +162,18 @@ def quick() -> BenchConfig:
                 one_offs=8,
                 one_off_tokens=512,
                 max_tokens=16,
+                clients=4,
+            ),
+            shared_cache=SharedCacheSpec(
+                documents=10,
+                visits=2,
+                prefix_tokens=512,
+                hot_requests=6,
+                chats=2,
+                turns=2,
+                turn_tokens=96,
+                question_tokens=16,
+                max_tokens=8,
                 clients=4,
             ),
             max_model_len=2048,

@@ -11,7 +11,15 @@ own counters over a run.
 
 With `kv_events`, each engine also publishes its KV events over ZMQ, through
 a loopback relay (`event_relay`), and serves vLLM's scale-out endpoints
-(`--enable-scale-out`): vllm-router's `kv_aware` policy needs both.
+(`--enable-scale-out`): vllm-router's `kv_aware` policy needs both. With
+`engine_args` (the shared KV cache's `--kv-transfer-config`, from
+`engine_sets`) every engine gets them too.
+
+`restart` kills one engine and starts it again on the same port while the
+others serve (the `shared-cache` workload's crash). Its counters start again
+from zero, so the fleet carries what the killed engine had counted into the
+figures it reports: deltas over a run stay right (less what the engine
+counted between its last scrape and its death).
 
 Called by `kvgate.bench.runner`. Not here: routers (`routers`), load (`load`).
 """
@@ -19,7 +27,9 @@ Called by `kvgate.bench.runner`. Not here: routers (`routers`), load (`load`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -45,7 +55,13 @@ _SERIES = {
     "vllm:time_to_first_token_seconds_sum": "ttft_s",
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
+    "vllm:external_prefix_cache_queries_total": "external_queries",
+    "vllm:external_prefix_cache_hits_total": "external_hits",
 }
+#: Prompt tokens by where they came from; only the computed ones are kept (`prefill_computed`).
+_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
+_COMPUTED = 'source="local_compute"'
+
 _GAUGES = frozenset({"running", "waiting"})
 
 
@@ -70,6 +86,11 @@ class EngineCounters:
         ttft_s: engine-side time to first token (sum).
         running: requests running now (gauge).
         waiting: requests waiting now (gauge).
+        external_queries: prompt tokens looked up in the shared KV cache
+            (through the connector; 0 on plain engines).
+        external_hits: of those, tokens loaded from it.
+        prefill_computed: prompt tokens the engine computed itself (neither
+            in its own cache nor loaded): the prefill work done.
     """
 
     prefix_queries: float = 0.0
@@ -84,12 +105,24 @@ class EngineCounters:
     ttft_s: float = 0.0
     running: float = 0.0
     waiting: float = 0.0
+    external_queries: float = 0.0
+    external_hits: float = 0.0
+    prefill_computed: float = 0.0
 
     def since(self, before: EngineCounters) -> EngineCounters:
         """Counter deltas from `before` to self; gauges keep their current value."""
         return EngineCounters(
             **{
                 f.name: getattr(self, f.name) - (0.0 if f.name in _GAUGES else getattr(before, f.name))
+                for f in fields(self)
+            }
+        )
+
+    def plus(self, earlier: EngineCounters) -> EngineCounters:
+        """Counters of an earlier life of this engine added to self; gauges keep their current value."""
+        return EngineCounters(
+            **{
+                f.name: getattr(self, f.name) + (0.0 if f.name in _GAUGES else getattr(earlier, f.name))
                 for f in fields(self)
             }
         )
@@ -102,13 +135,15 @@ class EngineCounters:
 
 def parse_counters(text: str) -> EngineCounters:
     """Sum the series of `_SERIES` over their label sets in a Prometheus text body."""
-    sums = dict.fromkeys(_SERIES.values(), 0.0)
+    sums = dict.fromkeys((*_SERIES.values(), "prefill_computed"), 0.0)
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         brace, space = line.find("{"), line.find(" ")
         name = line[: brace if 0 <= brace < space else space]
         field = _SERIES.get(name)
+        if name == _BY_SOURCE and _COMPUTED in line:
+            field = "prefill_computed"
         if field is None:
             continue
         value_text = line[line.rfind("}") + 1 :] if brace >= 0 else line[space:]
@@ -131,6 +166,10 @@ class FleetSpec:
         max_model_len: longest prompt plus answer.
         kv_events: publish KV events over ZMQ and serve scale-out endpoints.
         log_dir: where each engine's log goes.
+        engine_args: further arguments for every engine (the shared KV
+            cache's connector config); empty for plain engines.
+        name: what the report calls this set of engines (`plain`, `shared`);
+            also the engines' log file prefix.
     """
 
     model_dir: Path
@@ -140,6 +179,8 @@ class FleetSpec:
     max_model_len: int
     kv_events: bool
     log_dir: Path
+    engine_args: tuple[str, ...] = ()
+    name: str = "plain"
 
 
 class EngineFleet:
@@ -162,12 +203,14 @@ class EngineFleet:
                     num_gpu_blocks=spec.kv_blocks,
                     max_model_len=spec.max_model_len,
                     block_size=spec.block_size,
-                    extra_args=self._extra_args(i),
+                    extra_args=(*self._extra_args(i), *spec.engine_args),
                 ),
-                log_path=spec.log_dir / f"engine-{i}.log",
+                log_path=spec.log_dir / (f"engine-{i}.log" if spec.name == "plain" else f"engine-{spec.name}-{i}.log"),
             )
             for i in range(spec.engines)
         ]
+        self._earlier = [EngineCounters() for _ in self.engines]
+        self.restarts = 0
 
     def _extra_args(self, index: int) -> tuple[str, ...]:
         if not self.relays:
@@ -221,13 +264,44 @@ class EngineFleet:
             FleetError: an engine did not answer /metrics with 200.
         """
 
-        async def one(url: str) -> EngineCounters:
-            async with http.get(f"{url}/metrics") as response:
-                if response.status != 200:
-                    raise FleetError(f"{url}/metrics answered {response.status}")
-                return parse_counters(await response.text())
+        return list(await asyncio.gather(*(self._counters(http, i) for i in range(len(self.engines)))))
 
-        return list(await asyncio.gather(*(one(url) for url in self.urls)))
+    async def _counters(self, http: aiohttp.ClientSession, index: int) -> EngineCounters:
+        url = self.engines[index].url
+        async with http.get(f"{url}/metrics") as response:
+            if response.status != 200:
+                raise FleetError(f"{url}/metrics answered {response.status}")
+            return parse_counters(await response.text()).plus(self._earlier[index])
+
+    async def restart(self, http: aiohttp.ClientSession, index: int, timeout: float) -> float:
+        """Kill engine `index` (SIGKILL to its process group, as a crash) and start it again on its port.
+
+        What it had counted is carried into `counters` first. Requests it
+        was serving fail; the routers must send around it until it is back.
+
+        Args:
+            http: client for its /metrics.
+            index: which engine.
+            timeout: seconds it may take to answer /health again.
+
+        Returns:
+            Seconds from the kill until it was ready again.
+
+        Raises:
+            kvgate.engines.EngineError: it did not come back.
+        """
+        old = self.engines[index]
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, FleetError):
+            self._earlier[index] = await self._counters(http, index)
+        started = time.monotonic()
+        old.signal(signal.SIGKILL)
+        await asyncio.to_thread(old.stop, 5.0)
+        new = Engine(old.spec, log_path=old.log_path)
+        self.engines[index] = new
+        new.start()
+        await new.wait_ready(timeout)
+        self.restarts += 1
+        return time.monotonic() - started
 
     async def wait_idle(self, http: aiohttp.ClientSession, timeout: float = 180.0) -> None:
         """Wait until no engine runs or queues a request (aborted streams drain too).

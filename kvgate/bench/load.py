@@ -5,6 +5,9 @@ from a shared queue and sends its requests one at a time, each as soon as the
 previous answer has fully arrived (closed loop: at most `clients` requests in
 flight, no think time). With `workload.duration_s` set, clients stop issuing
 new requests when the duration is over and the requests in flight finish.
+A request naming another in `after` waits until that one has finished
+(answered or failed); the workload puts the other one earlier in the queue,
+so some client is already sending it.
 
 Given several router URLs (replicas of one router), each request goes to the
 next URL in turn, whichever client sends it, as a round-robin load balancer
@@ -227,8 +230,13 @@ async def run_workload(
     origin = time.perf_counter()
     deadline = None if workload.duration_s is None else origin + workload.duration_s
 
+    finished: dict[str, asyncio.Event] = {}
+
     def expired() -> bool:
         return deadline is not None and time.perf_counter() >= deadline
+
+    def done_event(request_id: str) -> asyncio.Event:
+        return finished.setdefault(request_id, asyncio.Event())
 
     async def client(http: aiohttp.ClientSession) -> None:
         nonlocal exhausted
@@ -237,9 +245,12 @@ async def run_workload(
             for request in session.requests:
                 if expired():
                     return
+                if request.after is not None:
+                    await done_event(request.after).wait()
                 target = urls[next(turn) % len(urls)]
                 record = await send(http, target, request, model=model, session_id=session.id, origin=origin)
                 records.append(record)
+                done_event(request.id).set()
                 if on_record is not None:
                     on_record(record)
             if deadline is not None and not expired():

@@ -98,7 +98,9 @@ def compare(results: BenchResults) -> list[ReplicaComparison]:
     """Every replica group on every workload against its single router (when both have figures)."""
     out: list[ReplicaComparison] = []
     for info in results.workloads:
-        by_name: dict[str, RunSummary] = {r.router: r.summary for r in rows(results, info.name) if r.summary}
+        by_name: dict[str, RunSummary] = {
+            r.router: r.summary for r in rows(results, info.name) if r.summary and r.engine_set == "plain"
+        }
         for name, summary in by_name.items():
             single = _single_name(name)
             if single is None or RouterSpec.parse(name).replicas == 1 or single not in by_name:

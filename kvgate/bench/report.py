@@ -3,11 +3,14 @@
 - `results.json`: every figure of every run, the workloads, the config and
   the machine; non-finite numbers are written as null, so a missing figure
   is visible as such;
-- `records/<workload>--<router>.jsonl`: every request of every run (send,
-  first-token and end times, status, tokens, serving pod when known);
-- `results.md`: one table per workload (routers as rows) and one for the
-  gateway overhead, with the command and the machine they came from; when
-  replicas ran, their ratios to one router (`kvgate.bench.replica_report`);
+- `records/<workload>--<router>[@set][--r<repeat>].jsonl`: every request of
+  every run (send, first-token and end times, status, tokens, serving pod
+  when known);
+- `results.md`: one table per workload (routers on each engine set as rows)
+  and one for the gateway overhead, with the command and the machine they
+  came from; when replicas ran, their ratios to one router
+  (`kvgate.bench.replica_report`); when several engine sets ran, each row's
+  ratios to SGLang's router (`kvgate.bench.comparison`);
 - `hit_rate.png`, `ttft.png`, `fairness.png`, `overhead.png` (matplotlib,
   headless).
 
@@ -23,7 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvgate.bench.aggregate import rows
+from kvgate.bench.aggregate import RouterRow, rows
+from kvgate.bench.comparison import markdown_lines as comparison_lines
+from kvgate.bench.engine_sets import row_label
 from kvgate.bench.replica_report import markdown_lines as replica_lines
 from kvgate.bench.routers import file_label
 from kvgate.bench.runner import BenchResults
@@ -68,7 +73,8 @@ def write_records(results: BenchResults, out: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for run in results.runs:
-        path = folder / f"{run.workload}--{file_label(run.router)}.jsonl"
+        name = f"{run.workload}--{file_label(row_label(run.router, run.engine_set))}"
+        path = folder / (f"{name}--r{run.repeat}.jsonl" if results.repeats > 1 else f"{name}.jsonl")
         path.write_text("".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in run.records))
         written.append(path)
     return written
@@ -78,6 +84,17 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def _with_range(
+    row: RouterRow, figure: str, text: str, repeats: int, digits: int = 0, thousands: bool = False
+) -> str:
+    """`text`, then the figure's range over repeats in brackets when there were several."""
+    found = row.spreads.get(figure)
+    if repeats <= 1 or found is None:
+        return text
+    form = f"{{:,.{digits}f}}" if thousands else f"{{:.{digits}f}}"
+    return f"{text} ({form.format(found.low)}-{form.format(found.high)})"
 
 
 def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
@@ -106,13 +123,32 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             "Service: 1 x prompt + 2 x generated tokens per user; Jain's index over users."
         ),
     ]
+    lines += [
+        "",
+        (
+            "Prefill computed: prompt tokens the engines computed themselves (vLLM's "
+            "`prompt_tokens_by_source{source=local_compute}`), against the least the trace allows (prompt tokens "
+            "less the bound's hits) in brackets; loaded: prompt tokens loaded from the shared KV cache "
+            "(`external_prefix_cache_hits`)."
+        ),
+    ]
+    if len(results.engine_sets) > 1 or results.engine_sets != ("plain",):
+        lines += [
+            "",
+            (
+                "Engine sets: a plain router name ran on plain engines (each with only its own prefix cache); "
+                "`@shared` on the same engines wired to kvgate's shared KV cache as `kvgate up` wires them (L1 in "
+                "each engine, 2 L2 cache nodes, L3 in a local directory), started afresh for each run."
+            ),
+        ]
     if results.repeats > 1:
         lines += [
             "",
             (
-                f"Every router replayed every workload {results.repeats} times, each time starting one router "
-                "further down the list; a row shows medians over its repeats (requests and failures summed), "
-                "with the range of hit rate and TTFT p50 in brackets."
+                f"Every router replayed every workload {results.repeats} times on every engine set, each repeat "
+                "starting one engine set and one router further down their lists; a row shows medians over its "
+                "repeats (requests and failures summed), with the range (min-max) of hit rate, TTFT p50 and p90 "
+                "and prefill computed in brackets."
             ),
         ]
     for info in results.workloads:
@@ -120,9 +156,13 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
         if info.bound_nominal is not None:
             lines += [f"Bound of the whole trace: {info.bound_nominal:.3f}.", ""]
         timed = info.duration_s is not None
+        restart = info.params.get("restart_at")
+        if restart is not None:
+            lines += [f"Engine 0 is killed and started again once {restart:.0%} of the requests have finished.", ""]
         header = (
             "| router | hit rate | bound | hit/bound | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | E2E p50 ms | "
-            "E2E p99 ms | req/s | out tok/s | failed | Jain | requests per engine | preemptions |"
+            "E2E p99 ms | req/s | out tok/s | failed | Jain | requests per engine | preemptions | "
+            "prefill computed (least) | loaded |"
         )
         if timed:
             header += " light share (fair / VTC floor) |"
@@ -132,22 +172,25 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             s = row.summary
             if s is None:
                 lines.append(
-                    f"| {row.router} | failed: {(row.errors[0] if row.errors else '').splitlines()[0][:120]} |"
+                    f"| {row.label} | failed: {(row.errors[0] if row.errors else '').splitlines()[0][:120]} |"
                 )
                 continue
-            hit, ttft = f"{s.hit_rate:.3f}", _fmt(s.ttft_ms_p50)
-            if results.repeats > 1 and row.hit_rate_range and row.ttft_p50_range:
-                hit += f" ({row.hit_rate_range[0]:.3f}-{row.hit_rate_range[1]:.3f})"
-                ttft += f" ({row.ttft_p50_range[0]:.0f}-{row.ttft_p50_range[1]:.0f})"
+            hit = _with_range(row, "hit_rate", f"{s.hit_rate:.3f}", results.repeats, 3)
+            ttft = _with_range(row, "ttft_ms_p50", _fmt(s.ttft_ms_p50), results.repeats)
+            ttft90 = _with_range(row, "ttft_ms_p90", _fmt(s.ttft_ms_p90), results.repeats)
+            prefill = _with_range(
+                row, "prefill_tokens_computed", f"{s.prefill_tokens_computed:,.0f}", results.repeats, thousands=True
+            )
             failed = f"{s.requests_failed}/{s.requests_sent}"
             if row.errors:
                 failed += f", {len(row.errors)} runs failed"
             per_engine = "/".join(str(int(e.requests)) for e in s.engines)
             line = (
-                f"| {row.router} | {hit} | {s.hit_rate_bound:.3f} | {_fmt(s.hit_rate_vs_bound, 2)} | "
-                f"{ttft} | {_fmt(s.ttft_ms_p90)} | {_fmt(s.ttft_ms_p99)} | {_fmt(s.latency_ms_p50)} | "
+                f"| {row.label} | {hit} | {s.hit_rate_bound:.3f} | {_fmt(s.hit_rate_vs_bound, 2)} | "
+                f"{ttft} | {ttft90} | {_fmt(s.ttft_ms_p99)} | {_fmt(s.latency_ms_p50)} | "
                 f"{_fmt(s.latency_ms_p99)} | {s.throughput_rps:.2f} | {s.output_tokens_per_s:.0f} | "
-                f"{failed} | {_fmt(s.jain_index, 3)} | {per_engine} | {int(s.preemptions)} |"
+                f"{failed} | {_fmt(s.jain_index, 3)} | {per_engine} | {int(s.preemptions)} | "
+                f"{prefill} ({s.min_prefill_tokens:,}) | {s.external_hit_tokens:,.0f} |"
             )
             if timed:
                 line += (
@@ -177,7 +220,7 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
                 continue
             others = None if row.others_cpu_share is None else 100.0 * row.others_cpu_share
             lines.append(
-                f"| {row.router} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
+                f"| {row.label} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
                 f"{_fmt(s.engine_queue_ms_mean)} | {_fmt(s.engine_prefill_ms_mean)} | {_fmt(s.engine_decode_ms_mean)} | "
                 f"{_fmt(row.router_cpu_ms)} | {_fmt(others, 0)} | "
                 f"{_fmt(s.pods_per_user, 2)} | {_fmt(predicted_hit_rate(s.router_metrics), 3)} |"
@@ -210,6 +253,7 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
                 )
             for name, why in overhead.failures.items():
                 lines.append(f"| {name} | failed: {why.splitlines()[0][:120]} |")
+    lines += comparison_lines(results)
     lines += replica_lines(results)
     return "\n".join(lines) + "\n"
 
@@ -258,7 +302,7 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
 
     written: list[Path] = []
     workloads = [info.name for info in results.workloads]
-    routers = list(results.routers)
+    routers = [row_label(r, e) for e in results.engine_sets for r in results.routers]
     colours = _colours(routers + [g.router for g in (results.overhead.gateways if results.overhead else ())])
 
     if workloads and routers:
@@ -266,11 +310,11 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
         for ax, name in zip(axes[0], workloads):
             runs = [r for r in rows(results, name) if r.summary is not None]
             xs = range(len(runs))
-            ax.bar(xs, [r.summary.hit_rate for r in runs], color=[colours[r.router] for r in runs])
+            ax.bar(xs, [r.summary.hit_rate for r in runs], color=[colours[r.label] for r in runs])
             ax.scatter(
                 xs, [r.summary.hit_rate_bound for r in runs], marker="_", s=400, color="black", label="trace bound"
             )
-            ax.set_xticks(list(xs), [r.router for r in runs], rotation=60, ha="right", fontsize=8)
+            ax.set_xticks(list(xs), [r.label for r in runs], rotation=60, ha="right", fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_title(name)
             ax.set_ylabel("engine-reported prefix hit rate")
@@ -286,10 +330,10 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
             xs = list(range(len(runs)))
             width = 0.4
             ax.bar([x - width / 2 for x in xs], [r.summary.ttft_ms_p50 for r in runs], width, label="p50",
-                   color=[colours[r.router] for r in runs])  # fmt: skip
+                   color=[colours[r.label] for r in runs])  # fmt: skip
             ax.bar([x + width / 2 for x in xs], [r.summary.ttft_ms_p90 for r in runs], width, label="p90",
-                   color=[colours[r.router] for r in runs], alpha=0.45, hatch="//")  # fmt: skip
-            ax.set_xticks(xs, [r.router for r in runs], rotation=60, ha="right", fontsize=8)
+                   color=[colours[r.label] for r in runs], alpha=0.45, hatch="//")  # fmt: skip
+            ax.set_xticks(xs, [r.label for r in runs], rotation=60, ha="right", fontsize=8)
             ax.set_title(name)
             ax.set_ylabel("TTFT (ms)")
             ax.legend(fontsize=8)
@@ -315,7 +359,7 @@ def write_plots(results: BenchResults, out: Path) -> list[Path]:
             )
             floors = [r.summary.light_share_vtc_floor or 0.0 for r in runs]
             ax.axhline(1 - min(floors), color="black", ls=":", lw=1, label="most the heavy user gets under VTC")
-        ax.set_xticks(xs, [r.router for r in runs], rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(xs, [r.label for r in runs], rotation=60, ha="right", fontsize=8)
         ax.set_ylim(0, 1.08)
         ax.set_ylabel("share of service (1 x in + 2 x out tokens)")
         ax.set_title(f"{fair[0].name}: who got served")

@@ -1,17 +1,20 @@
-"""The benchmark's orchestration: engines once, every router on every workload, then the overhead.
+"""The benchmark's orchestration: every router on every workload and engine set, then the overhead.
 
 `run_bench`:
 
 1. builds each workload from the seed (the model's tokenizer measures text);
-2. starts the engines once, warms them up;
+2. for each block of `engine_sets.schedule` (per repeat, each engine set in
+   turn, the routers in an order shifted each repeat): has the engine set
+   running (`engine_sets.EngineSets`: plain engines start once and are
+   reused, shared-cache engines start anew for every run) and warmed up;
 3. for each workload, for each router: resets the engines' prefix caches
    (failing loudly if an engine refuses), starts the router and waits until it
-   routes, snapshots the engines' counters, replays the workload, waits until
-   the engines are idle, snapshots again, keeps the router's own figures
-   and who used the CPUs during the replay (`cpu`),
-   stops the router and summarises (`summary`). Workloads are the outer loop,
-   so the routers compared on one workload run close together in time; with
-   `repeats`, all of it again, each time starting one router further on;
+   routes, snapshots the engines' counters, replays the workload (restarting
+   one engine partway when the workload asks, `Workload.restart_after`),
+   waits until the engines are idle, snapshots again, keeps the router's own
+   figures and who used the CPUs during the replay (`cpu`), stops the router
+   and summarises (`summary`). Workloads are inside the engine set, so the
+   routers compared on one workload run close together in time;
 4. stops the engines, then measures each gateway against the stub engine
    (`overhead`), so no engine competes for the CPUs.
 
@@ -36,6 +39,7 @@ from kvgate.bench import cpu
 from kvgate.bench.bound import hit_bound
 from kvgate.bench.config import BenchConfig
 from kvgate.bench.cpu import CpuUse
+from kvgate.bench.engine_sets import EngineSets, row_label, schedule
 from kvgate.bench.fleet import EngineFleet, FleetSpec
 from kvgate.bench.load import RequestRecord, run_workload
 from kvgate.bench.overhead import OverheadReport, measure_overhead
@@ -49,10 +53,19 @@ from router.prompts import PromptEncoder
 #: A prompt long enough to fill a few KV blocks, sent to warm the engines up.
 _WARMUP_PROMPT = "Warm up the engine with a prompt that spans several blocks. " * 60
 
+#: The engine a workload's mid-run restart kills.
+_RESTARTED_ENGINE = 0
+
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """One router on one workload: its summary (or why there is none) and every request's record."""
+    """One router on one workload and engine set: its summary (or why there is none) and every request's record.
+
+    Attributes:
+        engine_set: `plain` or `shared` (`engine_sets`).
+        restart_s: seconds the engine restarted mid-run took to serve
+            again; None when the workload restarts none.
+    """
 
     router: str
     workload: str
@@ -62,6 +75,8 @@ class RunOutcome:
     records: tuple[RequestRecord, ...] = ()
     cpu: CpuUse | None = None
     repeat: int = 0
+    engine_set: str = "plain"
+    restart_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +117,7 @@ class BenchResults:
     engine_ready_s: tuple[float, ...]
     started_at: str
     finished_at: str
+    engine_sets: tuple[str, ...] = ("plain",)
 
     @property
     def complete(self) -> bool:
@@ -144,14 +160,6 @@ class TokenCache:
         return tokens
 
 
-def rotated(items: Sequence[RouterSpec], shift: int) -> list[RouterSpec]:
-    """`items` starting at index `shift` (modulo their number), wrapping around."""
-    if not items:
-        return []
-    shift %= len(items)
-    return [*items[shift:], *items[:shift]]
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -169,7 +177,18 @@ async def _run_one(
     state_url: str,
 ) -> RunOutcome:
     started = _now()
+    engine_set = fleet.spec.name
     router = RouterGroup(router_spec, ctx, state_url=state_url)
+    restart: asyncio.Task[float] | None = None
+    finished = 0
+
+    def on_record(record: RequestRecord) -> None:
+        nonlocal finished, restart
+        progress.request(record)
+        finished += 1
+        if restart is None and workload.restart_after is not None and finished >= workload.restart_after:
+            restart = asyncio.create_task(fleet.restart(http, _RESTARTED_ENGINE, config.engine_start_timeout_s))
+
     try:
         await fleet.reset_prefix_caches(http)
         router.start()
@@ -177,21 +196,30 @@ async def _run_one(
         await fleet.reset_prefix_caches(http)
         before = await fleet.counters(http)
         cpu_before = cpu.sample(fleet.pgids, router.pids)
-        trace = await run_workload(
-            router.urls,
-            workload,
-            model=SERVED_MODEL_NAME,
-            request_timeout_s=config.request_timeout_s,
-            on_record=progress.request,
-        )
-        cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pids))
+        try:
+            trace = await run_workload(
+                router.urls,
+                workload,
+                model=SERVED_MODEL_NAME,
+                request_timeout_s=config.request_timeout_s,
+                on_record=on_record,
+            )
+            cpu_use = cpu.between(cpu_before, cpu.sample(fleet.pgids, router.pids))
+        finally:
+            # An engine being restarted is waited for even when the replay failed.
+            restart_s = None if restart is None else await restart
         await fleet.wait_idle(http)
         await asyncio.sleep(0.5)  # the engines' counters trail the last answer by a step
         after = await fleet.counters(http)
         router_metrics = await router.scrape(http)
     except RouterError as exc:
         return RunOutcome(
-            router=router_spec.name, workload=workload.name, started_at=started, error=str(exc), repeat=repeat
+            router=router_spec.name,
+            workload=workload.name,
+            started_at=started,
+            error=str(exc),
+            repeat=repeat,
+            engine_set=engine_set,
         )
     finally:
         router.stop()
@@ -211,6 +239,8 @@ async def _run_one(
         records=trace.records,
         cpu=cpu_use,
         repeat=repeat,
+        engine_set=engine_set,
+        restart_s=restart_s,
     )
 
 
@@ -244,6 +274,7 @@ async def run_bench(
     progress: Progress | None = None,
     on_engines: Callable[[list[str]], None] | None = None,
     state_url: str = DEFAULT_STATE_URL,
+    engine_sets: Sequence[str] = ("plain",),
 ) -> BenchResults:
     """Run the benchmark (see the module docstring).
 
@@ -258,12 +289,14 @@ async def run_bench(
         kvgate_args: extra `kvgate serve` arguments.
         kvgate_kv_events: feed kvgate the engines' KV events (the engines
             then publish them; they also do when vllm-router's `kv_aware` runs).
-        repeats: times every router replays every workload; each repeat
-            starts one router further down the list (`rotated`), so no router
-            always runs first.
+        repeats: times every router replays every workload on every engine
+            set; each repeat starts one engine set and one router further down
+            their lists (`engine_sets.schedule`), so none always runs first.
         progress: progress display.
         on_engines: called with the engine URLs once they are ready.
         state_url: the Redis that kvgate replicas with shared state (`+state`) meet in.
+        engine_sets: `plain` and/or `shared` (`engine_sets`): the engines
+            every router runs on.
 
     Returns:
         The results.
@@ -271,6 +304,7 @@ async def run_bench(
     Raises:
         kvgate.engines.EngineError: an engine failed to start or died.
         kvgate.bench.fleet.FleetError: an engine refused to reset or drain.
+        TimeoutError: a cache node of the shared set did not start.
     """
     progress = progress or Progress()
     started_at = _now()
@@ -279,12 +313,12 @@ async def run_bench(
     infos = tuple(_info(w, tokens, config.block_size) for w in workloads)
     runs: list[RunOutcome] = []
     ready: list[float] = []
-    engine_steps = repeats * len(workloads) * len(routers) if routers else 0
+    engine_steps = repeats * len(engine_sets) * len(workloads) * len(routers) if routers else 0
     overhead_steps = len(overhead_routers) + 1 if overhead_routers else 0
     progress.start(engine_steps + overhead_steps)
     try:
         if engine_steps:
-            fleet = EngineFleet(
+            sets = EngineSets(
                 FleetSpec(
                     model_dir=model_dir,
                     engines=config.engines,
@@ -294,39 +328,42 @@ async def run_bench(
                     kv_events=any(r.needs_kv_events for r in routers)
                     or (kvgate_kv_events and any(r.family == "kvgate" for r in routers)),
                     log_dir=log_dir,
-                )
+                ),
+                start_timeout_s=config.engine_start_timeout_s,
+                cache_nodes=config.cache_nodes,
             )
-            progress.step(f"starting {config.engines} vLLM engines")
             try:
-                ready = await fleet.start(timeout=config.engine_start_timeout_s)
-                if on_engines is not None:
-                    on_engines(fleet.urls)
-                ctx = LaunchContext(
-                    worker_urls=tuple(fleet.urls),
-                    model_dir=model_dir,
-                    log_dir=log_dir,
-                    kv_event_endpoints=fleet.event_endpoints,
-                    block_size=config.block_size,
-                    kvgate_args=tuple(kvgate_args),
-                    kvgate_kv_events=kvgate_kv_events,
-                )
-                timeout = aiohttp.ClientTimeout(total=60)
-                async with aiohttp.ClientSession(timeout=timeout) as http:
-                    await fleet.warm_up(http, _WARMUP_PROMPT)
-                    for repeat in range(repeats):
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+                    for block in schedule(len(routers), engine_sets, repeats):
                         for workload in workloads:
-                            for router_spec in rotated(routers, repeat):
-                                label = f"{workload.name} / {router_spec.name}"
-                                progress.step(label if repeats == 1 else f"{label} ({repeat + 1}/{repeats})")
+                            for index in block.order:
+                                router_spec = routers[index]
+                                label = f"{workload.name} / {row_label(router_spec.name, block.engine_set)}"
+                                progress.step(f"starting {config.engines} {block.engine_set} vLLM engines")
+                                fleet, started = await sets.use(block.engine_set, http, _WARMUP_PROMPT)
+                                if started:
+                                    ready += sets.ready_s
+                                    if on_engines is not None:
+                                        on_engines(fleet.urls)
+                                progress.step(label if repeats == 1 else f"{label} ({block.repeat + 1}/{repeats})")
+                                ctx = LaunchContext(
+                                    worker_urls=tuple(fleet.urls),
+                                    model_dir=model_dir,
+                                    log_dir=log_dir,
+                                    kv_event_endpoints=fleet.event_endpoints,
+                                    block_size=config.block_size,
+                                    kvgate_args=tuple(kvgate_args),
+                                    kvgate_kv_events=kvgate_kv_events,
+                                )
                                 runs.append(
                                     await _run_one(
-                                        fleet, router_spec, workload, config, ctx, tokens, http, progress, repeat,
-                                        state_url,
+                                        fleet, router_spec, workload, config, ctx, tokens, http, progress,
+                                        block.repeat, state_url,
                                     )
-                                )
+                                )  # fmt: skip
                                 progress.advance()
             finally:
-                fleet.stop()
+                await asyncio.to_thread(sets.stop)
         overhead = overhead_error = None
         if overhead_routers:
             steps_begun = 0
@@ -363,4 +400,5 @@ async def run_bench(
         engine_ready_s=tuple(ready),
         started_at=started_at,
         finished_at=_now(),
+        engine_sets=tuple(engine_sets),
     )

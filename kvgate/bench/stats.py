@@ -1,4 +1,4 @@
-"""Small statistics the benchmark reports: percentiles, Jain's fairness index, the VTC floor.
+"""Small statistics the benchmark reports: percentiles, Jain's fairness index, the VTC floor, spreads.
 
 Pure functions on plain numbers, so each is unit-tested on hand-made inputs.
 Called by `kvgate.bench.summary` and `kvgate.bench.overhead`.
@@ -7,7 +7,9 @@ Called by `kvgate.bench.summary` and `kvgate.bench.overhead`.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -87,3 +89,35 @@ def vtc_light_share_floor(total_service: float, light_users: int, max_request_co
         return 0.0
     slack = max(total_service - 2.0 * max_request_cost, 0.0)
     return light_users * slack / ((light_users + 1) * total_service)
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """A figure over repeated runs: the median and the range it came from.
+
+    Attributes:
+        median: the median (mean of the middle two for an even count).
+        low: the smallest value.
+        high: the largest value.
+        count: how many values.
+    """
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+
+def spread(values: Sequence[float]) -> Spread | None:
+    """The median and min-max range of `values`, NaN left out.
+
+    Args:
+        values: one figure per repeat.
+
+    Returns:
+        The spread, or None when no value is a number.
+    """
+    present = sorted(v for v in values if not math.isnan(v))
+    if not present:
+        return None
+    return Spread(median=statistics.median(present), low=present[0], high=present[-1], count=len(present))

@@ -7,6 +7,12 @@
   deltas of `vllm:prefix_cache_{hits,queries}_total` over the run;
 - the trace's upper bound (`bound`), replaying the prompts in the order they
   were sent, and the ratio of the two;
+- prefill work: prompt tokens the engines computed themselves (vLLM's
+  `vllm:prompt_tokens_by_source{source="local_compute"}`: prompt tokens less
+  those from their own cache and those loaded from the shared KV cache), the
+  tokens loaded from the shared cache (`vllm:external_prefix_cache_hits`),
+  and the least prefill the trace allows (its prompt tokens less the bound's
+  hits: one infinite cache shared by all engines);
 - TTFT and end-to-end latency percentiles of the successful requests, and
   where a request's time went on the engines: mean queue, prefill and decode
   time and the engine's own TTFT (client TTFT minus engine TTFT is the time
@@ -54,6 +60,8 @@ class EngineShare:
         prefix_hits: of those, tokens it served from its cache.
         hit_rate: hits / queries.
         preemptions: requests it preempted for lack of KV blocks.
+        external_hits: prompt tokens it loaded from the shared KV cache.
+        prefill_computed: prompt tokens it computed itself.
     """
 
     requests: float
@@ -62,6 +70,8 @@ class EngineShare:
     prefix_hits: float
     hit_rate: float
     preemptions: float
+    external_hits: float = 0.0
+    prefill_computed: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +115,9 @@ class RunSummary:
     exhausted_sessions: int
     engines: tuple[EngineShare, ...] = ()
     router_metrics: Mapping[str, float] = field(default_factory=dict)
+    prefill_tokens_computed: float = 0.0
+    external_hit_tokens: float = 0.0
+    min_prefill_tokens: int = 0
 
 
 def _ms(values: Sequence[float], q: float) -> float:
@@ -224,8 +237,13 @@ def summarize(
                 prefix_hits=d.prefix_hits,
                 hit_rate=d.hit_rate,
                 preemptions=d.preemptions,
+                external_hits=d.external_hits,
+                prefill_computed=d.prefill_computed,
             )
             for d in engine_deltas
         ),
         router_metrics=dict(router_metrics or {}),
+        prefill_tokens_computed=engines.prefill_computed,
+        external_hit_tokens=engines.external_hits,
+        min_prefill_tokens=bound.prompt_tokens - bound.hit_tokens,
     )

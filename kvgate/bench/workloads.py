@@ -7,7 +7,7 @@ other, each as soon as the previous one has finished, so the number of
 requests in flight never exceeds the number of clients. A workload with a
 duration stops issuing requests when the duration is over.
 
-Four workloads, each built from a seed by `build_workload`:
+Five workloads, each built from a seed by `build_workload`:
 
 - `shared-prefix`: groups (tenants) whose requests share one long system
   prompt, each with its own question; more groups than one engine's KV cache
@@ -26,6 +26,12 @@ Four workloads, each built from a seed by `build_workload`:
 - `skewed-users`: one heavy user with many clients and several light users
   with few, each user with its own system prompt, all sending for a fixed
   duration so the engines stay saturated; for fairness.
+- `shared-cache` (built in `kvgate.bench.shared_cache`): where a KV cache
+  shared by the engines matters: more long prefixes than the fleet's KV
+  caches hold, chats that come back after their history left the engines, a
+  burst on one prefix that needs more than one engine, and one engine
+  restarted mid-run. Not in the default set: it is run with
+  `--engine-sets plain,shared`.
 
 Not here: sending (`load`), the hit-rate bound (`bound`), sizes (`config`).
 """
@@ -55,12 +61,16 @@ class BenchRequest:
         messages: the chat, `(role, content)` pairs.
         max_tokens: tokens to generate; the engine is told to ignore EOS so
             every router makes it generate exactly this many.
+        after: id of an earlier request of the trace that must have finished
+            (answered or failed) before this one is sent; None sends it when
+            its client takes it. A chat's next turn waits for its last one.
     """
 
     id: str
     user: str
     messages: tuple[Message, ...]
     max_tokens: int
+    after: str | None = None
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as OpenAI dicts."""
@@ -107,6 +117,9 @@ class Workload:
         heavy_users: users with outsized demand (fairness workloads).
         light_users: the others, whose share of service is reported.
         params: the sizes it was built with, for the report.
+        restart_after: after this many requests have finished, the runner
+            kills one engine and starts it again while the load goes on;
+            None restarts nothing.
     """
 
     name: str
@@ -118,6 +131,7 @@ class Workload:
     heavy_users: tuple[str, ...] = ()
     light_users: tuple[str, ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
+    restart_after: int | None = None
 
     def requests(self) -> Iterator[BenchRequest]:
         """Every request, session by session."""
@@ -230,6 +244,43 @@ class MixedSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedCacheSpec:
+    """Sizes of `shared-cache` (see `kvgate.bench.shared_cache`).
+
+    Attributes:
+        documents: distinct long prefixes; with `prefix_tokens` they should
+            need more KV blocks than the whole fleet has, so revisits find
+            them evicted from the engines.
+        visits: requests per document, spread over the trace.
+        prefix_tokens: least length of each document prefix, in tokens.
+        hot_requests: requests on one more prefix, sent back to back (a
+            burst more than one engine must serve).
+        chats: conversations that come back later.
+        turns: user turns per conversation, spread over the trace, so that
+            much other traffic passes between two turns of one chat.
+        turn_tokens: least length of each user turn and of each answer kept
+            in the history (so a history grows by about twice this per turn).
+        question_tokens: least length of each document or hot request's question.
+        max_tokens: tokens generated per request.
+        clients: closed-loop clients.
+        restart_at: share of the trace's requests finished when one engine
+            is killed and started again; None restarts nothing.
+    """
+
+    documents: int = 24
+    visits: int = 3
+    prefix_tokens: int = 1024
+    hot_requests: int = 24
+    chats: int = 6
+    turns: int = 3
+    turn_tokens: int = 192
+    question_tokens: int = 32
+    max_tokens: int = 16
+    clients: int = 8
+    restart_at: float | None = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadSizes:
     """Every workload's sizes, plus the engines' context limit they must fit."""
 
@@ -237,6 +288,7 @@ class WorkloadSizes:
     multi_turn: MultiTurnSpec = MultiTurnSpec()
     skewed_users: SkewedUsersSpec = SkewedUsersSpec()
     mixed: MixedSpec = MixedSpec()
+    shared_cache: SharedCacheSpec = SharedCacheSpec()
     max_model_len: int = 4096
 
 
@@ -441,15 +493,26 @@ def skewed_users(spec: SkewedUsersSpec, seed: int, encoder: PromptEncoder) -> Wo
     )
 
 
+def _shared_cache(sizes: WorkloadSizes, seed: int, encoder: PromptEncoder) -> Workload:
+    # NOTE: imported here because that module builds on this one's types.
+    from kvgate.bench.shared_cache import shared_cache
+
+    return shared_cache(sizes.shared_cache, seed, encoder, sizes.max_model_len)
+
+
 _BUILDERS: dict[str, Callable[[WorkloadSizes, int, PromptEncoder], Workload]] = {
     "shared-prefix": lambda sizes, seed, enc: shared_prefix(sizes.shared_prefix, seed, enc),
     "multi-turn": lambda sizes, seed, enc: multi_turn(sizes.multi_turn, seed, enc, sizes.max_model_len),
     "skewed-users": lambda sizes, seed, enc: skewed_users(sizes.skewed_users, seed, enc),
     "mixed": lambda sizes, seed, enc: mixed(sizes.mixed, seed, enc),
+    "shared-cache": _shared_cache,
 }
 
 #: Workload names, in the order a run replays them.
 WORKLOADS: tuple[str, ...] = tuple(_BUILDERS)
+
+#: What `kvgate bench` replays when not told (`shared-cache` restarts an engine: asked for by name).
+DEFAULT_WORKLOADS: tuple[str, ...] = ("shared-prefix", "multi-turn", "skewed-users", "mixed")
 
 
 def build_workload(name: str, sizes: WorkloadSizes, seed: int, encoder: PromptEncoder) -> Workload:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvgate.bench.routers import DEFAULT_OVERHEAD_ROUTERS, DEFAULT_ROUTERS
-from kvgate.bench.workloads import WORKLOADS
+from kvgate.bench.workloads import DEFAULT_WORKLOADS
 
 #: The quick run takes about five minutes here; this only stops a hung run.
 TIMEOUT_S = 20 * 60
@@ -81,7 +81,7 @@ def test_every_router_ran_on_every_workload_without_failures(quick_results: Path
 
     assert results["complete"] is True
     ran = {(run["router"], run["workload"]): run for run in results["runs"]}
-    assert set(ran) == {(router, workload) for router in DEFAULT_ROUTERS for workload in WORKLOADS}
+    assert set(ran) == {(router, workload) for router in DEFAULT_ROUTERS for workload in DEFAULT_WORKLOADS}
     for (router, workload), run in ran.items():
         summary = run["summary"]
         assert run["error"] is None and summary is not None, (router, workload, run["error"])
@@ -117,7 +117,7 @@ def test_every_gateway_was_measured_against_the_stub(quick_results: Path):
 def test_table_and_plots_were_written(quick_results: Path):
     table = (quick_results / "results.md").read_text()
 
-    for name in (*DEFAULT_ROUTERS, *WORKLOADS, *DEFAULT_OVERHEAD_ROUTERS):
+    for name in (*DEFAULT_ROUTERS, *DEFAULT_WORKLOADS, *DEFAULT_OVERHEAD_ROUTERS):
         assert name in table
     assert "failed:" not in table
     for plot in PLOTS:

@@ -9,7 +9,8 @@ import pytest
 from kvgate.bench.aggregate import combine, rows
 from kvgate.bench.cpu import CpuUse
 from kvgate.bench.routers import RouterSpec
-from kvgate.bench.runner import RunOutcome, rotated
+from kvgate.bench.engine_sets import rotated
+from kvgate.bench.runner import RunOutcome
 from kvgate.bench.summary import summarize
 
 from .test_bench_report import _results

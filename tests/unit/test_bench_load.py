@@ -84,3 +84,21 @@ async def test_timed_workload_reports_sessions_that_ran_dry():
 
     assert len(trace.records) == 6
     assert trace.exhausted_sessions == 3
+
+
+async def test_a_request_after_another_waits_until_that_one_finished():
+    first = BenchRequest(id="a", user="u", messages=(("user", "first"),), max_tokens=3)
+    later = BenchRequest(id="b", user="u", messages=(("user", "later"),), max_tokens=3, after="a")
+    workload = Workload(
+        name="t",
+        description="",
+        seed=0,
+        sessions=(Session(id="a", user="u", requests=(first,)), Session(id="b", user="u", requests=(later,))),
+        clients=2,
+    )
+    async with run_stub(StubEngine(behaviour=StubBehaviour(delay_s=0.2))) as stub:
+        trace = await run_workload(stub.url, workload, model="tiny-llama")
+
+    by_id = {r.request_id: r for r in trace.records}
+    assert by_id["a"].ok and by_id["b"].ok
+    assert by_id["b"].sent_s >= by_id["a"].done_s  # two clients, yet b waited for a
