@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from kvcache.client import NodeClient
 from tests.support.kvcache_cluster import (
     SharedCacheCluster,
     complete,
@@ -45,30 +44,11 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield running
 
 
-def l2_blocks(cluster: SharedCacheCluster) -> int:
-    async def count() -> int:
-        total = 0
-        for node in cluster.nodes:
-            client = NodeClient(node.address)
-            try:
-                total += (await client.stats()).blocks
-            finally:
-                await client.aclose()
-        return total
-
-    return asyncio.run(count())
-
-
-def l3_blocks(cluster: SharedCacheCluster) -> int:
-    with cluster.redis.client() as client:
-        return sum(1 for _ in client.scan_iter(match=b"kvgate:kv:*", count=1000))
-
-
 def test_engine_b_loads_from_l2_what_engine_a_computed(cluster: SharedCacheCluster) -> None:
     a, b = cluster.engines
     tokens = prompt(1)
     expected, _ = complete(a.url, tokens)
-    wait_for(lambda: l2_blocks(cluster) >= LOADABLE and l3_blocks(cluster) >= LOADABLE)
+    wait_for(lambda: asyncio.run(cluster.l2_blocks()) >= LOADABLE and cluster.l3_blocks() >= LOADABLE)
 
     hits, p2p = metric(b.url, HITS), metric(b.url, BY_SOURCE, source="p2p")
     answer, _ = complete(b.url, tokens)
@@ -81,9 +61,9 @@ def test_engine_b_loads_from_l2_what_engine_a_computed(cluster: SharedCacheClust
 def test_engine_b_loads_from_l3_once_l2_is_gone(cluster: SharedCacheCluster) -> None:
     a, b = cluster.engines
     tokens = prompt(2)
-    already = l3_blocks(cluster)
+    already = cluster.l3_blocks()
     expected, _ = complete(a.url, tokens)
-    wait_for(lambda: l3_blocks(cluster) >= already + LOADABLE)
+    wait_for(lambda: cluster.l3_blocks() >= already + LOADABLE)
     cluster.stop_l2()
 
     hits, disk = metric(b.url, HITS), metric(b.url, BY_SOURCE, source="disk")
@@ -97,9 +77,9 @@ def test_blocks_failing_their_check_are_recomputed_not_loaded(cluster: SharedCac
     a, b = cluster.engines
     cluster.stop_l2()
     tokens = prompt(4)
-    already = l3_blocks(cluster)
+    already = cluster.l3_blocks()
     expected, _ = complete(a.url, tokens)
-    wait_for(lambda: l3_blocks(cluster) >= already + LOADABLE)
+    wait_for(lambda: cluster.l3_blocks() >= already + LOADABLE)
     with cluster.redis.client() as client:  # flip one payload byte of every stored block
         for name in client.scan_iter(match=b"kvgate:kv:*", count=1000):
             frame = bytearray(client.get(name))

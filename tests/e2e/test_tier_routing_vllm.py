@@ -21,7 +21,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kvcache.client import NodeClient
 from router.app import GATEWAY, create_app
 from router.connections import serving
 from router.discovery import StaticDiscovery
@@ -79,22 +78,6 @@ async def until(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-u
         await asyncio.sleep(0.05)
 
 
-async def l2_blocks(cluster: SharedCacheCluster) -> int:
-    total = 0
-    for node in cluster.nodes:
-        client = NodeClient(node.address)
-        try:
-            total += (await client.stats()).blocks
-        finally:
-            await client.aclose()
-    return total
-
-
-def l3_blocks(cluster: SharedCacheCluster) -> int:
-    with cluster.redis.client() as client:
-        return sum(1 for _ in client.scan_iter(match=b"kvgate:kv:*", count=1000))
-
-
 async def complete(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int = 8) -> str:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     async with session.post(url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=300)) as response:
@@ -128,7 +111,7 @@ async def test_a_prefix_computed_on_a_busy_engine_is_loaded_not_recomputed_on_th
         await until(lambda: gw.shared_use.active)
         # NOTE: L2 writes are behind the request and may time out on a loaded machine; L3 then holds the blocks.
         deadline = asyncio.get_running_loop().time() + 120
-        while await l2_blocks(cluster) < LOADABLE and await asyncio.to_thread(l3_blocks, cluster) < LOADABLE:
+        while await cluster.l2_blocks() < LOADABLE and await asyncio.to_thread(cluster.l3_blocks) < LOADABLE:
             assert asyncio.get_running_loop().time() < deadline, "the prefix never reached L2 or L3"
             await asyncio.sleep(0.1)
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcache.client import NodeClient
 from kvcache.launch import cache_node_argv, connector_extra_config, kv_transfer_config, wait_ready
 from kvgate.engines import Engine, EngineSpec, free_ports, kv_events_args, kv_events_endpoint, stop_engines
 from tests.support.kvcache_servers import RedisServer
@@ -67,6 +68,22 @@ class SharedCacheCluster:
         """`URL=ENDPOINT` pairs of the engines that publish KV events (`kv_events=True`)."""
         pairs = [(engine.url, kv_events_endpoint(engine.spec.extra_args)) for engine in self.engines]
         return [f"{url}={endpoint}" for url, endpoint in pairs if endpoint]
+
+    async def l2_blocks(self) -> int:
+        """Blocks the cache nodes hold, all nodes together (each node's own count)."""
+        total = 0
+        for node in self.nodes:
+            client = NodeClient(node.address)
+            try:
+                total += (await client.stats()).blocks
+            finally:
+                await client.aclose()
+        return total
+
+    def l3_blocks(self) -> int:
+        """Blocks the L3 Redis holds."""
+        with self.redis.client() as client:
+            return sum(1 for _ in client.scan_iter(match=b"kvgate:kv:*", count=1000))
 
     def stop_l2(self) -> None:
         for node in self.nodes:

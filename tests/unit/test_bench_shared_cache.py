@@ -4,26 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
 from kvgate.bench.shared_cache import shared_cache
 from kvgate.bench.workloads import SharedCacheSpec, WorkloadSizes, build_workload
-
-
-class WordEncoder:
-    """One token per word, four per chat message for the template."""
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [len(word) for word in text.split()]
-
-    def encode_chat(self, messages: list[dict[str, Any]], **_: Any) -> list[int]:
-        tokens = [0]
-        for message in messages:
-            tokens += [1, 2, 3, 4] + self.encode_prompt(message["content"])
-        return tokens
-
+from tests.support.word_encoder import WordEncoder
 
 ENC = WordEncoder()
 SPEC = SharedCacheSpec(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import pairwise
-from typing import Any
 
 import pytest
 
@@ -21,20 +20,7 @@ from kvgate.bench.workloads import (
     shared_prefix,
     skewed_users,
 )
-
-
-class WordEncoder:
-    """A stand-in tokenizer: one token per word, four per chat message for the template."""
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [len(word) for word in text.split()]
-
-    def encode_chat(self, messages: list[dict[str, Any]], **_: Any) -> list[int]:
-        tokens = [0]
-        for message in messages:
-            tokens += [1, 2, 3, 4] + self.encode_prompt(message["content"])
-        return tokens
-
+from tests.support.word_encoder import WordEncoder
 
 ENC = WordEncoder()
 SHARED = SharedPrefixSpec(
