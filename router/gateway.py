@@ -54,7 +54,7 @@ from router.prompts import ByteEncoder, PromptEncoder, tokenize
 from router.proxy import Outcome, Proxy
 from router.routing import Router
 from router.schema import Kind, parse_call
-from router.settings import Settings, SettingsError
+from router.settings import Settings
 from router.shared_tier import DECISIONS, FEED_MASKS, SharedCacheUse, SharedTier, TierMetrics
 from router.state import FleetView, RoutingState, open_state
 from router.supervise import Guard, supervise
@@ -104,8 +104,6 @@ class Gateway:
         self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng, self.state)
         self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
         tier = settings.shared_tier
-        if tier.mode not in ("auto", "on", "off") or tier.feed not in FEED_MASKS:
-            raise SettingsError(f"shared_tier: mode {tier.mode!r} or feed {tier.feed!r} unknown")
         self.shared = SharedTier(tier.capacity_blocks, tier.feed)  # type: ignore[arg-type]
         self.shared_use = SharedCacheUse(tier.mode)  # type: ignore[arg-type]
         self.load_cost = LoadCostEstimator(tier.load_ratio_prior)
@@ -310,8 +308,9 @@ class Gateway:
                 except GatewayError as exc:
                     if exc.status < 500 and not exc.retryable:
                         raise  # the client's fault, not the pod's
-                    self.outliers.report(pod, verdict_of(exc))
-                    if verdict_of(exc) is Verdict.OVERLOADED:
+                    verdict = verdict_of(exc)
+                    self.outliers.report(pod, verdict)
+                    if verdict is Verdict.OVERLOADED:
                         self.router.limits.overloaded(pod)  # the engine itself said it has too many
                     self.metrics.record_outcome(pod.id, spec, exc.status)
                     if not exc.retryable:

@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvcache.keys import BlockHash
 from router.pods import EngineStats, Pod, PodId
+from router.settings import SettingsError
 
 Feed = Literal["events", "decisions", "both"]
 Mode = Literal["auto", "on", "off"]
@@ -64,6 +65,8 @@ class SharedTier:
     """
 
     def __init__(self, capacity_blocks: int = 262_144, feed: Feed = "events") -> None:
+        if feed not in FEED_MASKS:
+            raise SettingsError(f"shared_tier.feed must be events, decisions or both, got {feed!r}")
         self._blocks: OrderedDict[BlockHash, int] = OrderedDict()
         self.capacity = max(capacity_blocks, 0)
         self.mask = FEED_MASKS[feed]
@@ -191,6 +194,8 @@ class SharedCacheUse:
     """
 
     def __init__(self, mode: Mode = "auto") -> None:
+        if mode not in ("auto", "on", "off"):
+            raise SettingsError(f"shared_tier.mode must be auto, on or off, got {mode!r}")
         self.mode = mode
         self._detected: set[PodId] = set()
 

@@ -145,3 +145,13 @@ def test_start_up_refuses_shared_tier_settings_that_cannot_work(name, value, mes
 
     with pytest.raises(StartupError, match=message):
         check_settings(settings)
+
+
+def test_the_belief_refuses_a_feed_or_mode_it_does_not_know():
+    from router.settings import SettingsError
+    from router.shared_tier import SharedCacheUse
+
+    with pytest.raises(SettingsError, match="shared_tier.feed"):
+        SharedTier(16, "rumours")  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="shared_tier.mode"):
+        SharedCacheUse("sometimes")  # type: ignore[arg-type]
