@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tracemalloc
+from collections.abc import AsyncIterator
 
 import msgpack
 import pytest
@@ -96,7 +98,9 @@ def test_parse_event_sources():
         parse_event_sources(["http://a:1"])
 
 
-async def test_listener_applies_events_published_over_zmq():
+@contextlib.asynccontextmanager
+async def subscribed() -> AsyncIterator[tuple[PrefixIndex, KVEventListener, zmq.asyncio.Socket]]:
+    """A listener subscribed to pod `POD` and a ZMQ publisher connected to it, as vLLM connects to an endpoint naming a host."""
     port = free_port()
     index = PrefixIndex()
     listener = KVEventListener(index, {POD: f"listen:tcp://127.0.0.1:{port}"}, B)
@@ -104,8 +108,17 @@ async def test_listener_applies_events_published_over_zmq():
     context = zmq.asyncio.Context()
     publisher = context.socket(zmq.PUB)
     publisher.setsockopt(zmq.LINGER, 0)
-    publisher.connect(f"tcp://127.0.0.1:{port}")  # as vLLM does for an endpoint naming a host
+    publisher.connect(f"tcp://127.0.0.1:{port}")
     try:
+        yield index, listener, publisher
+    finally:
+        publisher.close()
+        context.term()
+        await listener.stop()
+
+
+async def test_listener_applies_events_published_over_zmq():
+    async with subscribed() as (index, listener, publisher):
         for seq in range(200):  # PUB drops until the connection is up: keep publishing
             batch = [float(seq), [stored([11, 12, 13], None, TOKENS)], None]
             await publisher.send_multipart([b"kv@a", seq.to_bytes(8, "big"), msgpack.packb(batch)])
@@ -113,10 +126,6 @@ async def test_listener_applies_events_published_over_zmq():
             if index.blocks(POD) == 3:
                 break
         assert index.match(chain_hashes(TOKENS, B)) == {POD: 3}
-    finally:
-        publisher.close()
-        context.term()
-        await listener.stop()
 
 
 def test_block_size_follows_what_the_gateway_hashes_with():
@@ -205,15 +214,7 @@ async def publish_until(publisher, condition, batch_for, sequence=None) -> None:
 
 
 async def test_a_bad_batch_does_not_end_the_subscription():
-    port = free_port()
-    index = PrefixIndex()
-    listener = KVEventListener(index, {POD: f"listen:tcp://127.0.0.1:{port}"}, B)
-    listener.start()
-    context = zmq.asyncio.Context()
-    publisher = context.socket(zmq.PUB)
-    publisher.setsockopt(zmq.LINGER, 0)
-    publisher.connect(f"tcp://127.0.0.1:{port}")
-    try:
+    async with subscribed() as (index, listener, publisher):
         engine = listener.engines[POD]
         garbage = msgpack.packb([0.0, [{"type": "BlockRemoved", "block_hashes": 7}, "junk"], None])
         await publish_until(publisher, lambda: engine.malformed >= 2, lambda seq: garbage)
@@ -222,10 +223,6 @@ async def test_a_bad_batch_does_not_end_the_subscription():
         await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: good)
         assert index.match(chain_hashes(TOKENS, B)) == {POD: 3}
         assert not listener._tasks[POD].done()
-    finally:
-        publisher.close()
-        context.term()
-        await listener.stop()
 
 
 async def test_subscriptions_are_added_and_removed_at_run_time():
@@ -263,28 +260,16 @@ async def test_subscriptions_are_added_and_removed_at_run_time():
 
 async def test_an_oversized_message_is_refused_and_the_subscription_goes_on(monkeypatch):
     monkeypatch.setattr("router.kv_events.MAX_MESSAGE_BYTES", 64 * 1024)
-    port = free_port()
-    index = PrefixIndex()
-    listener = KVEventListener(index, {POD: f"listen:tcp://127.0.0.1:{port}"}, B)
-    listener.start()
-    context = zmq.asyncio.Context()
-    publisher = context.socket(zmq.PUB)
-    publisher.setsockopt(zmq.LINGER, 0)
-    publisher.connect(f"tcp://127.0.0.1:{port}")
     sequence = iter(range(10**6))
     huge = msgpack.packb([0.0, [stored(list(range(1000, 11_000)), None, [1] * (B * 10_000))], None])
     assert len(huge) > 64 * 1024
     first = msgpack.packb([1.0, [stored([11, 12, 13], None, TOKENS)], None])
     later_tokens = list(range(500, 512))
     later = msgpack.packb([2.0, [stored([21, 22, 23], None, later_tokens)], None])
-    try:
+    async with subscribed() as (index, listener, publisher):
         await publish_until(publisher, lambda: index.blocks(POD) == 3, lambda seq: first, sequence)
         for _ in range(3):
             await publisher.send_multipart([b"kv@a", next(sequence).to_bytes(8, "big"), huge])
         # Events sent after it still arrive (ZMQ reconnects the publisher it cut off).
         await publish_until(publisher, lambda: index.match(chain_hashes(later_tokens, B)) == {POD: 3}, lambda seq: later, sequence)
         assert 10_999 not in listener.engines[POD]._ours  # nothing of the huge batch was taken in
-    finally:
-        publisher.close()
-        context.term()
-        await listener.stop()
