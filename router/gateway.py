@@ -136,7 +136,7 @@ class Gateway:
             on_pod_up=self.router.dispatch_waiting,
             on_scrape=self._scraped,
             on_scraped=self.router.limit_update,
-            on_pod_gone=self.router.limits.forget,
+            on_pod_gone=self.router.forget_pod,
         )
         self.proxy = Proxy(self.session, self.settings.upstream, self.metrics)
         self._discovery_task = asyncio.create_task(

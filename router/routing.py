@@ -38,10 +38,11 @@ from router.fairness import VirtualTokenCounters
 from router.fleet_order import FleetOrder
 from router.index import PrefixIndex
 from router.metrics import GatewayMetrics
-from router.pods import Pod, PodId, PodSet
+from router.pods import Pod, PodId, PodSet, UserId
 from router.policies import Policy
 from router.policies.base import RouteRequest
 from router.settings import AdmissionSettings
+from router.slot_holds import SlotHolds
 from router.state.base import RoutingState
 from router.state.local import LocalState
 
@@ -92,7 +93,7 @@ class Lease:
         self.pod.in_flight -= 1
         self.router.state.released(self.pod.id, self.uncached_tokens, self.decoding)
         self.router.metrics.record_release(self.pod.id, self.pod.in_flight)
-        self.router.dispatch_waiting()
+        self.router.slot_freed(self.request.user, self.pod)
 
 
 @dataclass(slots=True, eq=False)
@@ -142,6 +143,8 @@ class Router:
         self.queue = AdmissionQueue(counters, settings.max_queue)
         self.limits = ConcurrencyLimits(settings, metrics.registry, lambda: list(self.pods))
         """Each pod's concurrency limit; `limit_update` evaluates one after a scrape."""
+        self.holds = SlotHolds(settings.hold_for_return_s, self.dispatch_waiting)
+        """Slots kept a moment for users whose next request is about to come (`router.slot_holds`)."""
         self._rng = rng or random.Random()
         self.decisions: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
         """The most recent decisions, for the live dashboard (`router.decisions.decision` reads one)."""
@@ -192,7 +195,11 @@ class Router:
         user's VTC counter is charged for the prompt.
         """
         started = time.perf_counter()
-        limit = self.limits.limit
+        limits, holds, user = self.limits.limit, self.holds, request.user
+
+        def limit(pod: Pod) -> int:
+            return limits(pod) - holds.held(pod.id, user) if holds else limits(pod)
+
         shortlist = getattr(policy, "shortlist", None)
         if shortlist is not None and len(self.pods) > self.shortlist_above:
             model = request.model
@@ -231,6 +238,7 @@ class Router:
         if request.block_hashes:
             self.index.insert(pod.id, request.block_hashes, reused=matched)
         self.state.reserved(pod.id, request.block_hashes, uncached)
+        self.holds.took(request.user, pod.id)
         self.counters.charge(request.user, input_tokens=request.prompt_tokens)
         self.metrics.record_decision(
             pod=pod.id,
@@ -259,6 +267,7 @@ class Router:
         """
         if not self.serves(request.model, exclude):
             raise NoCapacity(f"no healthy pod serves model {request.model!r}")
+        self.holds.arrived(request.user)
         if not len(self.queue):
             lease = self.try_acquire(request, policy, policy_name, exclude)
             if lease is not None:
@@ -303,6 +312,25 @@ class Router:
         if decision is not None and decision.step in (Step.GROW, Step.RESET):
             self.dispatch_waiting()
         return decision
+
+    def forget_pod(self, pod_id: PodId) -> None:
+        """The pod left the table: drop its limit and the slots kept on it."""
+        self.limits.forget(pod_id)
+        self.holds.forget_pod(pod_id)
+
+    def slot_freed(self, user: UserId, pod: Pod) -> None:
+        """A request of `user` on `pod` ended: keep the slot a moment for the user's next request
+        when it would be served before every waiter (`router.slot_holds`), else hand it to the queue."""
+        if self.holds.released(user, pod.id, first=self._ahead_of_queue(user)):
+            return
+        self.dispatch_waiting()
+
+    def _ahead_of_queue(self, user: UserId) -> bool:
+        """Whether others wait and `user`, with nothing waiting itself, would be served before all of them."""
+        if not len(self.queue) or self.queue.depth(user):
+            return False
+        head = next(self.queue.in_order())
+        return (self.counters.get(user), user) < (self.counters.get(head.user), head.user)
 
     def dispatch_waiting(self) -> None:
         """Hand free slots to waiters, smallest VTC counter first. Called when a slot may have freed."""

@@ -184,6 +184,12 @@ class AdmissionSettings:
     Default 0.01: the floor doubles in about 70 evaluations (35 s at the default scrape interval)."""
     limit_backoff: float = 0.9
     """Factor the limit shrinks by at least when the engine is congested. Default 0.9 (as AIMD limiters use)."""
+    hold_for_return_s: float = 0.1
+    """Seconds a freed slot is kept for its user's next request while others wait (`router.slot_holds`).
+
+    Only for a user that would be served before every waiter and whose last request came this
+    soon after the one before ended (a closed loop). Default 0.1: a client's next request
+    reaches the gateway's queue within tens of milliseconds on a loaded host; 0 turns it off."""
     max_queue: int = 1024
     """Requests allowed to wait; one more answers 429."""
     queue_timeout_s: float = 60.0

@@ -132,6 +132,7 @@ def check_settings(settings: Settings) -> None:
     _positive(admission.min_inflight_per_pod, "admission.min_inflight_per_pod")
     _positive(admission.engine_waiting_allowed, "admission.engine_waiting_allowed", zero=True)
     _positive(admission.ttft_floor_drift, "admission.ttft_floor_drift", zero=True)
+    _positive(admission.hold_for_return_s, "admission.hold_for_return_s", zero=True)
     if not isinstance(admission.adaptive, bool):
         raise StartupError(f"admission.adaptive must be true or false, got {admission.adaptive!r}")
     if not 0 < admission.kv_usage_high <= 1:

@@ -24,7 +24,9 @@ URLS = ["http://pod-a:8000", "http://pod-b:8000", "http://pod-c:8000", "http://p
 class Fleet:
     """A router over `n` pods, built as the gateway builds it."""
 
-    def __init__(self, n: int = 4, *, max_inflight: int = 64, max_queue: int = 16, queue_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, n: int = 4, *, max_inflight: int = 64, max_queue: int = 16, queue_timeout_s: float = 5.0, hold_s: float = 0.1
+    ) -> None:
         self.pods = PodSet(URLS[:n])
         self.index = PrefixIndex()
         self.counters = VirtualTokenCounters()
@@ -33,7 +35,9 @@ class Fleet:
             self.pods,
             self.index,
             self.counters,
-            AdmissionSettings(max_inflight_per_pod=max_inflight, max_queue=max_queue, queue_timeout_s=queue_timeout_s),
+            AdmissionSettings(
+                max_inflight_per_pod=max_inflight, max_queue=max_queue, queue_timeout_s=queue_timeout_s, hold_for_return_s=hold_s
+            ),
             self.metrics,
             random.Random(0),
         )
@@ -382,3 +386,119 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_slot_gives_the_slot_back():
     assert isinstance(outcome[0], asyncio.CancelledError)
     assert fleet.totals() == (0, 0, 0)
     assert len(fleet.router.queue) == 0
+
+
+# -- slots kept for returning users -------------------------------------------------------------
+
+
+async def a_closed_loop_user(fleet: Fleet, user: str):
+    """`user` has a lease and came back at once after a previous one ended (so it loops)."""
+    first = await fleet.acquire(user=user)
+    first.release()
+    return await fleet.acquire(user=user)
+
+
+@pytest.mark.parametrize("returns_after", [0.0, 0.02], ids=["at-once", "after-20ms"])
+async def test_a_returning_user_keeps_its_slot_against_a_heavier_waiter(returns_after):
+    fleet = Fleet(1, max_inflight=1, hold_s=2.0)
+    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
+    lease = await a_closed_loop_user(fleet, "light")
+    heavy = asyncio.create_task(fleet.acquire(user="heavy"))
+    await settle()
+
+    lease.release()
+    await settle()
+    assert not heavy.done()  # the slot is kept for light's next request
+    await asyncio.sleep(returns_after)
+    again = await asyncio.wait_for(fleet.acquire(user="light"), 1)  # at once, not when the hold lapses
+
+    assert again.pod is lease.pod and not heavy.done()
+    assert len(fleet.router.holds) == 0
+    fleet.counters.charge(UserId("light"), input_tokens=20_000)  # now served more: nothing is kept for it
+    again.release()
+    (await asyncio.wait_for(heavy, 1)).release()
+    assert fleet.totals() == (0, 0, 0)
+
+
+async def test_a_kept_slot_goes_to_the_queue_when_its_user_does_not_come_back():
+    fleet = Fleet(1, max_inflight=1, hold_s=0.05)
+    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
+    lease = await a_closed_loop_user(fleet, "light")
+    heavy = asyncio.create_task(fleet.acquire(user="heavy"))
+    await settle()
+
+    lease.release()
+    got = await asyncio.wait_for(heavy, 1)
+
+    assert got.pod is lease.pod and len(fleet.router.holds) == 0
+    got.release()
+    # light did not come back in time: its next release keeps nothing until it loops again
+    late = await fleet.acquire(user="light")
+    waiting = asyncio.create_task(fleet.acquire(user="heavy"))
+    await settle()
+    late.release()
+    await settle()
+    assert waiting.done()
+    waiting.result().release()
+    assert fleet.totals() == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("loops", "light_charge"),
+    [
+        pytest.param(False, 0, id="user-never-came-back-at-once"),
+        pytest.param(True, 20_000, id="user-served-more-than-the-waiter"),
+    ],
+)
+async def test_no_slot_is_kept_for_a_user_that_would_not_go_first_or_does_not_loop(loops, light_charge):
+    fleet = Fleet(1, max_inflight=1, hold_s=0.1)
+    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
+    lease = await a_closed_loop_user(fleet, "light") if loops else await fleet.acquire(user="light")
+    fleet.counters.charge(UserId("light"), input_tokens=light_charge)
+    heavy = asyncio.create_task(fleet.acquire(user="heavy"))
+    await settle()
+
+    lease.release()
+    await settle()
+
+    assert heavy.done() and len(fleet.router.holds) == 0
+    heavy.result().release()
+    assert fleet.totals() == (0, 0, 0)
+
+
+async def test_a_kept_slot_is_given_back_when_its_user_lands_on_another_pod():
+    fleet = Fleet(2, max_inflight=1, hold_s=0.1)
+    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
+    lease = await a_closed_loop_user(fleet, "light")
+    other = await fleet.acquire(user="other")  # both pods full
+    heavy = asyncio.create_task(fleet.acquire(user="heavy"))
+    await settle()
+
+    lease.release()  # kept for light
+    other.release()  # other never looped: heavy takes this slot at once
+    await settle()
+    assert heavy.done() and heavy.result().pod is other.pod
+    heavy.result().release()  # heavy's slot is free now, light's is still kept
+    again = await asyncio.wait_for(fleet.acquire(user="light"), 1)
+
+    assert len(fleet.router.holds) == 0  # whichever pod light landed on, nothing stays kept
+    again.release()
+    assert fleet.totals() == (0, 0, 0)
+    assert fleet.router.try_acquire(fleet.request(user="x"), fleet.book.get("least-request"), "least-request") is not None
+
+
+async def test_a_pod_that_leaves_takes_its_kept_slots_with_it():
+    fleet = Fleet(1, max_inflight=1, hold_s=10.0)
+    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
+    lease = await a_closed_loop_user(fleet, "light")
+    heavy = asyncio.create_task(fleet.acquire(user="heavy", timeout=0.5))
+    await settle()
+    lease.release()
+    await settle()
+    assert len(fleet.router.holds) == 1
+
+    fleet.router.forget_pod(lease.pod.id)
+
+    assert len(fleet.router.holds) == 0
+    fleet.router.dispatch_waiting()
+    (await asyncio.wait_for(heavy, 1)).release()
