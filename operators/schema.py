@@ -304,8 +304,11 @@ KVGATEWAY = Kind(
              _f("stateSecretName", "string", "Secret with key `url`: a Redis URL through which replicas share "
                 "routing state (`--state-url`). Default none.", default=None)),
         _obj("admission", "Admission control.",
-             _f("maxInflightPerPod", "integer", "Requests in flight per engine before requests queue. "
-                "Default `64`.", default=64, minimum=1),
+             _f("maxInflightPerPod", "integer", "Most requests in flight per engine: the cap of the adaptive "
+                "limit, or the limit itself with `adaptive: false`; beyond it requests queue. Default `64`.",
+                default=64, minimum=1),
+             _f("adaptive", "boolean", "Each engine's limit follows what the engine reports (waiting queue, KV "
+                "usage, time to first token) under `maxInflightPerPod`. Default `true`.", default=True),
              _f("maxQueue", "integer", "Requests allowed to wait before 429. Default `1024`.", default=1024,
                 minimum=0)),
         _obj("apiKeys", "Bearer tokens clients must present, from a Secret. Default none (open).",

@@ -36,6 +36,7 @@ def gateway_config(spec: dict[str, Any]) -> dict[str, Any]:
         "routing": routing,
         "admission": {
             "max_inflight_per_pod": spec["admission"]["maxInflightPerPod"],
+            "adaptive": spec["admission"]["adaptive"],
             "max_queue": spec["admission"]["maxQueue"],
         },
     }

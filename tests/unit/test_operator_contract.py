@@ -52,7 +52,7 @@ def test_gateway_command_line_and_config_file_give_kubernetes_discovery(tmp_path
     pool = load_spec("EnginePool", {"model": "m", "port": 8100})
     spec = load_spec("KVGateway", {"enginePoolRef": {"name": "pool"}, "apiKeys": {"secretName": "s", "keys": ["a", "b"]},
                                    "routing": {"policy": "prefix-cache", "stateSecretName": "st"},
-                                   "admission": {"maxQueue": 7}})
+                                   "admission": {"maxQueue": 7, "adaptive": False}})
     children = render_gateway(Owner("KVGateway", "gw", "ns", "u"), spec, Refs(engine_pool=("pool", pool)))
     config = next(c for c in children if c["kind"] == "ConfigMap")["data"]["gateway.yaml"]
     (tmp_path / "gateway.yaml").write_text(config)
@@ -67,6 +67,7 @@ def test_gateway_command_line_and_config_file_give_kubernetes_discovery(tmp_path
     assert "app.kubernetes.io/instance=pool" in text and "app.kubernetes.io/component=engine" in text
     assert tuple(settings.server.api_keys) == ("k0", "k1")
     assert settings.routing.policy == "prefix-cache" and settings.admission.max_queue == 7
+    assert settings.admission.adaptive is False
     assert settings.server.host == "0.0.0.0"
     assert settings.state.url == "redis://state:6379/0"
     assert yaml.safe_load(config)["server"]["drain_grace_s"] == 30
