@@ -93,7 +93,7 @@ class VirtualTokenCounters:
 
     def charge(self, user: UserId, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add service received by `user`."""
-        cost = self.input_weight * input_tokens + self.output_weight * output_tokens
+        cost = self.cost(input_tokens=input_tokens, output_tokens=output_tokens)
         if cost:
             self._counters[user] = self._counters.get(user, 0.0) + cost
             self._served[user] = self._served.get(user, 0.0) + cost
@@ -122,6 +122,19 @@ class VirtualTokenCounters:
             self._peer_active[user] = count
         else:
             self._peer_active.pop(user, None)
+
+    def least_active(self) -> float | None:
+        """The smallest counter among users with requests waiting or running (here or on other replicas)."""
+        counters = self._counters
+        least = min((counters.get(u, 0.0) for u in self._active), default=None)
+        if self._peer_active:
+            peers = min(counters.get(u, 0.0) for u in self._peer_active)
+            least = peers if least is None else min(least, peers)
+        return least
+
+    def cost(self, *, input_tokens: int = 0, output_tokens: int = 0) -> float:
+        """What serving that many tokens adds to a counter."""
+        return self.input_weight * input_tokens + self.output_weight * output_tokens
 
     def active_users(self) -> int:
         return len(self._active)

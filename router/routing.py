@@ -4,7 +4,8 @@
 counts the request on it (in flight, queued prefill, predicted prefix blocks)
 in one synchronous step, so concurrent arrivals see each other and spread. When
 every candidate is at its concurrency limit (`router.concurrency`: adaptive,
-following the engine's figures, or fixed at `max_inflight_per_pod`), the
+following the engine's figures, or fixed at `max_inflight_per_pod`; adaptive
+limits hold only users served more than others, `Router.ahead`), the
 request waits in the admission queue and is handed a pod as soon as one has a
 free slot, smallest VTC counter first: when a lease is released, when a
 pod's limit grows (or resets, idle) and when a pod comes up. A pod backing
@@ -195,7 +196,9 @@ class Router:
         user's VTC counter is charged for the prompt.
         """
         started = time.perf_counter()
-        limits, holds, user = self.limits.limit, self.holds, request.user
+        user = request.user
+        limits = self.limits.limit if self.ahead(request) else self._cap
+        holds = self.holds
 
         def limit(pod: Pod) -> int:
             return limits(pod) - holds.held(pod.id, user) if holds else limits(pod)
@@ -268,7 +271,8 @@ class Router:
         if not self.serves(request.model, exclude):
             raise NoCapacity(f"no healthy pod serves model {request.model!r}")
         self.holds.arrived(request.user)
-        if not len(self.queue):
+        if not len(self.queue) or (not self.ahead(request) and self.ahead(next(self.queue.in_order()).payload.request)):
+            # Nobody waits, or only users ahead wait (for the limit) and this one is not held to it.
             lease = self.try_acquire(request, policy, policy_name, exclude)
             if lease is not None:
                 return lease
@@ -313,6 +317,27 @@ class Router:
             self.dispatch_waiting()
         return decision
 
+    def ahead(self, request: RouteRequest) -> bool:
+        """Whether `request` is held to its pods' concurrency limits (else only to the cap).
+
+        With fixed limits, always. With adaptive ones, only when its user has been served
+        more than the least-served active user by more than this request's own cost: holding
+        a request at the gateway costs it latency and the engine batching, and pays only when
+        a less-served user may overtake it. A user level with the others (or alone) goes to
+        the pods, where its requests queue first-come first-served, as they would at the
+        gateway; a user ahead waits while the engines are saturated, in VTC order.
+        """
+        if not self.settings.adaptive:
+            return True
+        least = self.counters.least_active()
+        if least is None:
+            return False
+        cost = self.counters.cost(input_tokens=request.prompt_tokens, output_tokens=request.max_tokens or 0)
+        return self.counters.get(request.user) - least > cost
+
+    def _cap(self, pod: Pod) -> int:
+        return self.settings.max_inflight_per_pod
+
     def forget_pod(self, pod_id: PodId) -> None:
         """The pod left the table: drop its limit and the slots kept on it."""
         self.limits.forget(pod_id)
@@ -334,11 +359,13 @@ class Router:
 
     def dispatch_waiting(self) -> None:
         """Hand free slots to waiters, smallest VTC counter first. Called when a slot may have freed."""
-        limit = self.limits.limit
         while len(self.queue):
             # Under saturation every release frees one slot for one waiter:
             # without this, finding that nobody else fits would try every
-            # waiting user on every pod, per release.
+            # waiting user on every pod, per release. (Nobody is served before
+            # the head: if it cannot fit, nobody after it can.)
+            head: _Ask = next(self.queue.in_order()).payload
+            limit = self.limits.limit if self.ahead(head.request) else self._cap
             if not any(pod.healthy and pod.fleet_in_flight < limit(pod) for pod in self.pods):
                 break
             for waiter in self.queue.in_order():

@@ -35,7 +35,15 @@ async def test_saturated_engine_makes_the_gateway_hold_serve_light_users_first_a
                 await send("heavy", f"heavy-{c}-{k}")
                 k += 1
 
-        heavy = [asyncio.create_task(heavy_client(c)) for c in range(8)]
+        async def steady_client() -> None:
+            k = 0
+            while not stop.is_set():
+                await send("steady", f"steady-{k}")
+                k += 1
+
+        # A user with one request at a time keeps the heavy user ahead of someone: only a user
+        # ahead of others is held to the limit (alone, its surplus waits in the engine as well).
+        heavy = [asyncio.create_task(heavy_client(c)) for c in range(8)] + [asyncio.create_task(steady_client())]
         try:
             # The engine's waiting queue grows; the gateway shrinks the pod's limit and starts holding requests.
             await wait_until(lambda: router.limits.limit(pod) <= 3 and len(router.queue) >= 4)
@@ -67,3 +75,33 @@ async def test_saturated_engine_makes_the_gateway_hold_serve_light_users_first_a
         await wait_until(lambda: engine.running == 10)
         assert len(router.queue) == 0
         await asyncio.gather(*burst)
+
+
+async def test_a_user_alone_on_a_saturated_engine_is_not_held_at_the_gateway():
+    async with start_cluster(1, fast_settings()) as cluster:
+        engine = cluster.engines[0]
+        engine.behaviour.delay_s = 0.05
+        engine.behaviour.max_running = 2
+        router = cluster.gateway.router
+        pod = next(iter(cluster.gateway.pods))
+        stop = asyncio.Event()
+        queued: list[int] = []
+
+        async def client(c: int) -> None:
+            k = 0
+            while not stop.is_set():
+                async with await cluster.post("/v1/chat/completions", chat("alone", f"alone-{c}-{k}")) as r:
+                    assert r.status == 200
+                queued.append(len(router.queue))
+                k += 1
+
+        clients = [asyncio.create_task(client(c)) for c in range(8)]
+        try:
+            # The engine queues: the limit falls, yet nobody is served more than another active
+            # user, so holding would only add latency; the requests go on to the engine.
+            await wait_until(lambda: router.limits.limit(pod) <= 3 and engine.waiting >= 4)
+            await wait_until(lambda: len(queued) >= 30)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert max(queued) == 0

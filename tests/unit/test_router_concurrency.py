@@ -127,12 +127,63 @@ def _request(user: str) -> RouteRequest:
     return RouteRequest(user=UserId(user), model="tiny", prompt_tokens=10, block_size=16)
 
 
+def served_more_than_an_active_user(counters: VirtualTokenCounters, *users: str) -> None:
+    """`users` have been served far more than a user with a request running: they are held to the limits."""
+    counters.arrive(UserId("least-served"))
+    for user in users:
+        counters.charge(UserId(user), input_tokens=10_000)
+
+
+def _limited_router(limit: int, *, adaptive: bool = True, cap: int = 4):
+    pods = PodSet(["http://a"])
+    counters = VirtualTokenCounters()
+    settings = replace(SETTINGS, max_inflight_per_pod=cap, adaptive=adaptive)
+    router = Router(pods, PrefixIndex(100), counters, settings, GatewayMetrics(), random.Random(1))
+    policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("least-request")
+    if adaptive:
+        router.limits._limits["http://a"] = PodLimit(settings, limit=limit)
+    return router, counters, policy
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "ahead", "placed"),
+    [
+        pytest.param(True, False, 4, id="adaptive-user-level-with-others-goes-up-to-the-cap"),
+        pytest.param(True, True, 1, id="adaptive-user-ahead-is-held-to-the-limit"),
+        pytest.param(False, False, 4, id="fixed-limit-is-the-cap-for-everyone"),
+    ],
+)
+def test_only_users_ahead_of_others_are_held_to_the_adaptive_limit(adaptive, ahead, placed):
+    router, counters, policy = _limited_router(1, adaptive=adaptive)
+    if ahead:
+        served_more_than_an_active_user(counters, "u")
+    leases = [router.try_acquire(_request("u"), policy, "least-request") for _ in range(6)]
+    assert sum(lease is not None for lease in leases) == placed
+
+
+async def test_a_user_level_with_the_others_is_not_queued_behind_users_ahead():
+    router, counters, policy = _limited_router(1)
+    served_more_than_an_active_user(counters, "heavy")
+    held = router.try_acquire(_request("heavy"), policy, "least-request")
+    waiting = asyncio.create_task(router.acquire(_request("heavy"), policy, "least-request", timeout=5))
+    await asyncio.sleep(0)
+    assert held is not None and len(router.queue) == 1
+
+    lease = await asyncio.wait_for(router.acquire(_request("least-served"), policy, "least-request", timeout=5), 1)
+
+    assert lease.pod.in_flight == 2 and len(router.queue) == 1  # past the limit, under the cap
+    held.release()
+    lease.release()
+    (await asyncio.wait_for(waiting, 1)).release()
+
+
 async def test_a_waiter_is_dispatched_when_the_limit_grows():
     pods = PodSet(["http://a"])
     counters = VirtualTokenCounters()
     router = Router(pods, PrefixIndex(100), counters, SETTINGS, GatewayMetrics(), random.Random(1))
     policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("least-request")
     pod = pods.get("http://a")
+    served_more_than_an_active_user(counters, "u", "v")
     # The engine runs 2 and keeps more waiting: the limit falls to 2.
     pod.in_flight = 5
     pod.stats = replace(pod.stats, running=2, waiting=3)
