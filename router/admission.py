@@ -73,6 +73,11 @@ class AdmissionQueue:
         self._size -= 1
         return True
 
+    def head(self) -> Waiter:
+        """The first waiter of the user with the smallest counter (ties: user id); the queue must not be empty."""
+        user = min(self._by_user, key=lambda u: (self._counters.get(u), u))
+        return self._by_user[user][0]
+
     def in_order(self) -> Iterator[Waiter]:
         """Each user's first waiter, smallest counter first (ties: user id)."""
         users = sorted(self._by_user, key=lambda u: (self._counters.get(u), u))

@@ -5,7 +5,7 @@ counts the request on it (in flight, queued prefill, predicted prefix blocks)
 in one synchronous step, so concurrent arrivals see each other and spread. When
 every candidate is at its concurrency limit (`router.concurrency`: adaptive,
 following the engine's figures, or fixed at `max_inflight_per_pod`; adaptive
-limits hold only users served more than others, `Router.ahead`), the
+limits hold only users served more than others, `Router.held_to_limit`), the
 request waits in the admission queue and is handed a pod as soon as one has a
 free slot, smallest VTC counter first: when a lease is released, when a
 pod's limit grows (or resets, idle) and when a pod comes up. A pod backing
@@ -197,7 +197,7 @@ class Router:
         """
         started = time.perf_counter()
         user = request.user
-        limits = self.limits.limit if self.ahead(request) else self._cap
+        limits = self.limits.limit if self.held_to_limit(request) else self._cap
         holds = self.holds
 
         def limit(pod: Pod) -> int:
@@ -271,7 +271,7 @@ class Router:
         if not self.serves(request.model, exclude):
             raise NoCapacity(f"no healthy pod serves model {request.model!r}")
         self.holds.arrived(request.user)
-        if not len(self.queue) or (not self.ahead(request) and self.ahead(next(self.queue.in_order()).payload.request)):
+        if not len(self.queue) or (not self.held_to_limit(request) and self.held_to_limit(self.queue.head().payload.request)):
             # Nobody waits, or only users ahead wait (for the limit) and this one is not held to it.
             lease = self.try_acquire(request, policy, policy_name, exclude)
             if lease is not None:
@@ -317,7 +317,7 @@ class Router:
             self.dispatch_waiting()
         return decision
 
-    def ahead(self, request: RouteRequest) -> bool:
+    def held_to_limit(self, request: RouteRequest) -> bool:
         """Whether `request` is held to its pods' concurrency limits (else only to the cap).
 
         With fixed limits, always. With adaptive ones, only when its user has been served
@@ -346,15 +346,15 @@ class Router:
     def slot_freed(self, user: UserId, pod: Pod) -> None:
         """A request of `user` on `pod` ended: keep the slot a moment for the user's next request
         when it would be served before every waiter (`router.slot_holds`), else hand it to the queue."""
-        if self.holds.released(user, pod.id, first=self._ahead_of_queue(user)):
+        if self.holds.released(user, pod.id, first=self._goes_first(user)):
             return
         self.dispatch_waiting()
 
-    def _ahead_of_queue(self, user: UserId) -> bool:
+    def _goes_first(self, user: UserId) -> bool:
         """Whether others wait and `user`, with nothing waiting itself, would be served before all of them."""
         if not len(self.queue) or self.queue.depth(user):
             return False
-        head = next(self.queue.in_order())
+        head = self.queue.head()
         return (self.counters.get(user), user) < (self.counters.get(head.user), head.user)
 
     def dispatch_waiting(self) -> None:
@@ -364,8 +364,8 @@ class Router:
             # without this, finding that nobody else fits would try every
             # waiting user on every pod, per release. (Nobody is served before
             # the head: if it cannot fit, nobody after it can.)
-            head: _Ask = next(self.queue.in_order()).payload
-            limit = self.limits.limit if self.ahead(head.request) else self._cap
+            head: _Ask = self.queue.head().payload
+            limit = self.limits.limit if self.held_to_limit(head.request) else self._cap
             if not any(pod.healthy and pod.fleet_in_flight < limit(pod) for pod in self.pods):
                 break
             for waiter in self.queue.in_order():
