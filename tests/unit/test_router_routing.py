@@ -398,13 +398,20 @@ async def a_closed_loop_user(fleet: Fleet, user: str):
     return await fleet.acquire(user=user)
 
 
-@pytest.mark.parametrize("returns_after", [0.0, 0.02], ids=["at-once", "after-20ms"])
-async def test_a_returning_user_keeps_its_slot_against_a_heavier_waiter(returns_after):
-    fleet = Fleet(1, max_inflight=1, hold_s=2.0)
+async def light_loops_while_heavy_waits(hold_s: float, pods: int = 1):
+    """One slot per pod; "light" (served little, looping) holds one, "heavy" (served much) waits."""
+    fleet = Fleet(pods, max_inflight=1, hold_s=hold_s)
     fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
     lease = await a_closed_loop_user(fleet, "light")
+    other = await fleet.acquire(user="other") if pods > 1 else None
     heavy = asyncio.create_task(fleet.acquire(user="heavy"))
     await settle()
+    return fleet, lease, heavy, other
+
+
+@pytest.mark.parametrize("returns_after", [0.0, 0.02], ids=["at-once", "after-20ms"])
+async def test_a_returning_user_keeps_its_slot_against_a_heavier_waiter(returns_after):
+    fleet, lease, heavy, _ = await light_loops_while_heavy_waits(2.0)
 
     lease.release()
     await settle()
@@ -421,11 +428,7 @@ async def test_a_returning_user_keeps_its_slot_against_a_heavier_waiter(returns_
 
 
 async def test_a_kept_slot_goes_to_the_queue_when_its_user_does_not_come_back():
-    fleet = Fleet(1, max_inflight=1, hold_s=0.05)
-    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
-    lease = await a_closed_loop_user(fleet, "light")
-    heavy = asyncio.create_task(fleet.acquire(user="heavy"))
-    await settle()
+    fleet, lease, heavy, _ = await light_loops_while_heavy_waits(0.05)
 
     lease.release()
     got = await asyncio.wait_for(heavy, 1)
@@ -467,12 +470,7 @@ async def test_no_slot_is_kept_for_a_user_that_would_not_go_first_or_does_not_lo
 
 
 async def test_a_kept_slot_is_given_back_when_its_user_lands_on_another_pod():
-    fleet = Fleet(2, max_inflight=1, hold_s=0.1)
-    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
-    lease = await a_closed_loop_user(fleet, "light")
-    other = await fleet.acquire(user="other")  # both pods full
-    heavy = asyncio.create_task(fleet.acquire(user="heavy"))
-    await settle()
+    fleet, lease, heavy, other = await light_loops_while_heavy_waits(0.1, pods=2)  # both pods full
 
     lease.release()  # kept for light
     other.release()  # other never looped: heavy takes this slot at once
@@ -488,11 +486,7 @@ async def test_a_kept_slot_is_given_back_when_its_user_lands_on_another_pod():
 
 
 async def test_a_pod_that_leaves_takes_its_kept_slots_with_it():
-    fleet = Fleet(1, max_inflight=1, hold_s=10.0)
-    fleet.counters.charge(UserId("heavy"), input_tokens=10_000)
-    lease = await a_closed_loop_user(fleet, "light")
-    heavy = asyncio.create_task(fleet.acquire(user="heavy", timeout=0.5))
-    await settle()
+    fleet, lease, heavy, _ = await light_loops_while_heavy_waits(10.0)
     lease.release()
     await settle()
     assert len(fleet.router.holds) == 1
