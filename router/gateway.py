@@ -136,7 +136,7 @@ class Gateway:
             on_pod_up=self.router.dispatch_waiting,
             on_scrape=self._scraped,
             on_scraped=self.router.limit_update,
-            on_pod_gone=self.router.forget_pod,
+            on_pod_gone=self._pod_gone,
         )
         self.proxy = Proxy(self.session, self.settings.upstream, self.metrics)
         self._discovery_task = asyncio.create_task(
@@ -334,6 +334,14 @@ class Gateway:
             raise
         finally:
             self.counters.leave(user)
+
+    def _pod_gone(self, pod_id: PodId) -> None:
+        """The pod left the table: what every part kept of it goes too."""
+        self.router.forget_pod(pod_id)
+        self.metrics.forget_pod(pod_id)
+        self.load_cost.forget(pod_id)
+        self.shared_use.forget(pod_id)
+        self.tier_metrics.forget(pod_id)
 
     def _routed(self, route: RouteRequest, pod: Pod, matched: int) -> None:
         """The pod will compute the prompt's blocks and save them; count what each belief expected it to load.

@@ -22,6 +22,20 @@ _DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 1
 _TOKEN_BUCKETS = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
+def drop_series(metric: Counter | Gauge | Histogram, labels: tuple[str, ...], label: str, value: str) -> None:
+    """Remove every child of `metric` (labelled `labels`) whose `label` is `value`: a pod that left
+    must not keep its series for the life of the gateway (pods come and go under new names)."""
+    at = labels.index(label)
+    found = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            key = tuple(sample.labels.get(name, "") for name in labels)
+            if key[at] == value:
+                found.add(key)
+    for key in found:
+        metric.remove(*key)
+
+
 class _EngineCollector(Collector):
     """Re-exports each pod's scraped figures at collection time."""
 
@@ -142,6 +156,14 @@ class GatewayMetrics:
         self._per_pod: dict[str, tuple[Counter, Counter, Gauge]] = {}
         self._outcomes: dict[tuple[str, str, str], Counter] = {}
         self._ttft: dict[str, Histogram] = {}
+
+    def forget_pod(self, pod: str) -> None:
+        """`pod` left the table: drop its series."""
+        self._per_pod.pop(pod, None)
+        self._outcomes = {key: child for key, child in self._outcomes.items() if key[0] != pod}
+        drop_series(self.requests, ("pod", "policy", "status"), "pod", pod)
+        for metric in (self.predicted_hit_tokens, self.prompt_tokens, self.in_flight, self.retries, self.stream_errors, self.upstream_too_large):
+            drop_series(metric, ("pod",), "pod", pod)
 
     def watch_users(self, counters: VirtualTokenCounters) -> None:
         """Export per-user VTC counters and service received (call once)."""

@@ -35,6 +35,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router.errors import GatewayError, UpstreamOverloaded
+from router.metrics import drop_series
 from router.pods import Pod, PodId, PodSet
 from router.settings import OutlierSettings
 
@@ -189,5 +190,8 @@ class Outliers:
         return record.ejected_until if pod.ejected and record is not None else None
 
     def forget(self, pod_id: PodId) -> None:
-        """The pod is gone from the table: drop its record."""
+        """The pod is gone from the table: drop its record and its series."""
         self._records.pop(pod_id, None)
+        drop_series(self.ejections, ("pod",), "pod", pod_id)
+        drop_series(self.ejections_refused, ("pod",), "pod", pod_id)
+        drop_series(self.verdicts, ("pod", "verdict"), "pod", pod_id)

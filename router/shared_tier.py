@@ -44,6 +44,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvcache.keys import BlockHash
+from router.metrics import drop_series
 from router.pods import EngineStats, Pod, PodId
 from router.settings import SettingsError
 
@@ -257,6 +258,11 @@ class TierMetrics:
         self.load_ratio = Gauge(
             "kvgate_load_cost_ratio", "Learned cost of loading one prompt token, in tokens computed.", registry=registry
         )
+
+    def forget(self, pod: PodId) -> None:
+        """`pod` left the table: drop its series."""
+        drop_series(self.predicted, ("pod", "feed"), "pod", pod)
+        drop_series(self.loaded, ("pod",), "pod", pod)
 
     def routed(self, pod: PodId, tiers: TierMatch, start: int, miss: int) -> None:
         """Count what each feed's belief predicts the routed request loads on `pod`."""

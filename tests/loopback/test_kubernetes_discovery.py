@@ -23,6 +23,7 @@ import aiohttp
 import kmock
 import msgpack
 import pytest
+from prometheus_client import generate_latest
 import zmq
 import zmq.asyncio
 
@@ -153,10 +154,15 @@ async def test_pods_stop_receiving_requests_on_deletion_timestamp_not_ready_and_
             assert {(await fleet.ask())[1] for _ in range(3)} == {pod_id(c, uc)}
             assert len(b.calls) == calls_b
 
+            served_c = f'pod="{pod_id(c, uc)}"'
+            assert served_c in generate_latest(fleet.gateway.metrics.registry).decode()
             await api.delete_pod("c")
             await wait_until(lambda: not fleet.routable(), timeout=DROP_WITHIN_S)
             assert (await fleet.ask())[0] == 503
             assert await fleet.ready_status() == 503
+            # Gone from the table, gone from /metrics: pods come and go under new names.
+            await wait_until(lambda: fleet.gateway.pods.get(pod_id(c, uc)) is None, timeout=DROP_WITHIN_S)
+            assert served_c not in generate_latest(fleet.gateway.metrics.registry).decode()
 
 
 async def test_a_new_pod_at_an_old_address_starts_with_an_empty_prefix_index_entry() -> None:
