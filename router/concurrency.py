@@ -3,10 +3,11 @@
 A pod's engine can only run so many requests at a time (its KV cache and its
 compute decide how many); requests sent beyond that queue inside the engine,
 first-in first-out, where nobody can reorder them. This module keeps one
-limit per pod that follows what the engine reports, so that the surplus
-waits at the gateway instead, in the admission queue ordered by the VTC
-counters (`router.admission`), and so that the queue stays empty while the
-engines keep up.
+limit per pod that follows what the engine reports, so that the surplus of
+users served more than others waits at the gateway instead, in the admission
+queue ordered by the VTC counters (`router.admission`), and so that the
+queue stays empty while the engines keep up. (Requests of users level with
+the others are held only to the cap: `router.routing.Router.held_to_limit`.)
 
 The controller is additive-increase, multiplicative-decrease, with the
 engine's own figures as the congestion signal (as TCP Vegas reads queueing

@@ -153,7 +153,9 @@ class AdmissionSettings:
     shrinks while the engine holds requests waiting, its KV cache is nearly full or its time
     to first token rises, and grows while the engine keeps up, so requests beyond what the
     engines can run wait at the gateway, in VTC order, instead of first-come first-served
-    inside the engines. `max_inflight_per_pod` caps it; with `adaptive` off it is the limit.
+    inside the engines, when their user has been served more than others (a user level with
+    the others, or alone, is held only to the cap). `max_inflight_per_pod` caps it; with
+    `adaptive` off it is the limit for every request.
     """
 
     max_inflight_per_pod: int = 64
