@@ -196,12 +196,19 @@ class Router:
         user's VTC counter is charged for the prompt.
         """
         started = time.perf_counter()
-        user = request.user
-        limits = self.limits.limit if self.held_to_limit(request) else self._cap
-        holds = self.holds
+        user, limits, holds = request.user, self.limits.limit, self.holds
+        held: bool | None = None  # whether the request is held to the limits, asked only of a pod at its limit
 
         def limit(pod: Pod) -> int:
-            return limits(pod) - holds.held(pod.id, user) if holds else limits(pod)
+            nonlocal held
+            kept = holds.held(pod.id, user) if holds else 0
+            bound = limits(pod)
+            if pod.fleet_in_flight >= bound - kept:
+                if held is None:
+                    held = self.held_to_limit(request)
+                if not held:
+                    bound = self.settings.max_inflight_per_pod
+            return bound - kept
 
         shortlist = getattr(policy, "shortlist", None)
         if shortlist is not None and len(self.pods) > self.shortlist_above:
