@@ -60,24 +60,25 @@ class SlotHolds:
         self._clock = clock
         self._holds: dict[UserId, list[_Hold]] = {}
         self._per_pod: dict[PodId, int] = {}
-        self._count = 0
         self._released_at: dict[UserId, float] = {}
         self._returns: dict[UserId, None] = {}
         """Users whose last request came within `hold_s` of their previous release."""
 
     def __len__(self) -> int:
-        return self._count
+        return sum(self._per_pod.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._holds)
 
     def arrived(self, user: UserId) -> None:
         """A request of `user` arrived: note whether it came back within `hold_s` of its last release."""
         released = self._released_at.pop(user, None)
         if released is None:
             return  # its first request, or a retry, or another client of its while one runs
-        self._returns.pop(user, None)
         if self._clock() - released <= self.hold_s:
-            self._returns[user] = None
-            if len(self._returns) > _MAX_USERS:
-                del self._returns[next(iter(self._returns))]
+            _remember(self._returns, user, None)
+        else:
+            self._returns.pop(user, None)
 
     def released(self, user: UserId, pod: PodId, *, first: bool) -> bool:
         """`user`'s request on `pod` ended; keep its slot if `first` and it comes back in loops.
@@ -88,10 +89,7 @@ class SlotHolds:
         Returns:
             Whether the slot is now kept (the caller then does not hand it to the queue).
         """
-        self._released_at.pop(user, None)
-        self._released_at[user] = self._clock()
-        if len(self._released_at) > _MAX_USERS:
-            del self._released_at[next(iter(self._released_at))]
+        _remember(self._released_at, user, self._clock())
         if not first or self.hold_s <= 0 or user not in self._returns:
             return False
         try:
@@ -102,7 +100,6 @@ class SlotHolds:
         hold.timer = loop.call_later(self.hold_s, self._lapse, hold)
         self._holds.setdefault(user, []).append(hold)
         self._per_pod[pod] = self._per_pod.get(pod, 0) + 1
-        self._count += 1
         return True
 
     def held(self, pod: PodId, user: UserId | None = None) -> int:
@@ -144,7 +141,14 @@ class SlotHolds:
             self._per_pod[hold.pod] = left
         else:
             del self._per_pod[hold.pod]
-        self._count -= 1
         if hold.timer is not None:
             hold.timer.cancel()
         return True
+
+
+def _remember(table: dict, key: object, value: object) -> None:
+    """Set `table[key]` as its most recent entry, forgetting the oldest beyond `_MAX_USERS`."""
+    table.pop(key, None)
+    table[key] = value
+    if len(table) > _MAX_USERS:
+        del table[next(iter(table))]
