@@ -176,6 +176,11 @@ class PrefixIndex:
         lru = self._lru.get(pod)
         return bool(lru) and block in lru
 
+    def remove_pod(self, pod: PodId) -> int:
+        """`pod` left the table: forget what it holds and its capacity. Returns blocks dropped."""
+        self._capacity.pop(pod, None)
+        return self.drop_pod(pod)
+
     def drop_pod(self, pod: PodId) -> int:
         """Forget everything `pod` holds (it restarted, died or left). Returns blocks dropped."""
         lru = self._lru.pop(pod, None)

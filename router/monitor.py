@@ -241,6 +241,6 @@ class Monitor:
         if task is not None:
             task.cancel()
         self._outliers.forget(pod.id)
-        self.index.drop_pod(pod.id)
+        self.index.remove_pod(pod.id)
         self.pods.remove(pod.id)
         self._on_pod_gone(pod.id)

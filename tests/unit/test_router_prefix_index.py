@@ -160,6 +160,21 @@ def test_drop_pod_forgets_everything_it_held_and_nothing_else():
     assert index.drop_pod(C) == 0
 
 
+def test_a_restarted_pod_keeps_its_capacity_and_a_removed_one_forgets_it():
+    index = PrefixIndex(default_capacity=100)
+    index.set_capacity(A, 8)
+    index.set_capacity(B, 8)
+    index.insert(A, chain("ABCD"))
+    index.insert(B, chain("ABCD"))
+
+    index.drop_pod(A)  # restarted: same engine, same KV cache size
+    assert index.remove_pod(B) == 4  # left the table
+
+    assert index.capacity(A) == 8
+    assert index.capacity(B) == 100
+    assert index.match(chain("ABCD")) == {}
+
+
 def test_a_dropped_pod_can_be_filled_again():
     index = PrefixIndex()
     index.insert(A, chain("ABCD"))
