@@ -197,6 +197,7 @@ class Proxy:
             content_type=upstream.content_type or "application/json",
             headers={"x-kvgate-pod": lease.pod.id},
         )
+        await lease.finish()
         return response, outcome
 
     async def relay_stream(
@@ -240,7 +241,9 @@ class Proxy:
                 if cut >= 0:
                     complete = bytes(pending[: cut + 2])
                     del pending[: cut + 2]
-                    done = done or _DONE in complete
+                    if not done and _DONE in complete:
+                        done = True
+                        await lease.finish()  # before the client sees the stream end
                     out = _scan_events(complete, outcome, strip_usage)
                     if out:
                         await response.write(out)
@@ -254,7 +257,9 @@ class Proxy:
                     failure = (exc.message, exc.type)
                     break
             if failure is None and pending:
-                done = done or _DONE in pending
+                if not done and _DONE in pending:
+                    done = True
+                    await lease.finish()
                 await response.write(bytes(pending))
             if failure is None and not done:
                 failure = (f"pod {lease.pod.id} ended the stream without 'data: [DONE]'", "upstream_error")

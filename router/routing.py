@@ -82,6 +82,16 @@ class Lease:
         self.pod.decoding += 1
         self.router.state.first_token(self.pod.id, self.uncached_tokens)
 
+    async def finish(self) -> None:
+        """The pod's answer is all in: release, and let other replicas know before the client sees the end.
+
+        A client's next request can reach another replica as soon as it has
+        this answer; that replica must see the pod free, or it prices the
+        pod's finished prefill as still queued and sends the prefix elsewhere.
+        """
+        self.release()
+        await self.router.state.settle()
+
     def release(self) -> None:
         """Give the slot back (idempotent) and let the next waiter in."""
         if self.released:

@@ -290,7 +290,7 @@ class StateSettings:
     """Seconds a replica's load outlives it: a replica that stops renewing is dropped by the others after this."""
     flush_timeout_s: float = 0.05
     """Seconds a request may wait to write its reservation when the store stopped reading (socket buffers full);
-    past that the store counts as down. A request never waits for the store's reply."""
+    past that the store counts as down; also the longest an answer's end waits for the store to have its release."""
     batch_linger_s: float = 0.002
     """Seconds a first token or fairness update (a user's counter or activity) may wait to share the next write."""
     warmup_timeout_s: float = 5.0

@@ -118,3 +118,13 @@ class RoutingState(Protocol):
         reply is not awaited, so a request pays no round trip for it.
         """
         ...
+
+    async def settle(self) -> None:
+        """`flush()`, then, if other replicas read this state, wait until the store has it.
+
+        For the end of an answer: a client's next request may go to another
+        replica at once, which must not still count this request on its pod.
+        The wait is one store round trip, bounded by `flush_timeout_s`; a
+        store that does not answer in time is not waited for further.
+        """
+        ...

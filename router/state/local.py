@@ -40,3 +40,6 @@ class LocalState:
 
     async def flush(self) -> None:
         return None
+
+    async def settle(self) -> None:
+        return None

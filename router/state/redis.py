@@ -49,10 +49,20 @@ with the next request's batch, or alone when no request comes, so a replica
 under load writes about one stream entry per request, and fewer when
 requests arrive together.
 
-NOTE: a release reaches the peers up to `batch_linger_s` late: meanwhile they
-count the pod one request busier than it is (they err towards other pods,
-never overfill it). A user's counter and activity are late by as much, a
-fairness error of one request's cost at most.
+The end of an answer is the one write a request waits for (`settle()`,
+called by `Lease.finish` before the client can see the end): the client's
+next request may go to a peer at once, and a peer that still counted the
+finished request on its pod would price its prefill as queued there (a
+whole answer's first token comes with its last) and send the client's prefix
+to another pod. The wait is one store round trip, at most
+`flush_timeout_s`, and only with peers. Peers still apply the release one
+stream delivery after the store has it.
+
+NOTE: a release without an answer (a failure, a client gone) reaches the
+peers on the next loop step: meanwhile they count the pod one request busier
+than it is (they err towards other pods, never overfill it). A user's
+counter and activity are late by up to `batch_linger_s`, a fairness error of
+one request's cost at most.
 
 The lease loop only renews the key's expiry: the key's content is written in
 the transaction that appends to the stream, so it always matches a stream
@@ -113,7 +123,7 @@ class StateMetrics:
         )
         self.flush_seconds = Histogram(
             "kvgate_state_flush_seconds",
-            "Time from writing a batch of state events to the store's reply (requests do not wait for it).",
+            "Time from writing a batch of state events to the store's reply (only an answer's end waits for it).",
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1),
             registry=registry,
         )
@@ -266,8 +276,9 @@ class RedisState:
         else:
             self._own_add(pod, -1, -uncached_tokens, 0)
         # Soon rather than lingering when there are peers: one about to pick a pod must not see it
-        # busier than it is (it would send a prefix the pod holds elsewhere). Written after the
-        # answer is on its way. Without peers it waits for the next request's write.
+        # busier than it is (it would send a prefix the pod holds elsewhere). An answer's end
+        # waits for the store to have it (`Lease.finish`); a release without an answer (a failure,
+        # a client gone) goes on the next loop step. Without peers it waits for the next request's write.
         self._send([codec.RELEASED, pod, uncached_tokens, decoding], soon=self._ledger is not None and self._ledger.any)
 
     def charged(self, user: UserId, cost: float) -> None:
@@ -287,6 +298,12 @@ class RedisState:
         """Write everything recorded so far to the store's connection; the store's reply is not awaited."""
         if self._up and self._outbox:
             await self._write()
+
+    async def settle(self) -> None:
+        await self.flush()
+        link = self._link
+        if self._up and link is not None and self._ledger is not None and self._ledger.any:
+            await link.answered(link.sent, self.settings.flush_timeout_s)
 
     def _own_add(self, pod: PodId, in_flight: int, pending: int, decoding: int) -> None:
         row = self._own.setdefault(pod, [0, 0, 0])

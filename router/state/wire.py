@@ -9,7 +9,8 @@ reach the stream in the order they were sent, and a batch sent before a
 request leaves for its pod is in the store about when the pod sees the
 request. A task reads the replies, one per batch, in the same order, and
 reports each (whether the replica's lease key was still there, and how long
-the store took) or the first failure.
+the store took) or the first failure; `answered` lets a caller that must
+know the store has a batch (the end of an answer) wait for its reply.
 
 `StreamFollower`: one blocking XREAD after another on a connection of its
 own, the command packed once.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -127,11 +129,39 @@ class StoreWriter:
         self._settled.set()
         self._replies: asyncio.Task | None = None
         self._failed = False
+        self._sent = 0  # batches sent, and answered, since the connection opened
+        self._answered = 0
+        # (batch number, tie-breaker, future) of callers waiting for a batch's reply, smallest batch first
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
 
     @property
     def pending(self) -> int:
         """Batches sent whose reply has not been read yet."""
         return len(self._pending)
+
+    @property
+    def sent(self) -> int:
+        """Batches sent on this connection so far (the number `answered` takes)."""
+        return self._sent
+
+    async def answered(self, batch: int, timeout_s: float) -> bool:
+        """Wait until the store has answered the `batch`-th batch sent (and every one before it).
+
+        Returns False if `timeout_s` passed first or the connection failed.
+        Other batches sent meanwhile are not waited for.
+        """
+        if self._answered >= batch:
+            return True
+        if self._failed:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (batch, id(waiter), waiter))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        except TimeoutError:
+            return False
+        return self._answered >= batch
 
     async def open(self) -> None:
         """Connect and make sure the store has the script.
@@ -164,6 +194,7 @@ class StoreWriter:
             raise ConnectionError("the state store connection had failed")
         packed = b"*%d\r\n%b%b" % (self._head_count + len(args), self._head, _bulks(args))
         self._pending.append((tag, time.perf_counter()))
+        self._sent += 1
         self._more.set()
         self._settled.clear()
         await self._connection.send_packed_command(packed, check_health=False)
@@ -178,6 +209,7 @@ class StoreWriter:
     async def close(self) -> None:
         """Stop reading replies and disconnect (batches not answered yet are left to the store)."""
         self._failed = True
+        self._wake_waiters(self._sent)
         if self._replies is not None:
             self._replies.cancel()
             await asyncio.gather(self._replies, return_exceptions=True)
@@ -196,10 +228,19 @@ class StoreWriter:
                 async with asyncio.timeout(self._reply_timeout_s):
                     reply = await self._connection.read_response()
                 tag, sent_at = self._pending.popleft()
+                self._answered += 1
+                self._wake_waiters(self._answered)
                 self._on_reply(tag, bool(reply), time.perf_counter() - sent_at)
         except STORE_ERRORS as exc:
             self._failed = True
+            self._wake_waiters(self._sent)
             self._on_failure(exc)
+
+    def _wake_waiters(self, upto: int) -> None:
+        while self._waiters and self._waiters[0][0] <= upto:
+            waiter = heapq.heappop(self._waiters)[2]
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class StreamFollower:

@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import redis
 
 from kvgate.stub_engine import StubEngine, run_app, run_stub
 from router.app import GATEWAY, RUNNER_OPTIONS, create_app
 from router.discovery import StaticDiscovery
 from router.gateway import Gateway
+from router.state import codec
 from tests.loopback.conftest import fast_settings, wait_until
 
 
@@ -114,6 +116,42 @@ async def test_a_new_prefix_sent_alternately_to_two_replicas_stays_on_one_pod(re
         for member in f.replicas:
             index = member.gateway.index
             assert sum(index.reused_share(pod.id) for pod in member.gateway.pods) > 0
+
+
+async def test_an_answer_reaches_its_client_only_once_the_store_holds_its_release(redis_server):
+    """A client's next request may reach another replica at once: the store must already have the release.
+
+    Each request starts with the store holding back writes for a while (as a
+    slow store would), and the store is read the moment the answer is in,
+    without letting the event loop run (a blocking client).
+    """
+    store = redis.Redis.from_url(redis_server.url)
+
+    def releases() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, fields in store.xrange("kvgate:test:events"):
+            for event in codec.decode(fields[b"e"]):
+                if event[0] == codec.RELEASED:
+                    counts[event[1]] = counts.get(event[1], 0) + 1
+        return counts
+
+    try:
+        async with fleet(redis_server.url) as f:
+            for i in range(8):
+                stream = i % 4 >= 2
+                payload = {"model": "tiny-llama", "max_tokens": 2, "stream": stream,
+                           "messages": [{"role": "user", "content": f"question {i}"}]}  # fmt: skip
+                before = releases()
+                store.execute_command("CLIENT", "PAUSE", 200, "WRITE")
+                async with f.http.post(f.replicas[i % 2].url + "/v1/chat/completions", json=payload) as r:
+                    assert r.status == 200, await r.text()
+                    body = await r.read()
+                    pod = r.headers["x-kvgate-pod"]
+                assert (b"[DONE]" in body) == stream
+                after = releases()
+                assert after.get(pod, 0) == before.get(pod, 0) + 1, (i, stream, before, after)
+    finally:
+        store.close()
 
 
 async def test_without_shared_state_the_replicas_split_prefixes():

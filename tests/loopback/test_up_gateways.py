@@ -39,6 +39,29 @@ async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> float | N
     return None
 
 
+async def _state_events(http: aiohttp.ClientSession, urls: list[str]) -> list[tuple[float, float]]:
+    """(sent, received) state events per replica."""
+    counts = []
+    for url in urls:
+        async with http.get(url + "/metrics") as r:
+            text = await r.text()
+        sent = re.search(r'^kvgate_state_events_total\{direction="sent"\} (\S+)$', text, re.M)
+        received = re.search(r'^kvgate_state_events_total\{direction="received"\} (\S+)$', text, re.M)
+        counts.append((float(sent[1]) if sent else 0.0, float(received[1]) if received else 0.0))
+    return counts
+
+
+async def _heard(http: aiohttp.ClientSession, urls: list[str], before: list[tuple[float, float]]) -> None:
+    """Wait until every event a replica sent since `before` has reached each of the others."""
+    for _ in range(200):
+        now = await _state_events(http, urls)
+        sent = [s - b[0] for (s, _), b in zip(now, before)]
+        if all(r - b[1] >= sum(sent) - mine for (_, r), b, mine in zip(now, before, sent)):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the replicas did not hear each other: {before} -> {now}")
+
+
 async def test_replicas_print_a_line_each_and_share_routing_state(redis_server, capsys):  # noqa: F811
     async with run_stub(StubEngine()) as e0, run_stub(StubEngine()) as e1:
         settings = fast_settings()
@@ -69,11 +92,15 @@ async def test_replicas_print_a_line_each_and_share_routing_state(redis_server, 
                 system = "Shared house rules for every replica, followed to the letter. " * 20
                 pods = set()
                 for i in range(6):
+                    # The stub answers at once; the replicas are in this process, so the next
+                    # request can beat the peers' read of the release (one stream delivery).
+                    before = await _state_events(http, urls)
                     payload = {"model": "tiny-llama", "max_tokens": 2,
                                "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}]}  # fmt: skip
                     async with http.post(urls[i % 3] + "/v1/chat/completions", json=payload) as r:
                         assert r.status == 200, await r.text()
                         pods.add(r.headers["x-kvgate-pod"])
+                    await _heard(http, urls, before)
                 assert len(pods) == 1, "the replicas route a shared prefix as one gateway"
                 for url in urls:
                     assert await _metric(http, url, "kvgate_state_peers") == 2.0
