@@ -117,6 +117,8 @@ class RoutingSettings:
     """prefix-cache: when busiest minus idlest in-flight exceeds this, fall back to least-request."""
     prefill_tokens_per_decode: float = 32.0
     """kv-aware: cost of one running decode stream, in prompt-token equivalents of prefill work."""
+    prefill_delay_weight: float = 1.0
+    """kv-aware: weight of the delay a request's prefill adds to each other request on the pod (0: price only its own wait)."""
     min_match_blocks: int = 1
     """kv-aware: shorter cached matches are ignored, so one shared short preamble cannot pull all traffic."""
 

@@ -400,10 +400,13 @@ D = RoutingSettings().prefill_tokens_per_decode
         pytest.param({}, 10, 0.0, id="idle-full-match-costs-nothing"),
         pytest.param({}, 4, PROMPT - 4 * BLOCK, id="partial-match"),
         pytest.param({}, 12, 0.0, id="match-beyond-prompt-clamped"),
-        pytest.param({"pending_prefill": 100, "in_flight": 1}, 0, PROMPT + 100, id="pending-prefill-adds"),
-        pytest.param({"decoding": 2, "in_flight": 2}, 0, PROMPT + 2 * D, id="gateway-decoding"),
-        pytest.param({"running": 3, "waiting": 1}, 0, PROMPT + 4 * D, id="engine-load-when-higher"),
-        pytest.param({"decoding": 5, "in_flight": 5, "running": 2}, 0, PROMPT + 5 * D, id="gateway-count-when-higher"),
+        # The request's work also holds up every request on the pod: x (1 + requests there).
+        pytest.param({"pending_prefill": 100, "in_flight": 1}, 0, 2 * PROMPT + 100, id="pending-prefill-adds"),
+        pytest.param({"decoding": 2, "in_flight": 2}, 0, 3 * PROMPT + 2 * D, id="gateway-decoding"),
+        pytest.param({"running": 3, "waiting": 1}, 0, 5 * PROMPT + 4 * D, id="engine-load-when-higher"),
+        pytest.param({"decoding": 5, "in_flight": 5, "running": 2}, 0, 6 * PROMPT + 5 * D, id="gateway-count-when-higher"),
+        pytest.param({"decoding": 2, "in_flight": 2}, 10, 2 * D, id="no-work-holds-nobody-up"),
+        pytest.param({"decoding": 2, "in_flight": 2}, 4, 3 * (PROMPT - 4 * BLOCK) + 2 * D, id="partial-work-times-crowd"),
     ],
 )
 def test_kv_aware_cost_follows_its_formula(pod_kwargs, matched, expected):
@@ -412,6 +415,56 @@ def test_kv_aware_cost_follows_its_formula(pod_kwargs, matched, expected):
     costs = make_book().get("kv-aware").costs(make_request(prompt_tokens=PROMPT, matched={pod: matched}), [pod])
 
     assert costs == [pytest.approx(expected, abs=1e-9)]
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected"),
+    [
+        pytest.param(0.0, PROMPT + 2 * D, id="own-wait-only"),
+        pytest.param(0.5, 2 * PROMPT + 2 * D, id="half"),
+    ],
+)
+def test_kv_aware_prefill_delay_weight_comes_from_settings(weight, expected):
+    pod = make_pod("a", decoding=2, in_flight=2)
+
+    costs = make_book(prefill_delay_weight=weight).get("kv-aware").costs(make_request(prompt_tokens=PROMPT), [pod])
+
+    assert costs == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize(
+    ("other_kwargs", "expected"),
+    [
+        pytest.param({}, "other", id="an-idle-pod-takes-the-recompute"),
+        pytest.param({"decoding": 1, "in_flight": 1}, "holder", id="not-onto-a-pod-it-would-hold-up"),
+    ],
+)
+def test_kv_aware_recomputes_a_prefix_only_where_it_holds_few_requests_up(other_kwargs, expected):
+    """The holder's queue outweighs recomputing the prefix on an idle pod, not on one already serving a stream."""
+    holder = make_pod("holder", pending_prefill=PROMPT + 40, in_flight=1)
+    other = make_pod("other", **other_kwargs)
+    request = make_request(prompt_tokens=PROMPT, matched={holder: 10})
+
+    costs = make_book().get("kv-aware").costs(request, [holder, other])
+
+    assert [holder, other][cheapest(costs)] is (holder if expected == "holder" else other)
+
+
+@pytest.mark.parametrize(
+    ("crowded_requests", "expected"),
+    [
+        pytest.param(1, "crowded", id="one-request-less-work-queued-wins"),
+        pytest.param(4, "quiet", id="many-cheap-requests-keep-a-one-off-away"),
+    ],
+)
+def test_kv_aware_keeps_a_new_prompt_off_a_pod_crowded_with_cheap_requests(crowded_requests, expected):
+    """A pod serving many cache hits (little prefill queued) against one busy with a single long prefill."""
+    crowded = make_pod("crowded", in_flight=crowded_requests, decoding=crowded_requests)
+    quiet = make_pod("quiet", in_flight=1, pending_prefill=PROMPT)
+
+    costs = make_book(prefill_tokens_per_decode=1.0).get("kv-aware").costs(make_request(prompt_tokens=PROMPT), [crowded, quiet])
+
+    assert [crowded, quiet][cheapest(costs)] is (crowded if expected == "crowded" else quiet)
 
 
 @pytest.mark.parametrize(
@@ -481,7 +534,7 @@ def test_kv_aware_decode_weight_comes_from_settings():
 
     costs = make_book(prefill_tokens_per_decode=10.0).get("kv-aware").costs(make_request(prompt_tokens=PROMPT), [pod])
 
-    assert costs == [PROMPT + 20.0]
+    assert costs == [3 * PROMPT + 20.0]
 
 
 # -- weighted mixes ---------------------------------------------------------------------------
