@@ -303,7 +303,7 @@ class RedisState:
         await self.flush()
         link = self._link
         if self._up and link is not None and self._ledger is not None and self._ledger.any:
-            await link.answered(link.sent, self.settings.flush_timeout_s)
+            await link.settle(self.settings.flush_timeout_s)
 
     def _own_add(self, pod: PodId, in_flight: int, pending: int, decoding: int) -> None:
         row = self._own.setdefault(pod, [0, 0, 0])

@@ -9,8 +9,8 @@ reach the stream in the order they were sent, and a batch sent before a
 request leaves for its pod is in the store about when the pod sees the
 request. A task reads the replies, one per batch, in the same order, and
 reports each (whether the replica's lease key was still there, and how long
-the store took) or the first failure; `answered` lets a caller that must
-know the store has a batch (the end of an answer) wait for its reply.
+the store took) or the first failure; `settle` waits until the store has
+answered every batch sent so far (the end of an answer, a replica leaving).
 
 `StreamFollower`: one blocking XREAD after another on a connection of its
 own, the command packed once.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -125,14 +124,11 @@ class StoreWriter:
         # (tag, sent at) per batch whose reply is still to come, oldest first
         self._pending: deque[tuple[bool, float]] = deque()
         self._more = asyncio.Event()
-        self._settled = asyncio.Event()
-        self._settled.set()
         self._replies: asyncio.Task | None = None
         self._failed = False
-        self._sent = 0  # batches sent, and answered, since the connection opened
-        self._answered = 0
-        # (batch number, tie-breaker, future) of callers waiting for a batch's reply, smallest batch first
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._sent = 0  # batches sent since the connection opened
+        # (batches sent when it began, future) per `settle` waiting; in that order, so the counts never fall
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def pending(self) -> int:
@@ -140,28 +136,9 @@ class StoreWriter:
         return len(self._pending)
 
     @property
-    def sent(self) -> int:
-        """Batches sent on this connection so far (the number `answered` takes)."""
-        return self._sent
-
-    async def answered(self, batch: int, timeout_s: float) -> bool:
-        """Wait until the store has answered the `batch`-th batch sent (and every one before it).
-
-        Returns False if `timeout_s` passed first or the connection failed.
-        Other batches sent meanwhile are not waited for.
-        """
-        if self._answered >= batch:
-            return True
-        if self._failed:
-            return False
-        waiter = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (batch, id(waiter), waiter))
-        try:
-            async with asyncio.timeout(timeout_s):
-                await waiter
-        except TimeoutError:
-            return False
-        return self._answered >= batch
+    def _answered(self) -> int:
+        """Batches the store has answered (their replies come in the order they were sent)."""
+        return self._sent - len(self._pending)
 
     async def open(self) -> None:
         """Connect and make sure the store has the script.
@@ -196,20 +173,30 @@ class StoreWriter:
         self._pending.append((tag, time.perf_counter()))
         self._sent += 1
         self._more.set()
-        self._settled.clear()
         await self._connection.send_packed_command(packed, check_health=False)
 
     async def settle(self, timeout_s: float) -> bool:
-        """Wait until every batch sent has its reply (or `timeout_s` passed). Returns whether they all had."""
-        with contextlib.suppress(asyncio.TimeoutError):
+        """Wait until every batch sent so far has its reply; batches sent meanwhile are not waited for.
+
+        Returns whether they all had it: False if `timeout_s` passed first or
+        the connection failed.
+        """
+        target = self._sent
+        if self._answered >= target:
+            return True
+        if self._failed:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, waiter))
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                await self._settled.wait()
-        return self._settled.is_set()
+                await waiter
+        return self._answered >= target
 
     async def close(self) -> None:
         """Stop reading replies and disconnect (batches not answered yet are left to the store)."""
         self._failed = True
-        self._wake_waiters(self._sent)
+        self._wake_waiters(self._sent)  # they end unanswered
         if self._replies is not None:
             self._replies.cancel()
             await asyncio.gather(self._replies, return_exceptions=True)
@@ -221,14 +208,12 @@ class StoreWriter:
             while True:
                 if not self._pending:
                     self._more.clear()
-                    self._settled.set()
                     await self._more.wait()
                     continue
                 # NOTE: not read_response(timeout=...): on a timeout it returns None as if the store had answered.
                 async with asyncio.timeout(self._reply_timeout_s):
                     reply = await self._connection.read_response()
                 tag, sent_at = self._pending.popleft()
-                self._answered += 1
                 self._wake_waiters(self._answered)
                 self._on_reply(tag, bool(reply), time.perf_counter() - sent_at)
         except STORE_ERRORS as exc:
@@ -237,8 +222,9 @@ class StoreWriter:
             self._on_failure(exc)
 
     def _wake_waiters(self, upto: int) -> None:
+        """Wake every `settle` that waits for no more than `upto` batches."""
         while self._waiters and self._waiters[0][0] <= upto:
-            waiter = heapq.heappop(self._waiters)[2]
+            waiter = self._waiters.popleft()[1]
             if not waiter.done():
                 waiter.set_result(None)
 

@@ -73,6 +73,15 @@ async def cluster() -> AsyncIterator[Cluster]:
         yield c
 
 
+def heard_each_other(before: list[tuple[float, float]], now: list[tuple[float, float]]) -> bool:
+    """Whether every state event each replica sent since `before` has reached each of the others.
+
+    Both lists hold (sent, received) event counts per replica, in one order.
+    """
+    sent = [s - b[0] for (s, _), b in zip(now, before)]
+    return all(r - b[1] >= sum(sent) - mine for (_, r), b, mine in zip(now, before, sent))
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server on a free port, for tests that kill and restart their store."""

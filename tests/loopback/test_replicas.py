@@ -24,7 +24,7 @@ from router.app import GATEWAY, RUNNER_OPTIONS, create_app
 from router.discovery import StaticDiscovery
 from router.gateway import Gateway
 from router.state import codec
-from tests.loopback.conftest import fast_settings, wait_until
+from tests.loopback.conftest import fast_settings, heard_each_other, wait_until
 
 
 @dataclass
@@ -97,10 +97,8 @@ async def test_a_new_prefix_sent_alternately_to_two_replicas_stays_on_one_pod(re
         def settled(before: list[tuple[float, float]]) -> bool:
             # Every event a replica sent since `before` has reached the other (zero in flight alone
             # also holds before it has), and the release it carried has been applied.
-            now = counts()
-            sent = [s - b[0] for (s, _), b in zip(now, before)]
-            heard = all(r - b[1] >= sum(sent) - mine for (_, r), b, mine in zip(now, before, sent))
-            return heard and all(p.fleet_in_flight == 0 and p.fleet_pending_prefill == 0 for m in f.replicas for p in m.gateway.pods)
+            idle = all(p.fleet_in_flight == 0 and p.fleet_pending_prefill == 0 for m in f.replicas for p in m.gateway.pods)
+            return heard_each_other(before, counts()) and idle
 
         for group in range(4):
             system = f"Group {group} house rules, to be followed to the letter. " * 30

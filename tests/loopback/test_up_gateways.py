@@ -18,7 +18,7 @@ from kvgate.engines import free_port, kv_events_args
 from kvgate.gateways import engine_events_host, event_source, replica_settings, serve_replicas, state_url_for
 from kvgate.stub_engine import StubEngine, run_stub
 from router.discovery import StaticDiscovery
-from tests.loopback.conftest import fast_settings
+from tests.loopback.conftest import fast_settings, heard_each_other
 
 
 async def _gateway_urls(capsys, count: int, timeout: float = 10.0) -> list[str]:
@@ -55,8 +55,7 @@ async def _heard(http: aiohttp.ClientSession, urls: list[str], before: list[tupl
     """Wait until every event a replica sent since `before` has reached each of the others."""
     for _ in range(200):
         now = await _state_events(http, urls)
-        sent = [s - b[0] for (s, _), b in zip(now, before)]
-        if all(r - b[1] >= sum(sent) - mine for (_, r), b, mine in zip(now, before, sent)):
+        if heard_each_other(before, now):
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"the replicas did not hear each other: {before} -> {now}")
