@@ -210,6 +210,7 @@ class Monitor:
                 self._mark_down(pod, "health probes failed")
 
     async def _scrape_metrics(self, pod: Pod) -> None:
+        ours = pod.fleet_in_flight
         try:
             status, body = await self._get(pod, "/metrics", MAX_METRICS_BYTES)
         except (aiohttp.ClientError, asyncio.TimeoutError, AnswerTooLarge) as exc:
@@ -218,6 +219,8 @@ class Monitor:
         if status != 200:
             return
         stats = parse_engine_metrics(decode_text(body), previous=pod.stats)
+        # The engine counted at some moment of the scrape: of our counts then, the higher, so others are never overcounted.
+        stats.gateway_in_flight = max(ours, pod.fleet_in_flight)
         if restarted(pod.stats, stats):
             dropped = self.index.drop_pod(pod.id)
             log.info("pod %s restarted its engine; forgot %d cached blocks", pod.url, dropped)

@@ -86,6 +86,17 @@ class EngineStats:
     prefill_requests: float = 0.0
     """Sum and count of `vllm:request_prefill_time_seconds` (scheduled to first token, loads included)."""
     scraped_at: float = 0.0
+    gateway_in_flight: int = 0
+    """The gateways' own requests on the pod (`Pod.fleet_in_flight`) when these figures were read."""
+
+    @property
+    def others(self) -> int:
+        """Requests on the engine no gateway of this fleet sent: running + waiting beyond the gateways' own then.
+
+        The engine's counts age until the next scrape, the gateways' do not:
+        what the pod carries now is the gateways' current count plus this.
+        """
+        return max(self.running + self.waiting - self.gateway_in_flight, 0)
 
 
 @dataclass(slots=True)
@@ -153,6 +164,11 @@ class Pod:
     def fleet_decoding(self) -> int:
         """Requests past their first token on the pod, from every gateway replica."""
         return self.decoding + self.peer.decoding
+
+    @property
+    def load(self) -> int:
+        """Requests on the pod now: every gateway replica's, plus others' as the engine last reported them."""
+        return self.fleet_in_flight + self.stats.others
 
 
 #: The fields whose assignment can change a routing decision.

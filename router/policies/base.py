@@ -83,5 +83,5 @@ class Policy(Protocol):
 
 
 def load(pod: Pod) -> int:
-    """Requests on `pod`: the gateways' count (every replica's), or the engine's when others send it work too."""
-    return max(pod.fleet_in_flight, pod.stats.running + pod.stats.waiting)
+    """Requests on `pod`: the gateways' count (every replica's) plus those others sent the engine (`Pod.load`)."""
+    return pod.load

@@ -21,13 +21,15 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
                   there (how likely what it evicts is still in demand)
     pending(p)  = uncached prompt tokens the gateway sent to p whose first
                   output token has not come back (queued prefill ahead of us)
-    decoding(p) = requests on p past their first token: the gateway's count,
-                  or, if higher, the engine's running + waiting less the
-                  gateway's requests still in prefill (others' traffic counts)
+    decoding(p) = requests on p past their first token: the gateways' count
+                  plus others(p)
+    others(p)   = requests on p that no gateway of the fleet sent: the
+                  engine's running + waiting at its last scrape less the
+                  gateways' own count then (`EngineStats.others`; counted as
+                  decoding)
     d           = prefill_tokens_per_decode: what one decode stream slows a
                   step down by, in prefill tokens
-    crowd(p)    = requests on p: the fleet's gateways' count, or the engine's
-                  running + waiting if higher
+    crowd(p)    = requests on p: the fleet's gateways' count plus others(p)
     c           = prefill_delay_weight (1): what the work costs each of them
 
 This is the Dynamo cost (prefill blocks not cached + active decode blocks) with
@@ -54,6 +56,14 @@ TTFT p50 moved by less than the runs' spread, either way. SGLang's
 cache_aware, which never moves a prefix, stays ahead on mixed (0.47-0.49) and
 on multi-turn seed 2 (0.584). An idle pod has no crowd, so a hot prefix
 still spreads to one when its holder's queue outweighs recomputing it there.
+
+Why others(p) and not the engine's count when it is higher: the engine's
+count is as old as its last scrape (every 0.5 s, and a loaded engine takes
+a few tenths of a second to serve its /metrics), so after a burst it still
+shows requests the gateway has seen finish. Taking the higher of the two,
+kv-aware priced a pod that had just emptied as holding four requests, and
+sent prompts to busier ones. The gateways' own count is current; only the
+rest of the engine's load is read from the scrape.
 
 The reused share matters when shared prefixes are mixed with prompts nobody
 sends again (one-off documents, first turns): priced by occupancy alone, every
@@ -114,9 +124,7 @@ class KVAwarePolicy:
 
     def load(self, pod: Pod) -> float:
         """The request-independent part of a pod's cost: queued prefill plus d x decoding."""
-        engine_load = pod.stats.running + pod.stats.waiting
-        decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding))
-        return pod.fleet_pending_prefill + self._decode_cost * max(decoding, 0)
+        return pod.fleet_pending_prefill + self._decode_cost * (pod.fleet_decoding + pod.stats.others)
 
     def shortlist(self, request: RouteRequest, fleet: FleetOrder, eligible: Callable[[Pod], bool]) -> list[Pod]:
         """The eligible pods of least cost, found without pricing the whole fleet (see the module docstring)."""
@@ -184,9 +192,9 @@ class KVAwarePolicy:
         evicts = miss * request.occupancy.get(pod.id, 0.0)
         work = miss if request.tiers is None else request.tiers.work(pod, matched, miss)
         # `load` inlined: this runs once per pod on a full scan.
-        engine_load = pod.stats.running + pod.stats.waiting
-        decoding = max(pod.fleet_decoding, engine_load - (pod.fleet_in_flight - pod.fleet_decoding), 0)
-        crowd = max(pod.fleet_in_flight, engine_load)
+        others = pod.stats.others
+        crowd = pod.fleet_in_flight + others
+        decoding = pod.fleet_decoding + others
         return work * (1.0 + self._delay_weight * crowd) + evicts + pod.fleet_pending_prefill + self._decode_cost * decoding
 
 

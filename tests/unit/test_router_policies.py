@@ -36,14 +36,18 @@ def make_pod(
     waiting: int = 0,
     kv_usage: float = 0.0,
     num_gpu_blocks: int | None = None,
+    scraped_in_flight: int | None = None,
 ) -> Pod:
+    """A pod; its engine figures were read when the gateway had `scraped_in_flight` requests on it (default: as now)."""
+    stats = EngineStats(running=running, waiting=waiting, kv_usage=kv_usage, num_gpu_blocks=num_gpu_blocks)
+    stats.gateway_in_flight = in_flight if scraped_in_flight is None else scraped_in_flight
     return Pod(
         id=PodId(f"http://{name}:8000"),
         url=f"http://{name}:8000",
         in_flight=in_flight,
         pending_prefill=pending_prefill,
         decoding=decoding,
-        stats=EngineStats(running=running, waiting=waiting, kv_usage=kv_usage, num_gpu_blocks=num_gpu_blocks),
+        stats=stats,
     )
 
 
@@ -168,6 +172,10 @@ def test_book_returns_the_same_policy_for_the_same_spec(spec):
         pytest.param([make_pod("a", in_flight=3), make_pod("b", in_flight=1), make_pod("c", in_flight=2)], 1, id="fewest-in-flight"),
         pytest.param([make_pod("a", running=5, waiting=2), make_pod("b", in_flight=2)], 1, id="engine-load-when-higher"),
         pytest.param([make_pod("a", in_flight=4, running=1), make_pod("b", in_flight=3, running=3)], 1, id="gateway-count-when-higher"),
+        # Engine figures read while the gateway had 4 requests there, all since finished: the pod is empty.
+        pytest.param([make_pod("a", running=4, scraped_in_flight=4), make_pod("b", in_flight=1, running=1)], 0, id="stale-engine-count"),
+        # Read while the gateway had 1 there: 2 are others', and they still count.
+        pytest.param([make_pod("a", running=3, scraped_in_flight=1), make_pod("b", in_flight=1, running=1)], 1, id="others-count"),
     ],
 )
 def test_least_request_picks_the_least_loaded(pods, expected):
@@ -406,6 +414,10 @@ D = RoutingSettings().prefill_tokens_per_decode
         pytest.param({"running": 3, "waiting": 1}, 0, 5 * PROMPT + 4 * D, id="engine-load-when-higher"),
         pytest.param({"decoding": 5, "in_flight": 5, "running": 2}, 0, 6 * PROMPT + 5 * D, id="gateway-count-when-higher"),
         pytest.param({"decoding": 2, "in_flight": 2}, 10, 2 * D, id="no-work-holds-nobody-up"),
+        # The engine's 4 were the gateway's, since finished: nobody left to hold up.
+        pytest.param({"running": 4, "scraped_in_flight": 4}, 0, PROMPT, id="stale-engine-count-ignored"),
+        # 3 the engine had beyond the gateway's 1 then are others': the gateway's 2 now plus those 3.
+        pytest.param({"running": 4, "scraped_in_flight": 1, "in_flight": 2, "decoding": 2}, 0, 6 * PROMPT + 5 * D, id="others-added"),
         pytest.param({"decoding": 2, "in_flight": 2}, 4, 3 * (PROMPT - 4 * BLOCK) + 2 * D, id="partial-work-times-crowd"),
     ],
 )

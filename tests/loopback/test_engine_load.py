@@ -1,0 +1,42 @@
+"""A pod's load: the gateway's own requests counted live, the engine's scraped count only for what others sent.
+
+The engine's running count is as old as its last scrape; the gateway's count
+of its own requests is current. The monitor records the gateway's count with
+each scrape, so what the engine had beyond it is others' work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvgate.stub_engine import StubBehaviour
+from tests.loopback.conftest import start_cluster, wait_until
+
+CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello " * 40}], "max_tokens": 2}
+
+
+async def test_the_engine_count_beyond_the_gateways_is_others_and_only_that_is_read_from_the_scrape():
+    async with start_cluster(1, behaviour=StubBehaviour(delay_s=1.0)) as cluster:
+        engine = cluster.engines[0]
+        pod = cluster.gateway.pods.get(engine.url)
+
+        async def through_gateway():
+            async with await cluster.post("/v1/chat/completions", CHAT) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+
+        async def around_it():
+            async with cluster.http.post(engine.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+                await r.read()
+
+        calls = [asyncio.create_task(through_gateway()) for _ in range(2)] + [asyncio.create_task(around_it())]
+        await wait_until(lambda: pod.stats.running == 3 and pod.in_flight == 2)
+        await wait_until(lambda: pod.stats.gateway_in_flight == 2)
+        seen = (pod.stats.others, pod.load)
+        await asyncio.gather(*calls)
+
+        # Both gateway requests are over; the last scrape may still show them running.
+        assert pod.in_flight == 0 and pod.load == pod.stats.others
+
+    assert seen == (1, 3)
