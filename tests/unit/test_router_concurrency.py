@@ -14,7 +14,7 @@ from router.concurrency import ConcurrencyLimits, PodLimit, Reading, Step
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
 from router.metrics import GatewayMetrics
-from router.pods import PodSet, UserId
+from router.pods import PodId, PodSet, UserId
 from router.policies import PolicyBook, PolicyDeps
 from router.policies.base import RouteRequest
 from router.routing import Router
@@ -217,3 +217,52 @@ async def test_a_pod_backing_off_never_holds_a_waiter():
     assert second.pod is a and len(router.queue) == 0  # then the one backing off, at once
     first.release()
     second.release()
+
+
+def _two_pods_prefix_on_a(limit: int):
+    """Pods a (holding the request's 8-block prefix, adaptive limit `limit`) and b (empty, no limit), kv-aware."""
+    pods = PodSet(["http://a", "http://b"])
+    counters = VirtualTokenCounters()
+    router = Router(pods, PrefixIndex(100), counters, SETTINGS, GatewayMetrics(), random.Random(1))
+    router.limits._limits["http://a"] = PodLimit(SETTINGS, limit=limit)
+    policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("kv-aware")
+    return router, counters, policy
+
+
+def _prefixed(user: str, holder: str = "http://a") -> RouteRequest:
+    return RouteRequest(
+        user=UserId(user), model="tiny", prompt_tokens=1100, block_size=128, matched_blocks={PodId(holder): 8}
+    )
+
+
+async def test_a_held_request_waits_for_the_pod_at_its_limit_that_holds_its_prefix_instead_of_recomputing_it():
+    router, counters, policy = _two_pods_prefix_on_a(1)
+    served_more_than_an_active_user(counters, "heavy")
+    first = router.try_acquire(_prefixed("heavy"), policy, "kv-aware")
+    assert first is not None and first.pod.id == "http://a"
+
+    # a is at its limit and still the cheapest: the request waits, b stays empty.
+    assert router.try_acquire(_prefixed("heavy"), policy, "kv-aware") is None
+    waiting = asyncio.create_task(router.acquire(_prefixed("heavy"), policy, "kv-aware", timeout=5))
+    await asyncio.sleep(0)
+    assert len(router.queue) == 1 and router.pods.get("http://b").in_flight == 0
+
+    # A prompt that b serves as cheaply goes there at once; a user level with the others goes to a, up to the cap.
+    elsewhere = router.try_acquire(_prefixed("heavy", holder="http://b"), policy, "kv-aware")
+    level = router.try_acquire(_prefixed("least-served"), policy, "kv-aware")
+    assert elsewhere is not None and elsewhere.pod.id == "http://b"
+    assert level is not None and level.pod.id == "http://a"
+
+    first.release()
+    level.release()
+    lease = await asyncio.wait_for(waiting, 1)
+    assert lease.pod.id == "http://a" and len(router.queue) == 0
+    lease.release()
+    elsewhere.release()
+
+
+def test_with_fixed_limits_a_full_holder_is_passed_over():
+    router, counters, policy = _two_pods_prefix_on_a(1)
+    router.settings = replace(SETTINGS, max_inflight_per_pod=1, adaptive=False)
+    leases = [router.try_acquire(_prefixed("u"), policy, "kv-aware") for _ in range(2)]
+    assert [lease.pod.id for lease in leases] == ["http://a", "http://b"]
