@@ -17,8 +17,9 @@ scrape of the pod (`router.monitor`), it reads a `Reading` and:
 - shrinks the limit when the pod answers 429 or 503 (`overloaded`), and
   when the engine holds requests waiting (to what the engine runs, plus what
   it may keep waiting; by the backoff factor if the limit is already there),
-  when its KV cache is nearly full, or when the time to first token has
-  risen to `ttft_tolerance` times its floor (by the ratio, at most halving);
+  when its KV cache is nearly full, or when the time to first token per
+  token of prefill work has risen to `ttft_tolerance` times its floor (by
+  the ratio, at most halving);
   but not while the pod still has more in flight than its limit: the
   engine's figures then show the load from before the last cut (one cut per
   round trip, as AIMD limiters do);
@@ -27,11 +28,20 @@ scrape of the pod (`router.monitor`), it reads a `Reading` and:
 - puts it back to the cap when the pod had nothing to do for a whole
   interval, so that an idle fleet never holds a request.
 
-The TTFT of an interval is the median of the gateway's own observations on
-the pod (streams only: a whole answer's first byte is its last), or, with
-fewer than `_MIN_SAMPLES` of them, the engine's mean from its histogram.
-The floor is the lowest interval TTFT seen, drifting up slowly so that
-longer prompts for ever do not read as congestion for ever.
+A request's TTFT is read per token of its own prefill work: seconds over
+its uncached prompt tokens plus `OVERHEAD_TOKENS` (what scheduling, one
+step and sampling cost, in tokens' worth). A raw TTFT mostly measures the
+prompt: where cache hits are mixed with long new prompts it varies tenfold
+between quiet intervals, and the limit was cut to 1 to 3 on engines
+that had nothing waiting (`kvgate bench`, mixed workload). Per token of
+work, a hit and a new prompt on a quiet engine read alike, and what rises
+is the time a request spends behind others. The figure of an interval is
+the median of the gateway's own observations on the pod (streams only: a
+whole answer's first byte is its last), or, with fewer than `_MIN_SAMPLES`
+of them, the engine's TTFT sum over the tokens it computed (plus the
+overhead per request) from its counters. The floor is the lowest interval
+figure seen, drifting up slowly so that a slower mix for ever does not read
+as congestion for ever.
 
 Callers: `router.routing.Router` reads `limit`, counts dispatches and first
 tokens, and has `update` called by the monitor after each scrape. Not here:
@@ -58,6 +68,10 @@ _MIN_SAMPLES = 3
 _MAX_SAMPLES = 256
 #: Largest cut of one evaluation for a risen TTFT: at most halve the limit.
 _MAX_TTFT_CUT = 0.5
+#: A request's fixed cost before its first token (scheduling, a step, sampling), in prompt tokens'
+#: worth: a cache hit computes a few tokens, yet waits about this. On the CPU engines here a full
+#: hit's TTFT is that of computing about 200 tokens; a block is the order of it.
+OVERHEAD_TOKENS = 128
 
 
 class Step(enum.Enum):
@@ -77,14 +91,15 @@ class Reading:
         waiting: requests the engine reports waiting (not yet running).
         running: requests the engine reports running.
         kv_usage: fraction of the engine's KV cache in use.
-        ttft_s: typical time to first token over the interval, None when nothing started.
+        ttft_per_token_s: typical time to first token per token of prefill work over the
+            interval (see the module docstring), None when nothing started.
         peak_in_flight: most requests in flight on the pod (every replica's) during the interval.
     """
 
     waiting: int
     running: int
     kv_usage: float
-    ttft_s: float | None
+    ttft_per_token_s: float | None
     peak_in_flight: int
 
 
@@ -99,7 +114,7 @@ class Decision:
 
 @dataclass(slots=True)
 class PodLimit:
-    """One pod's adaptive limit and the TTFT floor it is judged against.
+    """One pod's adaptive limit and the floor of its TTFT per token of work it is judged against.
 
     Args:
         settings: the admission settings (cap, floor, thresholds).
@@ -108,6 +123,7 @@ class PodLimit:
     settings: AdmissionSettings
     limit: int = 0
     ttft_floor_s: float | None = None
+    """The lowest interval TTFT per token of work seen (drifting up), in seconds per token."""
 
     def __post_init__(self) -> None:
         if not self.limit:
@@ -117,7 +133,7 @@ class PodLimit:
         """Evaluate the limit once against `reading` (see the module docstring). Mutates `limit`."""
         s = self.settings
         cap, least = s.max_inflight_per_pod, min(s.min_inflight_per_pod, s.max_inflight_per_pod)
-        ttft = reading.ttft_s
+        ttft = reading.ttft_per_token_s
         floor = self.ttft_floor_s
         if ttft is not None and ttft > 0:
             drifted = None if floor is None else floor * (1.0 + s.ttft_floor_drift)
@@ -141,7 +157,9 @@ class PodLimit:
             return self.shrink(int(old * s.limit_backoff), f"KV cache {reading.kv_usage:.0%} full")
         if ttft is not None and floor is not None and ttft > s.ttft_tolerance * floor:
             cut = max(_MAX_TTFT_CUT, s.ttft_tolerance * floor / ttft)
-            return self.shrink(int(old * cut), f"TTFT {ttft * 1000:.0f} ms > {s.ttft_tolerance:g} x floor {floor * 1000:.0f} ms")
+            return self.shrink(
+                int(old * cut), f"TTFT {ttft * 1e6:.0f} µs/token > {s.ttft_tolerance:g} x floor {floor * 1e6:.0f} µs/token"
+            )
         if reading.peak_in_flight >= old and old < cap:
             self.limit = old + 1
             return Decision(self.limit, Step.GROW, "limit reached, engine keeps up")
@@ -163,8 +181,9 @@ class _Interval:
 
     peak: int = 0
     ttfts: list[float] = field(default_factory=list)
-    engine_ttft: tuple[float, float] | None = None
-    """The engine's TTFT histogram (sum, count) at the last evaluation."""
+    """The gateway's TTFT observations, per token of work."""
+    engine_ttft: tuple[float, float, float] | None = None
+    """The engine's TTFT histogram sum and count and its computed prompt tokens at the last evaluation."""
 
 
 class ConcurrencyLimits:
@@ -204,13 +223,13 @@ class ConcurrencyLimits:
             seen = self._seen[pod.id] = _Interval()
         seen.peak = max(seen.peak, pod.fleet_in_flight)
 
-    def first_token(self, pod: Pod, seconds: float) -> None:
-        """The gateway saw `pod` start answering a stream `seconds` after the request was sent."""
+    def first_token(self, pod: Pod, seconds: float, work_tokens: float) -> None:
+        """The gateway saw `pod` start answering a stream `seconds` after sending it a request of `work_tokens` prefill work."""
         seen = self._seen.get(pod.id)
         if seen is None:
             seen = self._seen[pod.id] = _Interval()
         if len(seen.ttfts) < _MAX_SAMPLES:
-            seen.ttfts.append(seconds)
+            seen.ttfts.append(seconds / (max(work_tokens, 0) + OVERHEAD_TOKENS))
 
     def overloaded(self, pod: Pod) -> None:
         """`pod` refused a request as overloaded (429/503): shrink its limit below what it had in flight."""
@@ -234,17 +253,19 @@ class ConcurrencyLimits:
         if seen is None:
             seen = self._seen[pod.id] = _Interval()
         stats = pod.stats
-        engine_ttft = (stats.ttft_sum, stats.ttft_count)
+        engine_ttft = (stats.ttft_sum, stats.ttft_count, stats.computed_tokens)
         ttft = None
         if len(seen.ttfts) >= _MIN_SAMPLES:
             ttft = statistics.median(seen.ttfts)
         elif seen.engine_ttft is not None and engine_ttft[1] > seen.engine_ttft[1]:
-            ttft = (engine_ttft[0] - seen.engine_ttft[0]) / (engine_ttft[1] - seen.engine_ttft[1])
+            seconds, requests, computed = (now - then for now, then in zip(engine_ttft, seen.engine_ttft))
+            work = computed + requests * OVERHEAD_TOKENS
+            ttft = seconds / work if work > 0 else None
         reading = Reading(
             waiting=stats.waiting,
             running=stats.running,
             kv_usage=stats.kv_usage,
-            ttft_s=ttft if ttft is None or ttft >= 0 else None,  # a restarted engine's counters went back
+            ttft_per_token_s=ttft if ttft is None or ttft >= 0 else None,  # a restarted engine's counters went back
             peak_in_flight=max(seen.peak, pod.fleet_in_flight),
         )
         state = self._limits.get(pod.id)

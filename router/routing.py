@@ -76,7 +76,7 @@ class Lease:
         if self.decoding or self.released:
             return
         if timed:
-            self.router.limits.first_token(self.pod, time.monotonic() - self.sent_at)
+            self.router.limits.first_token(self.pod, time.monotonic() - self.sent_at, self.uncached_tokens)
         self.decoding = True
         self.pod.pending_prefill -= self.uncached_tokens
         self.pod.decoding += 1

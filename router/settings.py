@@ -178,12 +178,12 @@ class AdmissionSettings:
 
     Default 0.95: a nearly full cache makes the engine queue or preempt the next request."""
     ttft_tolerance: float = 3.0
-    """How many times its floor the time to first token may reach before the limit shrinks.
+    """How many times its floor the time to first token per token of prefill work may reach before the limit shrinks.
 
-    Default 3: TTFT varies with prompt length by more than 2x between quiet intervals; a rise
-    past 3x is queueing."""
+    Default 3: read per token of work (`router.concurrency`), TTFT still varies by up to 2x between
+    quiet intervals (a full cache hit is mostly fixed cost); a rise past 3x is queueing."""
     ttft_floor_drift: float = 0.01
-    """Relative rise of the TTFT floor per evaluation (per scrape), so it follows prompts that got longer.
+    """Relative rise of that floor per evaluation (per scrape), so it follows a mix that got slower.
 
     Default 0.01: the floor doubles in about 70 evaluations (35 s at the default scrape interval)."""
     limit_backoff: float = 0.9

@@ -24,7 +24,7 @@ SETTINGS = AdmissionSettings(max_inflight_per_pod=64, min_inflight_per_pod=1, tt
 
 
 def reading(waiting=0, running=4, kv=0.5, ttft=0.1, peak=None, limit=10) -> Reading:
-    return Reading(waiting=waiting, running=running, kv_usage=kv, ttft_s=ttft, peak_in_flight=limit if peak is None else peak)
+    return Reading(waiting=waiting, running=running, kv_usage=kv, ttft_per_token_s=ttft, peak_in_flight=limit if peak is None else peak)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_a_saturated_pod_settles_around_what_its_engine_runs():
     limits = []
     for _ in range(200):
         running = min(in_flight, 6)
-        state.update(Reading(waiting=in_flight - running, running=running, kv_usage=0.5, ttft_s=0.1, peak_in_flight=in_flight))
+        state.update(Reading(waiting=in_flight - running, running=running, kv_usage=0.5, ttft_per_token_s=0.1, peak_in_flight=in_flight))
         in_flight = state.limit
         limits.append(state.limit)
     assert set(limits[-50:]) <= {6, 7}, limits[-50:]
@@ -88,18 +88,36 @@ def test_gateway_ttfts_count_before_the_engines_mean():
     limits = ConcurrencyLimits(replace(SETTINGS, ttft_floor_drift=0.0))
     pod = PodSet(["http://a"]).get("http://a")
     pod.in_flight = 1
-    pod.stats = replace(pod.stats, running=1, ttft_sum=10.0, ttft_count=100)
+    pod.stats = replace(pod.stats, running=1, ttft_sum=10.0, ttft_count=100, computed_tokens=50_000)
     limits.update(pod)  # first look at the engine's histogram: no interval yet
-    # The engine's mean over the interval: (12 - 10) / (120 - 100) = 0.1 s.
-    pod.stats = replace(pod.stats, ttft_sum=12.0, ttft_count=120)
+    # The engine's over the interval: (12 - 10) s over 17,440 computed tokens + 20 x 128 = 0.1 ms per token.
+    pod.stats = replace(pod.stats, ttft_sum=12.0, ttft_count=120, computed_tokens=67_440)
     limits.update(pod)
-    assert limits._limits[pod.id].ttft_floor_s == pytest.approx(0.1)
-    # Three streams timed by the gateway outvote the engine's mean.
-    for seconds in (0.05, 0.06, 0.9):
-        limits.first_token(pod, seconds)
-    pod.stats = replace(pod.stats, ttft_sum=20.0, ttft_count=130)
+    assert limits._limits[pod.id].ttft_floor_s == pytest.approx(1e-4)
+    # Three streams timed by the gateway outvote the engine's figure: 0.06 s for 472 tokens of work is the median.
+    for seconds, work in ((0.05, 372), (0.06, 472), (0.9, 1872)):
+        limits.first_token(pod, seconds, work)
+    pod.stats = replace(pod.stats, ttft_sum=20.0, ttft_count=130, computed_tokens=70_000)
     limits.update(pod)
-    assert limits._limits[pod.id].ttft_floor_s == pytest.approx(0.06)
+    assert limits._limits[pod.id].ttft_floor_s == pytest.approx(0.06 / 600)
+
+
+def test_a_cache_hit_and_a_long_new_prompt_on_a_quiet_engine_read_alike_and_queueing_reads_as_such():
+    """Per token of work, a hit's 0.1 s and a 1,900-token prompt's 1.0 s are within the tolerance; a hit
+    that waited 1.0 s behind another prompt is not."""
+    limits = ConcurrencyLimits(SETTINGS)
+    pod = PodSet(["http://a"]).get("http://a")
+    pod.in_flight = limits.limit(pod)
+    for seconds, work in ((0.1, 50), (0.1, 60), (0.12, 40)):
+        limits.first_token(pod, seconds, work)
+    pod.stats = replace(pod.stats, running=3)
+    limits.update(pod)
+    for seconds, work in ((1.0, 1900), (0.9, 1700), (1.1, 1950)):
+        limits.first_token(pod, seconds, work)
+    assert limits.update(pod).step is not Step.SHRINK
+    for seconds, work in ((1.0, 50), (0.9, 60), (1.1, 40)):
+        limits.first_token(pod, seconds, work)
+    assert limits.update(pod).step is Step.SHRINK
 
 
 def test_an_overloaded_answer_cuts_below_what_was_in_flight():
