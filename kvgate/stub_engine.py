@@ -1,7 +1,8 @@
 """A small real HTTP server that answers like a vLLM engine, for loopback tests and benchmarks.
 
 It serves `/v1/chat/completions` and `/v1/completions` (streamed and not, with
-usage), `/v1/models`, `/health` and a vLLM-shaped `/metrics`, and records every
+usage), `/v1/models`, `/health` and a vLLM-shaped `/metrics` (and, as vLLM, the
+page of the series named only at `/metrics/?name[]=...`), and records every
 call. Knobs make it misbehave: answer slowly, refuse with a status, drop the
 connection before answering, or die in the middle of a stream; or saturate
 like an engine: run at most `max_running` requests at once and keep the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,10 @@ class StubEngine:
     healthy: bool = True
     url: str = ""
     prefix: "StubPrefixCache" = field(default_factory=lambda: StubPrefixCache())
+    restricted_metrics: bool = True
+    """Serve /metrics/?name[]=... with only the series named, as vLLM's metrics app does."""
+    scrapes: Counter[str] = field(default_factory=Counter)
+    """Metrics pages served: "full" or "restricted"."""
     _queue: deque[asyncio.Future] = field(default_factory=deque, repr=False)
 
     def admit(self) -> None:
@@ -157,6 +162,8 @@ class StubEngine:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        if self.restricted_metrics:
+            app.router.add_get("/metrics/", self._metrics)
         return app
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -201,6 +208,13 @@ class StubEngine:
             f"vllm:time_to_first_token_seconds_count{{{labels}}} {float(cache.ttft_count)}",
             f"vllm:time_to_first_token_seconds_sum{{{labels}}} {cache.ttft_sum}",
         ]
+        names = request.query.getall("name[]", [])
+        if request.path == "/metrics/" and names:
+            # As prometheus_client's restricted registry: only samples of the names asked for.
+            self.scrapes["restricted"] += 1
+            lines = [line for line in lines if not line.startswith("#") and line.split("{")[0].split(" ")[0] in names]
+        else:
+            self.scrapes["full"] += 1
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:

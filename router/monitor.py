@@ -2,7 +2,8 @@
 
 Per pod it runs one task that probes `/health` (and `/v1/models` until the
 pod's models are known) every `health_interval_s`, and scrapes `/metrics`
-every `scrape.interval_s`, after which the router re-evaluates the pod's
+every `scrape.interval_s` (only the series it reads, where the engine can
+serve them alone: `router.scrape.FILTERED_METRICS_PATH`), after which the router re-evaluates the pod's
 concurrency limit (`router.concurrency`). A pod is taken out after
 `unhealthy_after` consecutive failed probes and put back on its first good
 probe; an ejected
@@ -36,7 +37,7 @@ import aiohttp
 from router.index import PrefixIndex
 from router.outliers import Outliers
 from router.pods import EngineStats, Pod, PodEndpoint, PodId, PodSet
-from router.scrape import decode_text, parse_engine_metrics, parse_models
+from router.scrape import FILTERED_METRICS_PATH, SIGN_OF_VLLM, decode_text, parse_engine_metrics, parse_models
 from router.settings import DiscoverySettings, ScrapeSettings
 from router.supervise import Guard, supervise
 
@@ -124,6 +125,8 @@ class Monitor:
         self._outliers = outliers
         self._guard = guard
         self._tasks: dict[PodId, asyncio.Task] = {}
+        self._full_page: set[PodId] = set()
+        """Pods whose /metrics/ answered no restricted vLLM page: scraped at /metrics."""
         self.block_size: int | None = None
 
     def set_pods(self, endpoints: frozenset[PodEndpoint]) -> None:
@@ -209,16 +212,32 @@ class Monitor:
             if pod.healthy and pod.failures >= self._discovery.unhealthy_after:
                 self._mark_down(pod, "health probes failed")
 
+    async def _read_metrics(self, pod: Pod) -> str | None:
+        """The pod's metrics page: only the series the router reads where the pod can say so (vLLM), else all."""
+        restricted = pod.id not in self._full_page
+        if restricted:
+            status, body = await self._get(pod, FILTERED_METRICS_PATH, MAX_METRICS_BYTES)
+            text = decode_text(body) if status == 200 else ""
+            if SIGN_OF_VLLM in text:
+                return text
+        status, body = await self._get(pod, "/metrics", MAX_METRICS_BYTES)
+        text = decode_text(body) if status == 200 else None
+        if restricted and text is not None and SIGN_OF_VLLM in text:
+            # A good full page beside no restricted one: this engine cannot serve it (not a passing fault).
+            self._full_page.add(pod.id)
+            log.info("pod %s serves no restricted metrics page; scraping /metrics", pod.url)
+        return text
+
     async def _scrape_metrics(self, pod: Pod) -> None:
         ours = pod.fleet_in_flight
         try:
-            status, body = await self._get(pod, "/metrics", MAX_METRICS_BYTES)
+            text = await self._read_metrics(pod)
         except (aiohttp.ClientError, asyncio.TimeoutError, AnswerTooLarge) as exc:
             log.debug("scrape of %s failed: %s", pod.url, exc)
             return
-        if status != 200:
+        if text is None:
             return
-        stats = parse_engine_metrics(decode_text(body), previous=pod.stats)
+        stats = parse_engine_metrics(text, previous=pod.stats)
         # The engine counted at some moment of the scrape: of our counts then, the higher, so others are never overcounted.
         stats.gateway_in_flight = max(ours, pod.fleet_in_flight)
         if restarted(pod.stats, stats):
@@ -244,6 +263,7 @@ class Monitor:
         if task is not None:
             task.cancel()
         self._outliers.forget(pod.id)
+        self._full_page.discard(pod.id)
         self.index.remove_pod(pod.id)
         self.pods.remove(pod.id)
         self._on_pod_gone(pod.id)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from kvgate.stub_engine import StubBehaviour
 from tests.loopback.conftest import start_cluster, wait_until
 
@@ -40,3 +42,21 @@ async def test_the_engine_count_beyond_the_gateways_is_others_and_only_that_is_r
         assert pod.in_flight == 0 and pod.load == pod.stats.others
 
     assert seen == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("restricted", "page"),
+    [
+        pytest.param(True, "restricted", id="an-engine-that-serves-its-series-alone-is-asked-for-them-alone"),
+        pytest.param(False, "full", id="one-that-cannot-is-scraped-whole"),
+    ],
+)
+async def test_the_monitor_asks_for_the_series_it_reads_only(restricted, page):
+    async with start_cluster(1, restricted_metrics=restricted, num_gpu_blocks=77) as cluster:
+        engine = cluster.engines[0]
+        pod = cluster.gateway.pods.get(engine.url)
+        engine.running = 5
+        await wait_until(lambda: pod.stats.running == 5 and pod.stats.num_gpu_blocks == 77)
+        served = dict(engine.scrapes)
+
+    assert set(served) == {page}

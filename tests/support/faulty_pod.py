@@ -4,7 +4,8 @@
 behind a middleware: while `pod.answers[path]` holds an `Answer`, that path
 answers it instead of the engine; delete the entry and the engine answers
 again. `pod.hits[path]` counts requests per path, so tests can wait until a
-bad answer has really been served.
+bad answer has really been served. The metrics page counts as `/metrics` at
+either of its paths.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class FaultyPod:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):  # noqa: ANN001, ANN202 - aiohttp's protocol
-        self.hits[request.path] += 1
-        answer = self.answers.get(request.path)
+        # The metrics page is one page at either path (the restricted one is /metrics/?name[]=...).
+        path = "/metrics" if request.path == "/metrics/" else request.path
+        self.hits[path] += 1
+        answer = self.answers.get(path)
         if answer is None:
             return await handler(request)
         if answer.hang:

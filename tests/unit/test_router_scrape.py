@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.pods import EngineStats
-from router.scrape import ModelList, decode_text, parse_engine_metrics, parse_models
+from router.scrape import FILTERED_METRICS_PATH, SERIES, ModelList, decode_text, parse_engine_metrics, parse_models
 
 # Shaped like vLLM's own exposition: HELP/TYPE lines, labels in any order, a
 # data-parallel pod with two engines, `_created` samples next to counters and
@@ -249,3 +249,24 @@ def test_the_figures_the_load_cost_learns_from_are_read():
     assert stats.computed_tokens == 2000.0, "only the tokens the engines computed"
     assert (stats.prefill_seconds, stats.prefill_requests) == (1.25, 7.0)
     assert parse_engine_metrics("", previous=stats).computed_tokens == 2000.0, "a counter keeps its last value"
+
+
+def _restricted(page: str, names: tuple[str, ...]) -> str:
+    """`page` as prometheus_client serves it for `name[]=...`: the samples of those names only."""
+    return "".join(line + "\n" for line in page.splitlines() if line.split("{")[0].split(" ")[0] in names)
+
+
+def test_the_restricted_page_holds_every_series_the_router_reads():
+    page = (
+        TWO_ENGINES
+        + LOAD_COST_SERIES
+        + "process_start_time_seconds 1.7327e+09\n"
+        + 'vllm:prompt_tokens_cached_by_source_total{engine="0",source="device"} 96.0\n'
+        + 'vllm:gpu_cache_usage_perc{engine="0"} 0.25\n'
+    )
+    full = parse_engine_metrics(page, now=0.0)
+    assert full.started_at and full.cached_by_source and full.kv_usage and full.computed_tokens
+
+    assert parse_engine_metrics(_restricted(page, SERIES), now=0.0) == full
+    assert "name%5B%5D=vllm%3Anum_requests_running" in FILTERED_METRICS_PATH
+    assert FILTERED_METRICS_PATH.startswith("/metrics/?")
