@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -213,6 +214,10 @@ class StubEngine:
             # As prometheus_client's restricted registry: only samples of the names asked for.
             self.scrapes["restricted"] += 1
             lines = [line for line in lines if not line.startswith("#") and line.split("{")[0].split(" ")[0] in names]
+            if "gzip" in request.headers.get("Accept-Encoding", ""):
+                # As prometheus_client's app: compressed whenever the client accepts it.
+                body = gzip.compress(("\n".join(lines) + "\n").encode())
+                return web.Response(body=body, content_type="text/plain", headers={"Content-Encoding": "gzip"})
         else:
             self.scrapes["full"] += 1
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
