@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from router.gateway import Gateway
 
-#: Gateway counters sampled per pod: family name -> field of `PodSample`.
-_PER_POD = {"kvgate_predicted_prefix_hit_tokens": "predicted", "kvgate_prompt_tokens": "routed"}
+#: Gateway counters sampled per pod: field of `PodSample` -> the `GatewayMetrics` counter.
+_PER_POD = {"predicted": "predicted_hit_tokens", "routed": "prompt_tokens"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +55,18 @@ class Sample:
 def gateway_counters(gateway: Gateway) -> dict[str, dict[str, float]]:
     """Per-pod values of the gateway counters in `_PER_POD`: field -> pod -> value.
 
-    Reads the gateway's registry through prometheus_client's public `collect`.
+    Reads those two counters through prometheus_client's public `collect`,
+    not the whole registry: that holds a series per user and the request
+    histograms, and collecting it every second took the event loop about
+    20 ms each time on a loaded machine, in front of every request.
     """
-    out: dict[str, dict[str, float]] = {field: {} for field in _PER_POD.values()}
-    for family in gateway.metrics.registry.collect():
-        field = _PER_POD.get(family.name)
-        if field is None:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out[field][sample.labels["pod"]] = sample.value
+    out: dict[str, dict[str, float]] = {}
+    for field, name in _PER_POD.items():
+        values = out[field] = {}
+        for family in getattr(gateway.metrics, name).collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    values[sample.labels["pod"]] = sample.value
     return out
 
 
