@@ -19,9 +19,6 @@ import zmq
 
 from kvgate.engines import free_ports
 
-_POLL_MS = 100
-
-
 class EventRelay:
     """One engine's relay: publishers connect to `inbound`, subscribers to `outbound`.
 
@@ -38,7 +35,11 @@ class EventRelay:
         self._xpub = self._context.socket(zmq.XPUB)
         self._xsub.bind(self.inbound)
         self._xpub.bind(self.outbound)
-        self._stopping = threading.Event()
+        # Steered over an in-process pair: TERMINATE ends the proxy from any thread.
+        self._control = self._context.socket(zmq.PAIR)
+        self._steer = self._context.socket(zmq.PAIR)
+        self._control.bind(f"inproc://relay-{port_in}")
+        self._steer.connect(f"inproc://relay-{port_in}")
         self._thread = threading.Thread(target=self._forward, name=f"kv-event-relay-{port_in}", daemon=True)
 
     def start(self) -> None:
@@ -46,22 +47,18 @@ class EventRelay:
         self._thread.start()
 
     def _forward(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._xsub, zmq.POLLIN)
-        poller.register(self._xpub, zmq.POLLIN)
-        while not self._stopping.is_set():
-            for socket, _ in poller.poll(_POLL_MS):
-                if socket is self._xsub:
-                    self._xpub.send_multipart(self._xsub.recv_multipart())
-                else:
-                    self._xsub.send_multipart(self._xpub.recv_multipart())  # a subscription going upstream
+        # libzmq's own proxy, which runs without the GIL: a relay looping in Python took the
+        # GIL for every event batch (one per engine step), from the load generator in this
+        # same process, and so delayed the first tokens it timed, for routers that subscribe only.
+        zmq.proxy_steerable(self._xsub, self._xpub, None, self._control)
 
     def stop(self) -> None:
-        """Stop forwarding and close both sockets (safe to call twice)."""
-        self._stopping.set()
+        """Stop forwarding and close the sockets (safe to call twice)."""
+        if self._context.closed:
+            return
         if self._thread.is_alive():
+            self._steer.send(b"TERMINATE")
             self._thread.join(timeout=2)
-        if not self._context.closed:
-            self._xsub.close(linger=0)
-            self._xpub.close(linger=0)
-            self._context.term()
+        for socket in (self._xsub, self._xpub, self._control, self._steer):
+            socket.close(linger=0)
+        self._context.term()
