@@ -122,8 +122,13 @@ class Gateway:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # Bodies are handed over as sent (a stream is relayed byte for byte), so pods are asked for
+        # none compressed: vLLM's restricted metrics page, for one, is gzipped whenever allowed.
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"Accept-Encoding": "identity"},
         )
         self.monitor = Monitor(
             self.pods,

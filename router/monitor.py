@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 MAX_MODELS_BYTES = 1 << 20
 #: Largest /metrics answer read, in bytes (vLLM's are a few hundred KiB with many histograms).
 MAX_METRICS_BYTES = 32 << 20
-_IDENTITY = {"Accept-Encoding": "identity"}
 
 
 class BadAnswer(ValueError):
@@ -174,8 +173,7 @@ class Monitor:
     async def _get(self, pod: Pod, path: str, limit: int) -> tuple[int, bytes]:
         """GET `path` of `pod`: its status, and its body (at most `limit` bytes, none if 0) when 200."""
         timeout = aiohttp.ClientTimeout(total=self._discovery.probe_timeout_s)
-        # Plain text: the session hands bodies over as sent, and vLLM's restricted page is gzipped if allowed.
-        async with self._session.get(pod.url + path, timeout=timeout, headers=_IDENTITY) as response:
+        async with self._session.get(pod.url + path, timeout=timeout) as response:
             if response.status != 200 or not limit:
                 return response.status, b""  # the body is not read; closing the response drops it
             return response.status, await _read_bounded(response, limit)

@@ -60,3 +60,13 @@ async def test_the_monitor_asks_for_the_series_it_reads_only(restricted, page):
         served = dict(engine.scrapes)
 
     assert set(served) == {page}
+
+
+async def test_pods_are_asked_for_uncompressed_answers_since_the_gateway_passes_bodies_on_as_sent():
+    async with start_cluster(1) as cluster:
+        async with await cluster.post("/v1/chat/completions", CHAT) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+        sent = cluster.engines[0].calls
+
+    assert [c["headers"].get("Accept-Encoding") for c in sent] == ["identity"]
