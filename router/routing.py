@@ -223,22 +223,24 @@ class Router:
         # it is still priced, and if it wins, the request waits for it (see `Router`).
         waits = self.settings.adaptive
 
+        def kept(pod: Pod) -> int:
+            """Slots the pod keeps for other users' next requests (`router.slot_holds`)."""
+            return holds.held(pod.id, user) if holds else 0
+
         def limit(pod: Pod) -> int:
             nonlocal held
-            kept = holds.held(pod.id, user) if holds else 0
+            slots = kept(pod)
             bound = limits(pod)
-            if pod.fleet_in_flight >= bound - kept:
+            if pod.fleet_in_flight >= bound - slots:
                 if held is None:
                     held = self.held_to_limit(request)
                 if not held:
                     bound = self.settings.max_inflight_per_pod
-            return bound - kept
+            return bound - slots
 
         def reach(pod: Pod) -> int:
             """What a pod may have in flight to be priced at all: the cap, or with fixed limits the limit."""
-            if not waits:
-                return limit(pod)
-            return self.settings.max_inflight_per_pod - (holds.held(pod.id, user) if holds else 0)
+            return self.settings.max_inflight_per_pod - kept(pod) if waits else limit(pod)
 
         shortlist = getattr(policy, "shortlist", None)
         if shortlist is not None and len(self.pods) > self.shortlist_above:
