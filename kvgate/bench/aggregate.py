@@ -53,6 +53,8 @@ class RouterRow:
         hit_rate_range: (min, max) over repeats.
         ttft_p50_range: (min, max) TTFT p50 over repeats, ms.
         router_cpu_ms: median CPU milliseconds of the router process per request.
+        router_wait_ms: median milliseconds per request the router's threads
+            waited for a core (run-queue wait).
         others_cpu_share: median share of the cores used outside the benchmark.
         engine_set: the engines it ran on (`plain`, `shared`).
         spreads: median and range over repeats of each of `SPREAD_FIGURES`
@@ -71,6 +73,7 @@ class RouterRow:
     engine_set: str = "plain"
     spreads: dict[str, Spread] = field(default_factory=dict)
     restart_s: float | None = None
+    router_wait_ms: float | None = None
 
     @property
     def label(self) -> str:
@@ -107,10 +110,10 @@ def combine(summaries: Sequence[RunSummary]) -> RunSummary:
     return RunSummary(**values)
 
 
-def _cpu_ms(run: RunOutcome) -> float | None:
-    if run.cpu is None or run.cpu.router_s is None or run.summary is None or not run.summary.requests_sent:
+def _per_request_ms(run: RunOutcome, seconds: float | None) -> float | None:
+    if seconds is None or run.summary is None or not run.summary.requests_sent:
         return None
-    return run.cpu.router_s / run.summary.requests_sent * 1000.0
+    return seconds / run.summary.requests_sent * 1000.0
 
 
 def _spreads(summaries: Sequence[RunSummary]) -> dict[str, Spread]:
@@ -142,11 +145,12 @@ def rows(results: BenchResults, workload: str) -> list[RouterRow]:
                     ttft_p50_range=(min(s.ttft_ms_p50 for s in summaries), max(s.ttft_ms_p50 for s in summaries))
                     if summaries
                     else None,
-                    router_cpu_ms=_median([_cpu_ms(r) for r in ok]),
+                    router_cpu_ms=_median([_per_request_ms(r, r.cpu.router_s if r.cpu else None) for r in ok]),
                     others_cpu_share=_median([r.cpu.others_share if r.cpu else None for r in ok]),
                     engine_set=engine_set,
                     spreads=_spreads(summaries),
                     restart_s=_median([r.restart_s for r in ok]),
+                    router_wait_ms=_median([_per_request_ms(r, r.cpu.router_wait_s if r.cpu else None) for r in ok]),
                 )
             )
     return out

@@ -7,6 +7,12 @@ of the cores went to the router and how much to work outside the benchmark
 altogether (`CpuUse.others_share`): a run where others took a large share is
 noise, not a result.
 
+The router's run-queue wait (`/proc/<pid>/task/*/schedstat`: time its threads
+were ready to run but had no core) is sampled too. When the engines keep the
+cores busy, every wake-up of the router (a request, a chunk, a KV event, a
+scrape) may wait for a core before it is handled, and that wait is part of
+the client's TTFT the router adds, whatever its own CPU time.
+
 Linux only; elsewhere every figure is None. Called by `kvgate.bench.runner`.
 """
 
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +60,25 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def process_wait_seconds(pid: int) -> float | None:
+    """Seconds the threads of one process were runnable but not running (run-queue wait), or None if unknown.
+
+    Threads that ended since are not counted: a difference of two samples
+    is a lower bound.
+    """
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended, or the kernel keeps no schedstats
+    return total / 1e9
+
+
 def group_cpu_seconds(pgids: Iterable[int]) -> float | None:
     """CPU seconds of the live processes of the given process groups, or None without /proc."""
     wanted = set(pgids)
@@ -83,24 +108,27 @@ class CpuSample:
     engines: float | None
     router: float | None
     bench: float
+    router_wait: float | None = None
 
 
 def sample(engine_pgids: Iterable[int], router_pid: int | Iterable[int] | None) -> CpuSample:
     """Sample the machine, the engines' process groups, the router (its replicas, summed) and this process."""
     times = os.times()
-    router = None
-    if isinstance(router_pid, int):
-        router = process_cpu_seconds(router_pid)
-    elif router_pid is not None:
-        seconds = [process_cpu_seconds(pid) for pid in router_pid]
-        router = None if not seconds or None in seconds else sum(s for s in seconds if s is not None)
+    pids = [router_pid] if isinstance(router_pid, int) else list(router_pid or ())
     return CpuSample(
         at=time.monotonic(),
         machine=machine_busy_seconds(),
         engines=group_cpu_seconds(engine_pgids),
-        router=router,
+        router=_summed(process_cpu_seconds, pids),
         bench=times.user + times.system,
+        router_wait=_summed(process_wait_seconds, pids),
     )
+
+
+def _summed(read: Callable[[int], float | None], pids: Sequence[int]) -> float | None:
+    """`read` summed over the router's processes (its replicas); None if any is unknown."""
+    values = [read(pid) for pid in pids]
+    return None if not values or None in values else sum(v for v in values if v is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +138,8 @@ class CpuUse:
     Attributes:
         wall_s: seconds between the samples.
         router_s: CPU seconds of the router process.
+        router_wait_s: seconds the router's threads waited for a core
+            (None where the kernel keeps no schedstats).
         engines_s: CPU seconds of the engines' processes.
         others_share: share of all cores' time that went to processes outside
             the benchmark (not the engines, the router or this process).
@@ -121,6 +151,7 @@ class CpuUse:
     engines_s: float | None
     others_share: float | None
     load_average: float | None
+    router_wait_s: float | None = None
 
 
 def _delta(after: float | None, before: float | None) -> float | None:
@@ -141,4 +172,11 @@ def between(before: CpuSample, after: CpuSample) -> CpuUse:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return CpuUse(wall_s=wall, router_s=router, engines_s=engines, others_share=others, load_average=load)
+    return CpuUse(
+        wall_s=wall,
+        router_s=router,
+        engines_s=engines,
+        others_share=others,
+        load_average=load,
+        router_wait_s=_delta(after.router_wait, before.router_wait),
+    )

@@ -202,7 +202,8 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             (
                 "Where the time goes, means per request: TTFT at the client; the engines' own TTFT (from the "
                 "request's arrival in the engine core: the difference is the router, the engine's HTTP front end "
-                "and the wire), queue, prefill and decode times (vLLM's histograms); the router process's CPU time; "
+                "and the wire), queue, prefill and decode times (vLLM's histograms); the router process's CPU time and "
+                "how long its threads were ready to run but waited for a core; "
                 "the share of the cores used by processes outside the benchmark during the run (high means the run "
                 "is noise); for kvgate, over how many engines each user's requests went and the hit rate it "
                 "predicted:"
@@ -210,9 +211,9 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             "",
             (
                 "| router | TTFT ms | engine TTFT ms | engine queue ms | engine prefill ms | engine decode ms | "
-                "router CPU ms | others' CPU % | engines per user | predicted hit rate |"
+                "router CPU ms | router waits for a core ms | others' CPU % | engines per user | predicted hit rate |"
             ),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in table:
             s = row.summary
@@ -222,7 +223,7 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {row.label} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
                 f"{_fmt(s.engine_queue_ms_mean)} | {_fmt(s.engine_prefill_ms_mean)} | {_fmt(s.engine_decode_ms_mean)} | "
-                f"{_fmt(row.router_cpu_ms)} | {_fmt(others, 0)} | "
+                f"{_fmt(row.router_cpu_ms)} | {_fmt(row.router_wait_ms)} | {_fmt(others, 0)} | "
                 f"{_fmt(s.pods_per_user, 2)} | {_fmt(predicted_hit_rate(s.router_metrics), 3)} |"
             )
     overhead = results.overhead

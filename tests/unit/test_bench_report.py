@@ -50,7 +50,9 @@ def _results(*, failed_run: bool = False) -> BenchResults:
             started_at="t",
             summary=summary,
             records=TRACE.records,
-            cpu=CpuUse(wall_s=10.0, router_s=0.05, engines_s=12.0, others_share=0.25, load_average=3.0),
+            cpu=CpuUse(
+                wall_s=10.0, router_s=0.05, engines_s=12.0, others_share=0.25, load_average=3.0, router_wait_s=0.1
+            ),
         ),
         RunOutcome(router="sglang:cache_aware", workload="skewed-users", started_at="t", summary=summary),
     ]
@@ -129,7 +131,8 @@ def test_markdown_has_a_row_per_run_and_the_overhead_ratio():
     assert "| 5000 (client-bound) | 64 | 1.00 |" in text
     assert "| 2500 | 64 | 0.50 |" in text
     assert "| 0.250 |" in text  # kvgate's predicted hit rate, 40 / 160
-    assert "| 10.0 | 25 | n/a | 0.250 |" in text  # 50 ms of router CPU over 5 requests, others took 25%
+    # 50 ms of router CPU and 100 ms waiting for a core over 5 requests, others took 25%
+    assert "| 10.0 | 20.0 | 25 | n/a | 0.250 |" in text
 
 
 def test_incomplete_results_say_so():
