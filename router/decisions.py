@@ -1,4 +1,4 @@
-"""Routing decisions as the router made them, kept for the live dashboard.
+"""Routing decisions as the router made them, kept for the live dashboard and, if asked, written to a file.
 
 `Router.try_acquire` appends one record per request it places to a bounded
 deque (`Router.decisions`); `decision(record)` turns a record into a
@@ -6,17 +6,28 @@ deque (`Router.decisions`); `decision(record)` turns a record into a
 many prompt blocks the prefix index matched on each, and which won.
 `router.dashboard` reads them; nothing on the request path does.
 
+`DecisionLog` (`routing.decision_log`, `kvgate serve --decision-log FILE`)
+writes every decision as one JSON line, including those where the cheapest
+pod was at its adaptive limit and the request waited for it: the record an
+operator needs to tell why a prompt missed its cached prefix (sent
+elsewhere, or its prefix evicted everywhere) across a whole run, where the
+dashboard keeps only the last few.
+
 NOTE: a record is a plain tuple of references made on every request (about
 a microsecond with four pods: building `Decision` values there would cost
-several); the values are built only when the dashboard asks.
+several); the values are built only when the dashboard asks, or when the
+log is on (tens of microseconds a request, and a buffered write).
 
 Not here: the choice itself (`router.routing`), or metrics (`router.metrics`).
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from router.pods import Pod
 from router.policies.base import RouteRequest
@@ -76,3 +87,46 @@ def decision(record: DecisionRecord) -> Decision:
         matched_tokens=min(matched.get(chosen, 0) * request.block_size, request.prompt_tokens),
         candidates=tuple(candidates),
     )
+
+
+class DecisionLog:
+    """Appends each routing decision to a file as one JSON line: `Decision`'s fields, and `waits`.
+
+    `waits` is true when the cheapest pod was at its adaptive limit and the
+    request waited in the queue for a slot there instead of being sent (it is
+    logged again when it is placed). Lines are buffered and written at least
+    every `flush_s` seconds (checked as decisions come) and on `close`.
+
+    Args:
+        path: the file; appended to, created if missing.
+        flush_s: longest a decision stays in the buffer while others follow.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+
+    def __init__(self, path: Path, *, flush_s: float = 1.0) -> None:
+        self._file = path.open("a", encoding="utf-8", buffering=_BUFFER_BYTES)
+        self._flush_s = flush_s
+        self._flushed = time.monotonic()
+        self.written = 0
+        """Decisions written so far."""
+
+    def write(self, record: DecisionRecord, *, waits: bool = False) -> None:
+        """Write one decision (side effect: may flush the file)."""
+        line = asdict(decision(record))
+        line["waits"] = waits
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.written += 1
+        now = time.monotonic()
+        if now - self._flushed >= self._flush_s:
+            self._file.flush()
+            self._flushed = now
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._file.close()
+
+
+#: Buffer of the decision log: a write call about every hundred decisions.
+_BUFFER_BYTES = 64 * 1024

@@ -29,6 +29,7 @@ import hashlib
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,8 +38,9 @@ from aiohttp import web
 from kvcache.keys import BlockHash
 
 from router.body import request_body
+from router.decisions import DecisionLog
 from router.discovery import Discovery
-from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized
+from router.errors import GatewayError, ModelNotFound, NoCapacity, StartupError, Unauthorized
 from router.fairness import VirtualTokenCounters
 from router.fleet_order import IndexOccupancy
 from router.index import PrefixIndex
@@ -63,6 +65,20 @@ log = logging.getLogger(__name__)
 
 STRATEGY_HEADER = "x-routing-strategy"
 USER_HEADER = "x-user-id"
+
+
+def _open_decision_log(path: Path | None) -> DecisionLog | None:
+    """The decision log `routing.decision_log` asks for, if any.
+
+    Raises:
+        StartupError: the file cannot be opened for appending.
+    """
+    if path is None:
+        return None
+    try:
+        return DecisionLog(path)
+    except OSError as exc:
+        raise StartupError(f"decision log {path}: {exc.strerror or exc}") from exc
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -101,7 +117,17 @@ class Gateway:
         self.metrics = GatewayMetrics(pods=lambda: list(self.pods))
         self.state: RoutingState = state or open_state(settings.state, self.metrics.registry)
         self.counters.observer = self.state
-        self.router = Router(self.pods, self.index, self.counters, settings.admission, self.metrics, self.rng, self.state)
+        self.decision_log = _open_decision_log(settings.routing.decision_log)
+        self.router = Router(
+            self.pods,
+            self.index,
+            self.counters,
+            settings.admission,
+            self.metrics,
+            self.rng,
+            self.state,
+            decision_log=self.decision_log,
+        )
         self.policies = PolicyBook(PolicyDeps(settings.routing, self.counters, self.rng))
         tier = settings.shared_tier
         self.shared = SharedTier(tier.capacity_blocks, tier.feed)  # type: ignore[arg-type]
@@ -203,6 +229,8 @@ class Gateway:
             await self.monitor.stop()
         if self.session is not None:
             await self.session.close()
+        if self.decision_log is not None:
+            self.decision_log.close()
 
     @property
     def block_size(self) -> int:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from router.admission import AdmissionQueue, Waiter
 from router.concurrency import ConcurrencyLimits, Decision, Step
-from router.decisions import DECISIONS_KEPT, DecisionRecord
+from router.decisions import DECISIONS_KEPT, DecisionLog, DecisionRecord
 from router.errors import NoCapacity
 from router.fairness import VirtualTokenCounters
 from router.fleet_order import FleetOrder
@@ -141,6 +141,7 @@ class Router:
             (`router.fleet_order`) by policies that can; smaller ones are
             priced whole (default 32: below it a full scan costs under 20 µs
             and breaks ties over every pod).
+        decision_log: where every decision is also written (none by default).
     """
 
     def __init__(
@@ -153,8 +154,10 @@ class Router:
         rng: random.Random | None = None,
         state: RoutingState | None = None,
         shortlist_above: int = 32,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self.pods = pods
+        self.decision_log = decision_log
         self.fleet = FleetOrder(pods, index.eviction_price)
         self.shortlist_above = shortlist_above
         self.state: RoutingState = state or LocalState()
@@ -270,10 +273,15 @@ class Router:
         costs = policy.costs(request, pods)
         best = min(range(len(pods)), key=lambda i: (costs[i], pods[i].in_flight, self._rng.random()))
         pod = pods[best]
+        record = (time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods])
         if waits and pod.fleet_in_flight >= limit(pod):
+            if self.decision_log is not None:
+                self.decision_log.write(record, waits=True)
             return None  # the best pod is at its limit: wait in the queue for a slot there
         matched = request.matched_blocks.get(pod.id, 0)
-        self.decisions.append((time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods]))
+        self.decisions.append(record)
+        if self.decision_log is not None:
+            self.decision_log.write(record)
         # Queued prefill work on the pod: tokens it will load from a shared KV cache count at their load ratio.
         uncached = round(request.prefill_work(pod, matched))
         pod.in_flight += 1

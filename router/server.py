@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", type=Path, help="model directory with tokenizer.json and the chat template")
     parser.add_argument("--config", type=Path, help="YAML settings file; flags override it")
     parser.add_argument(
+        "--decision-log", type=Path, metavar="FILE", help="append every routing decision to FILE as a JSON line"
+    )
+    parser.add_argument(
         "--kv-events",
         action="append",
         metavar="URL=ENDPOINT",
@@ -109,6 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("discovery", "pod_port", args.service_discovery_port)
     put("routing", "policy", args.policy)
     put("routing", "tokenizer", args.tokenizer)
+    put("routing", "decision_log", args.decision_log)
     put("server", "host", args.host)
     put("server", "port", args.port)
     put("server", "api_keys", args.api_keys)

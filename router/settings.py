@@ -121,6 +121,10 @@ class RoutingSettings:
     """kv-aware: weight of the delay a request's prefill adds to each other request on the pod (0: price only its own wait)."""
     min_match_blocks: int = 1
     """kv-aware: shorter cached matches are ignored, so one shared short preamble cannot pull all traffic."""
+    decision_log: Path | None = None
+    """File to append every routing decision to, one JSON line each (candidates, their costs and
+    matched blocks, the choice, whether the request waited for it); None (default): off. For
+    finding out why prompts missed their cached prefixes over a whole run (`router.decisions`)."""
 
 
 @dataclass(slots=True)
@@ -328,7 +332,7 @@ def _coerce(group: Any, name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"{name}: expected a list, got {type(value).__name__}")
         return tuple(str(v) for v in value)
-    if name == "tokenizer":
+    if name in ("tokenizer", "decision_log"):
         return None if value is None else Path(value)
     if name == "url" and (value is None or isinstance(value, str)):
         return value

@@ -122,6 +122,12 @@ def check_settings(settings: Settings) -> None:
     for url in sources:
         check_url(url, "--kv-events")
     check_port(settings.server.port)
+    log_path = settings.routing.decision_log
+    if log_path is not None:
+        try:
+            log_path.open("a").close()  # the gateway appends to it
+        except OSError as exc:
+            raise StartupError(f"--decision-log {log_path}: {exc.strerror or exc}") from None
     try:
         parse_spec(settings.routing.policy)
     except InvalidRequest as exc:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
-from tests.loopback.conftest import start_cluster
+from tests.loopback.conftest import fast_settings, start_cluster
 
 
 def chat(system: str, question: str) -> dict:
@@ -78,3 +79,17 @@ async def test_weighted_mix_header_changes_the_routing():
             decisions("kvgate_requests_total", {"pod": pod, "policy": "mix", "status": "200"}) or 0
             for pod in set(mixed)
         ) == 4, "the mix is counted under its own label"
+
+
+async def test_the_decision_log_says_where_each_request_went_and_what_it_matched(tmp_path):
+    settings = fast_settings()
+    settings.routing.decision_log = tmp_path / "decisions.jsonl"
+    system = "Follow the house rules carefully. " * 60
+    async with start_cluster(2, settings) as cluster:
+        served = [await _pod(cluster, chat(system, f"question {i}"), **{"x-user-id": f"u{i}"}) for i in range(4)]
+    # The gateway stopped: its log is closed and complete.
+    lines = [json.loads(line) for line in settings.routing.decision_log.read_text().splitlines()]
+    assert [line["pod"] for line in lines] == served
+    assert [line["user"] for line in lines] == ["u0", "u1", "u2", "u3"]
+    assert all(not line["waits"] and len(line["candidates"]) == 2 for line in lines)
+    assert lines[0]["matched_tokens"] == 0 and all(line["matched_tokens"] >= 128 for line in lines[1:])

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import replace
 
-from router.decisions import DECISIONS_KEPT, decision
+import pytest
+
+from router.concurrency import PodLimit
+from router.decisions import DECISIONS_KEPT, DecisionLog, decision
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
 from router.metrics import GatewayMetrics
 from router.pods import PodId, PodSet, UserId
 from router.policies import PolicyBook, PolicyDeps, RouteRequest
 from router.routing import Router
-from router.settings import AdmissionSettings, RoutingSettings
+from router.settings import AdmissionSettings, RoutingSettings, Settings
+from router.startup import check_settings
+from router.errors import StartupError
 
 
 def make_router(n: int = 3) -> tuple[Router, PolicyBook, list[PodId]]:
@@ -48,3 +55,55 @@ def test_only_the_most_recent_decisions_are_kept():
         assert lease is not None
         lease.release()
     assert len(router.decisions) == DECISIONS_KEPT
+
+
+def test_the_log_has_every_decision_and_every_wait_for_a_pod_at_its_limit(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, flush_s=0.0)
+    pods = PodSet(["http://a", "http://b"])
+    counters = VirtualTokenCounters()
+    settings = AdmissionSettings(max_inflight_per_pod=64, min_inflight_per_pod=1)
+    router = Router(pods, PrefixIndex(100), counters, settings, GatewayMetrics(), random.Random(1), decision_log=log)
+    router.limits._limits["http://a"] = PodLimit(settings, limit=1)
+    policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("kv-aware")
+    counters.arrive(UserId("light"))  # heavy is served more than a user with a request running: held to the limit
+    counters.charge(UserId("heavy"), input_tokens=10_000)
+    held = RouteRequest(user=UserId("heavy"), model="m", prompt_tokens=1100, block_size=128, matched_blocks={PodId("http://a"): 8})
+
+    first = router.try_acquire(held, policy, "kv-aware")
+    assert first is not None and first.pod.id == "http://a"
+    assert router.try_acquire(held, policy, "kv-aware") is None  # a is at its limit and still cheapest
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(line["pod"], line["waits"]) for line in lines] == [("http://a", False), ("http://a", True)]
+    assert all(line["user"] == "heavy" and line["policy"] == "kv-aware" for line in lines)
+    placed, waited = lines
+    assert {c["pod"]: c["matched_blocks"] for c in placed["candidates"]} == {"http://a": 8, "http://b": 0}
+    assert [c["cost"] for c in placed["candidates"]] == sorted(c["cost"] for c in placed["candidates"])
+    assert placed["matched_tokens"] == 1024
+    assert {c["pod"]: c["in_flight"] for c in waited["candidates"]}["http://a"] == 1
+    assert log.written == 2 and len(router.decisions) == 1  # the dashboard keeps only placements
+    first.release()
+    log.close()
+
+
+def test_the_log_is_buffered_until_its_interval_and_written_on_close(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, flush_s=3600.0)
+    router, book, ids = make_router()
+    router.decision_log = log
+    lease = router.try_acquire(request({ids[1]: 2}), book.get("kv-aware"), "kv-aware")
+    assert lease is not None
+    assert path.read_text() == ""  # still in the buffer
+    log.close()
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line)["pod"] == lease.pod.id
+
+
+def test_a_decision_log_that_cannot_be_written_stops_the_start(tmp_path):
+    settings = Settings()
+    settings.routing = replace(settings.routing, decision_log=tmp_path / "missing" / "decisions.jsonl")
+    with pytest.raises(StartupError, match="--decision-log"):
+        check_settings(settings)
+    settings.routing = replace(settings.routing, decision_log=tmp_path / "decisions.jsonl")
+    check_settings(settings)

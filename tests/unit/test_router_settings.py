@@ -111,6 +111,18 @@ def test_numbers_of_a_compatible_form_are_converted():
     assert isinstance(settings.admission.max_queue, int)
 
 
+def test_the_decision_log_is_a_path_from_the_file_or_the_flag(tmp_path):
+    from router.server import build_parser, settings_from_args
+
+    config = tmp_path / "kvgate.yaml"
+    config.write_text("routing: {decision_log: /var/log/kvgate/decisions.jsonl}\n")
+    flagged = settings_from_args(build_parser().parse_args(["--config", str(config), "--decision-log", "d.jsonl"]))
+
+    assert load(config).routing.decision_log == Path("/var/log/kvgate/decisions.jsonl")
+    assert flagged.routing.decision_log == Path("d.jsonl")
+    assert load(None).routing.decision_log is None
+
+
 def test_tokenizer_can_be_unset():
     settings = load(None, {"routing": {"tokenizer": "./model"}})
     load_again = load(None, {"routing": {"tokenizer": None}})
