@@ -32,6 +32,7 @@ from kvgate.bench.engine_sets import row_label
 from kvgate.bench.replica_report import markdown_lines as replica_lines
 from kvgate.bench.routers import file_label
 from kvgate.bench.runner import BenchResults
+from kvgate.bench.summary import RunSummary
 
 #: Files every complete run writes (plots only for what was measured).
 JSON_NAME = "results.json"
@@ -205,15 +206,17 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
                 "and the wire), queue, prefill and decode times (vLLM's histograms); the router process's CPU time and "
                 "how long its threads were ready to run but waited for a core; "
                 "the share of the cores used by processes outside the benchmark during the run (high means the run "
-                "is noise); for kvgate, over how many engines each user's requests went and the hit rate it "
-                "predicted:"
+                "is noise); for kvgate, its own TTFT (from a request's arrival in its handler to the pod's first "
+                "byte) and the part of it spent waiting for a slot, over how many engines each user's requests "
+                "went and the hit rate it predicted:"
             ),
             "",
             (
                 "| router | TTFT ms | engine TTFT ms | engine queue ms | engine prefill ms | engine decode ms | "
-                "router CPU ms | router waits for a core ms | others' CPU % | engines per user | predicted hit rate |"
+                "router CPU ms | router waits for a core ms | others' CPU % | gateway TTFT ms (queued) | "
+                "engines per user | predicted hit rate |"
             ),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in table:
             s = row.summary
@@ -223,7 +226,7 @@ def markdown(results: BenchResults, meta: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {row.label} | {_fmt(s.ttft_ms_mean)} | {_fmt(s.engine_ttft_ms_mean)} | "
                 f"{_fmt(s.engine_queue_ms_mean)} | {_fmt(s.engine_prefill_ms_mean)} | {_fmt(s.engine_decode_ms_mean)} | "
-                f"{_fmt(row.router_cpu_ms)} | {_fmt(row.router_wait_ms)} | {_fmt(others, 0)} | "
+                f"{_fmt(row.router_cpu_ms)} | {_fmt(row.router_wait_ms)} | {_fmt(others, 0)} | {_own_ttft(s)} | "
                 f"{_fmt(s.pods_per_user, 2)} | {_fmt(predicted_hit_rate(s.router_metrics), 3)} |"
             )
     overhead = results.overhead
@@ -271,6 +274,26 @@ def predicted_hit_rate(metrics: Mapping[str, float]) -> float | None:
     if hits is None or not prompts:
         return None
     return hits / prompts
+
+
+def _own_ttft(summary: RunSummary) -> str:
+    own = gateway_ttft_ms(summary.router_metrics)
+    if own is None:
+        return "n/a"
+    return f"{_fmt(own)} ({_fmt(admission_wait_ms(summary.router_metrics, summary.requests_sent))})"
+
+
+def gateway_ttft_ms(metrics: Mapping[str, float]) -> float | None:
+    """kvgate's own mean time from a request's arrival in its handler to the pod's first byte, if it reported one."""
+    seconds = _metric_sum(metrics, "kvgate_time_to_first_byte_seconds_sum")
+    count = _metric_sum(metrics, "kvgate_time_to_first_byte_seconds_count")
+    return None if seconds is None or not count else seconds / count * 1000.0
+
+
+def admission_wait_ms(metrics: Mapping[str, float], requests: int) -> float | None:
+    """kvgate's time in its admission queue, averaged over every request sent (most wait none), if reported."""
+    seconds = _metric_sum(metrics, "kvgate_admission_wait_seconds_sum")
+    return None if seconds is None or not requests else seconds / requests * 1000.0
 
 
 def write_markdown(results: BenchResults, meta: Mapping[str, Any], out: Path) -> Path:

@@ -41,6 +41,9 @@ def _results(*, failed_run: bool = False) -> BenchResults:
             'kvgate_predicted_prefix_hit_tokens_total{pod="b"}': 10.0,
             'kvgate_prompt_tokens_total{pod="a"}': 100.0,
             'kvgate_prompt_tokens_total{pod="b"}': 60.0,
+            'kvgate_time_to_first_byte_seconds_sum{policy="kv-aware"}': 1.0,
+            'kvgate_time_to_first_byte_seconds_count{policy="kv-aware"}': 4.0,
+            "kvgate_admission_wait_seconds_sum": 0.05,
         },
     )
     runs = [
@@ -131,8 +134,9 @@ def test_markdown_has_a_row_per_run_and_the_overhead_ratio():
     assert "| 5000 (client-bound) | 64 | 1.00 |" in text
     assert "| 2500 | 64 | 0.50 |" in text
     assert "| 0.250 |" in text  # kvgate's predicted hit rate, 40 / 160
-    # 50 ms of router CPU and 100 ms waiting for a core over 5 requests, others took 25%
-    assert "| 10.0 | 20.0 | 25 | n/a | 0.250 |" in text
+    # 50 ms of router CPU and 100 ms waiting for a core over 5 requests, others took 25%; the gateway's
+    # own TTFT 1 s over 4 first bytes, of which 50 ms queued over 5 requests
+    assert "| 10.0 | 20.0 | 25 | 250.0 (10.0) | n/a | 0.250 |" in text
 
 
 def test_incomplete_results_say_so():
