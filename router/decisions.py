@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,6 +126,67 @@ class DecisionLog:
     def close(self) -> None:
         """Flush and close the file."""
         self._file.close()
+
+
+@dataclass(frozen=True, slots=True)
+class LogSummary:
+    """What a decision log says about where prompts went against where their prefixes were."""
+
+    placed: int
+    """Requests placed (a request that waited is placed later, and counted then)."""
+    waits: int
+    """Times the cheapest pod was at its limit and the request waited for it."""
+    at_longest: int
+    """Placed on a pod with the longest cached match of any candidate (and a match there)."""
+    sent_away: int
+    """Placed on a pod with fewer matched blocks than another candidate had: cost outweighed the match."""
+    blocks_given_up: int
+    """Matched blocks the sent-away requests left behind on the candidate that had most."""
+    nothing_cached: int
+    """Placed where no candidate held any block of the prompt (new, or evicted everywhere)."""
+    pods_per_user: float
+    """Mean number of pods each user's requests went to."""
+
+
+def summarize_log(lines: Iterable[str]) -> LogSummary:
+    """Summarise a decision log's lines (`DecisionLog`'s format; blank lines are skipped).
+
+    Raises:
+        ValueError: a line that is not one of the log's records.
+    """
+    placed = waits = at_longest = sent_away = given_up = nothing = 0
+    pods: dict[str, set[str]] = {}
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            if line["waits"]:
+                waits += 1
+                continue
+            matched = {c["pod"]: int(c["matched_blocks"]) for c in line["candidates"]}
+            chosen, user = line["pod"], line["user"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"line {number} is not a decision: {exc}") from None
+        placed += 1
+        pods.setdefault(user, set()).add(chosen)
+        most = max(matched.values(), default=0)
+        if most == 0:
+            nothing += 1
+        elif matched.get(chosen, 0) < most:
+            sent_away += 1
+            given_up += most - matched.get(chosen, 0)
+        else:
+            at_longest += 1
+    return LogSummary(
+        placed=placed,
+        waits=waits,
+        at_longest=at_longest,
+        sent_away=sent_away,
+        blocks_given_up=given_up,
+        nothing_cached=nothing,
+        pods_per_user=sum(len(p) for p in pods.values()) / len(pods) if pods else 0.0,
+    )
 
 
 #: Buffer of the decision log: a write call about every hundred decisions.

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from router.concurrency import PodLimit
-from router.decisions import DECISIONS_KEPT, DecisionLog, decision
+from router.decisions import DECISIONS_KEPT, DecisionLog, decision, summarize_log
 from router.fairness import VirtualTokenCounters
 from router.index import PrefixIndex
 from router.metrics import GatewayMetrics
@@ -107,3 +107,40 @@ def test_a_decision_log_that_cannot_be_written_stops_the_start(tmp_path):
         check_settings(settings)
     settings.routing = replace(settings.routing, decision_log=tmp_path / "decisions.jsonl")
     check_settings(settings)
+
+
+def _line(pod: str, matched: dict[str, int], *, user: str = "u", waits: bool = False) -> str:
+    candidates = [{"pod": p, "cost": 1.0, "matched_blocks": m, "in_flight": 0} for p, m in matched.items()]
+    return json.dumps({"user": user, "pod": pod, "waits": waits, "candidates": candidates})
+
+
+def test_a_log_summary_tells_prompts_at_their_prefix_from_those_sent_away_and_those_with_none():
+    lines = [
+        _line("a", {"a": 8, "b": 0}, user="g1"),  # at its prefix
+        _line("b", {"a": 8, "b": 2}, user="g1"),  # sent away: 6 blocks left behind
+        _line("a", {"a": 0, "b": 0}, user="new"),  # nothing cached
+        _line("a", {"a": 8, "b": 0}, user="g1", waits=True),  # waited for a, placed in the next line
+        _line("a", {"a": 8, "b": 8}, user="g1"),  # a tie at the longest match
+        "",
+    ]
+    summary = summarize_log(lines)
+    assert (summary.placed, summary.waits) == (4, 1)
+    assert (summary.at_longest, summary.sent_away, summary.nothing_cached) == (2, 1, 1)
+    assert summary.blocks_given_up == 6
+    assert summary.pods_per_user == pytest.approx((2 + 1) / 2)  # g1 on a and b, new on a
+    with pytest.raises(ValueError, match="line 2"):
+        summarize_log([lines[0], "{}"])
+
+
+def test_a_log_the_router_wrote_summarises(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    router, book, ids = make_router()
+    router.decision_log = log
+    for _ in range(3):
+        lease = router.try_acquire(request({ids[1]: 2}), book.get("kv-aware"), "kv-aware")
+        assert lease is not None and lease.pod.id == ids[1]
+        lease.release()
+    log.close()
+    summary = summarize_log(path.read_text().splitlines())
+    assert (summary.placed, summary.at_longest, summary.pods_per_user) == (3, 3, 1.0)
