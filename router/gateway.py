@@ -29,7 +29,6 @@ import hashlib
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,7 +39,7 @@ from kvcache.keys import BlockHash
 from router.body import request_body
 from router.decisions import DecisionLog
 from router.discovery import Discovery
-from router.errors import GatewayError, ModelNotFound, NoCapacity, StartupError, Unauthorized
+from router.errors import GatewayError, ModelNotFound, NoCapacity, Unauthorized
 from router.fairness import VirtualTokenCounters
 from router.fleet_order import IndexOccupancy
 from router.index import PrefixIndex
@@ -65,20 +64,6 @@ log = logging.getLogger(__name__)
 
 STRATEGY_HEADER = "x-routing-strategy"
 USER_HEADER = "x-user-id"
-
-
-def _open_decision_log(path: Path | None) -> DecisionLog | None:
-    """The decision log `routing.decision_log` asks for, if any.
-
-    Raises:
-        StartupError: the file cannot be opened for appending.
-    """
-    if path is None:
-        return None
-    try:
-        return DecisionLog(path)
-    except OSError as exc:
-        raise StartupError(f"decision log {path}: {exc.strerror or exc}") from exc
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -117,7 +102,9 @@ class Gateway:
         self.metrics = GatewayMetrics(pods=lambda: list(self.pods))
         self.state: RoutingState = state or open_state(settings.state, self.metrics.registry)
         self.counters.observer = self.state
-        self.decision_log = _open_decision_log(settings.routing.decision_log)
+        # `kvgate serve` has checked at start-up that the file opens (`router.startup.check_settings`).
+        log_path = settings.routing.decision_log
+        self.decision_log = DecisionLog(log_path) if log_path is not None else None
         self.router = Router(
             self.pods,
             self.index,

@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from router.admission import AdmissionQueue, Waiter
@@ -273,12 +273,12 @@ class Router:
         costs = policy.costs(request, pods)
         best = min(range(len(pods)), key=lambda i: (costs[i], pods[i].in_flight, self._rng.random()))
         pod = pods[best]
-        record = (time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods])
         if waits and pod.fleet_in_flight >= limit(pod):
             if self.decision_log is not None:
-                self.decision_log.write(record, waits=True)
+                self.decision_log.write(_record(request, policy_name, pod, pods, costs), waits=True)
             return None  # the best pod is at its limit: wait in the queue for a slot there
         matched = request.matched_blocks.get(pod.id, 0)
+        record = _record(request, policy_name, pod, pods, costs)
         self.decisions.append(record)
         if self.decision_log is not None:
             self.decision_log.write(record)
@@ -430,3 +430,8 @@ class Router:
             else:
                 break  # nobody could be placed
         self.metrics.queue_length.set(len(self.queue))
+
+
+def _record(request: RouteRequest, policy_name: str, pod: Pod, pods: Sequence[Pod], costs: Sequence[float]) -> DecisionRecord:
+    """A decision as `router.decisions` keeps it; in-flight counts as they are now, before the choice counts."""
+    return (time.time(), request, policy_name, pod.id, pods, tuple(costs), [p.in_flight for p in pods])
