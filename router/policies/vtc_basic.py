@@ -4,13 +4,20 @@ Each pod's cost is 0.5 x |pod index - (user tokens mod 100 x pods) / 100| plus
 0.5 x min(running / 100, 1) plus a jitter in [0, 0.1). It spreads users over
 pods by how much they have consumed; it is not the VTC scheduler (that is the
 admission queue, `router.admission`). User tokens are the VTC counters.
+
+"Running" is the pod's load now (`Pod.load`: every gateway replica's requests
+on it, plus those others sent the engine), where AIBrix reads the engine's
+running count from its last scrape. That count is as old as the scrape: after
+a burst it still shows requests that have finished, and it misses those sent
+since, so consecutive requests all saw the same "idle" pod until the next
+scrape. The formula is AIBrix's; only the count is current.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.policies.base import PolicyDeps, RouteRequest
+from router.policies.base import PolicyDeps, RouteRequest, load
 from router.pods import Pod
 
 FAIRNESS_WEIGHT = 0.5
@@ -33,6 +40,6 @@ class VTCBasicPolicy:
         costs = []
         for pod in pods:
             fairness = abs(index[pod.id] - normalized)
-            utilization = min(pod.stats.running / MAX_POD_LOAD, 1.0)
+            utilization = min(load(pod) / MAX_POD_LOAD, 1.0)
             costs.append(FAIRNESS_WEIGHT * fairness + UTILIZATION_WEIGHT * utilization + self._rng.random() * JITTER)
         return costs

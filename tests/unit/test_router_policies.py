@@ -380,9 +380,26 @@ def test_vtc_basic_matches_the_aibrix_formula(consumed, running, expected_index)
 
     for pod, cost in zip(pods, costs):
         index = named.index(pod)
-        formula = 0.5 * abs(index - normalised) + 0.5 * min(pod.stats.running / 100, 1.0)
+        formula = 0.5 * abs(index - normalised) + 0.5 * min(pod.load / 100, 1.0)
         assert 0.0 <= cost - formula < 0.1, (pod.id, cost, formula)
     assert named.index(pods[cheapest(costs)]) == expected_index
+
+
+@pytest.mark.parametrize(
+    ("pod_kwargs", "expected_load"),
+    [
+        pytest.param({"in_flight": 60, "scraped_in_flight": 0}, 60, id="sent-since-the-scrape"),
+        pytest.param({"running": 60, "scraped_in_flight": 60}, 0, id="finished-since-the-scrape"),
+        pytest.param({"running": 80, "in_flight": 20, "scraped_in_flight": 20}, 80, id="others-and-the-gateway-s"),
+    ],
+)
+def test_vtc_basic_reads_the_pod_s_load_now_not_the_engine_s_last_count(pod_kwargs, expected_load):
+    """The utilization term is AIBrix's, over the requests on the pod now (`Pod.load`)."""
+    pod = make_pod("a", **pod_kwargs)
+
+    [cost] = make_book().get("vtc-basic").costs(make_request(), [pod])
+
+    assert 0.0 <= cost - 0.5 * expected_load / 100 < 0.1
 
 
 def test_vtc_basic_jitter_varies_between_calls():
