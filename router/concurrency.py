@@ -28,20 +28,35 @@ scrape of the pod (`router.monitor`), it reads a `Reading` and:
 - puts it back to the cap when the pod had nothing to do for a whole
   interval, so that an idle fleet never holds a request.
 
-A request's TTFT is read per token of its own prefill work: seconds over
-its uncached prompt tokens plus `OVERHEAD_TOKENS` (what scheduling, one
-step and sampling cost, in tokens' worth). A raw TTFT mostly measures the
-prompt: where cache hits are mixed with long new prompts it varies tenfold
-between quiet intervals, and the limit was cut to 1 to 3 on engines
-that had nothing waiting (`kvgate bench`, mixed workload). Per token of
-work, a hit and a new prompt on a quiet engine read alike, and what rises
-is the time a request spends behind others. The figure of an interval is
-the median of the gateway's own observations on the pod (streams only: a
-whole answer's first byte is its last), or, with fewer than `_MIN_SAMPLES`
-of them, the engine's TTFT sum over the tokens it computed (plus the
-overhead per request) from its counters. The floor is the lowest interval
-figure seen, drifting up slowly so that a slower mix for ever does not read
-as congestion for ever.
+A request's TTFT is read per token of the prefill work it waited for: seconds
+over its uncached prompt tokens, plus those the gateway had already queued on
+the pod when it sent it (every replica's), plus `OVERHEAD_TOKENS` (what
+scheduling, one step and sampling cost, in tokens' worth). What rises then is
+the time the engine takes per token of work, which is what congestion is: its
+steps slowed by more requests than it runs well at once. Two readings were
+tried first and misread the mixed workload (`kvgate bench`: cache hits among
+long new prompts) as congestion:
+
+- The raw TTFT mostly measures the prompt: it varies tenfold between quiet
+  intervals, and the limits fell to 1 to 3 on engines that had nothing
+  waiting.
+- Per token of the request's own work, a hit that shared the engine's step
+  with a long prompt queued just before it read as ten times slower. The
+  limits were cut on 56 of 57 evaluations that moved them, all for TTFT, and
+  requests waited 60 ms each on average at the gateway, while the same run
+  with fixed limits served 5% more requests per second: the engines had
+  room, the router had chosen that queue (its cost prices it), and holding
+  the next requests back did not shorten it.
+
+The figure of an evaluation is the median of the gateway's own observations
+on the pod (streams only: a whole answer's first byte is its last), or, with
+fewer than `_MIN_SAMPLES` of them, the engine's TTFT sum over the tokens it
+computed (plus the overhead per request) from its counters, once it has
+answered at least `_MIN_SAMPLES` requests. Until one of them has that many,
+observations carry over to the next scrape instead of deciding on one or two
+(on CPU engines one step can take a second, longer than a scrape interval).
+The floor is the lowest figure seen, drifting up slowly so that a slower mix
+for ever does not read as congestion for ever.
 
 Callers: `router.routing.Router` reads `limit`, counts dispatches and first
 tokens, and has `update` called by the monitor after each scrape. Not here:
@@ -181,9 +196,9 @@ class _Interval:
 
     peak: int = 0
     ttfts: list[float] = field(default_factory=list)
-    """The gateway's TTFT observations, per token of work."""
+    """The gateway's TTFT observations, per token of work, since the last figure was taken."""
     engine_ttft: tuple[float, float, float] | None = None
-    """The engine's TTFT histogram sum and count and its computed prompt tokens at the last evaluation."""
+    """The engine's TTFT histogram sum and count and its computed prompt tokens when the last figure was taken."""
 
 
 class ConcurrencyLimits:
@@ -224,7 +239,8 @@ class ConcurrencyLimits:
         seen.peak = max(seen.peak, pod.fleet_in_flight)
 
     def first_token(self, pod: Pod, seconds: float, work_tokens: float) -> None:
-        """The gateway saw `pod` start answering a stream `seconds` after sending it a request of `work_tokens` prefill work."""
+        """The gateway saw `pod` start answering a stream `seconds` after sending it a request that waited for
+        `work_tokens` of prefill work (its own uncached tokens and those queued on the pod before it)."""
         seen = self._seen.get(pod.id)
         if seen is None:
             seen = self._seen[pod.id] = _Interval()
@@ -255,12 +271,16 @@ class ConcurrencyLimits:
         stats = pod.stats
         engine_ttft = (stats.ttft_sum, stats.ttft_count, stats.computed_tokens)
         ttft = None
+        # Observations carry over until an evaluation has enough; a restarted engine's counters start again.
+        decided = seen.engine_ttft is None or engine_ttft[1] < seen.engine_ttft[1]
         if len(seen.ttfts) >= _MIN_SAMPLES:
             ttft = statistics.median(seen.ttfts)
-        elif seen.engine_ttft is not None and engine_ttft[1] > seen.engine_ttft[1]:
+            decided = True
+        elif seen.engine_ttft is not None and engine_ttft[1] - seen.engine_ttft[1] >= _MIN_SAMPLES:
             seconds, requests, computed = (now - then for now, then in zip(engine_ttft, seen.engine_ttft))
             work = computed + requests * OVERHEAD_TOKENS
             ttft = seconds / work if work > 0 else None
+            decided = True
         reading = Reading(
             waiting=stats.waiting,
             running=stats.running,
@@ -274,8 +294,9 @@ class ConcurrencyLimits:
         decision = state.update(reading)
         self.last[pod.id] = decision
         seen.peak = pod.fleet_in_flight
-        seen.ttfts.clear()
-        seen.engine_ttft = engine_ttft
+        if decided:
+            seen.ttfts.clear()
+            seen.engine_ttft = engine_ttft
         return decision
 
     def forget(self, pod_id: PodId) -> None:

@@ -64,6 +64,9 @@ class Lease:
     released: bool = False
     sent_at: float = 0.0
     """`time.monotonic()` when the pod was picked (the start of the request's time to first token)."""
+    ahead: int = 0
+    """Uncached prompt tokens already queued on the pod when it was picked (every replica's): the prefill
+    this request's first token waits for besides its own."""
 
     def first_token(self, timed: bool = True) -> None:
         """The pod answered: its prefill for this request is done.
@@ -76,7 +79,8 @@ class Lease:
         if self.decoding or self.released:
             return
         if timed:
-            self.router.limits.first_token(self.pod, time.monotonic() - self.sent_at, self.uncached_tokens)
+            # Timed against all the prefill it waited for: the router chose to queue it behind `ahead`.
+            self.router.limits.first_token(self.pod, time.monotonic() - self.sent_at, self.ahead + self.uncached_tokens)
         self.decoding = True
         self.pod.pending_prefill -= self.uncached_tokens
         self.pod.decoding += 1
@@ -284,6 +288,7 @@ class Router:
             self.decision_log.write(record)
         # Queued prefill work on the pod: tokens it will load from a shared KV cache count at their load ratio.
         uncached = round(request.prefill_work(pod, matched))
+        ahead = max(pod.fleet_pending_prefill, 0)
         pod.in_flight += 1
         pod.pending_prefill += uncached
         self.limits.dispatched(pod)
@@ -300,7 +305,7 @@ class Router:
             prompt_tokens=request.prompt_tokens,
             in_flight=pod.in_flight,
         )
-        return Lease(self, pod, request, policy_name, uncached, matched, sent_at=time.monotonic())
+        return Lease(self, pod, request, policy_name, uncached, matched, sent_at=time.monotonic(), ahead=ahead)
 
     async def acquire(
         self,

@@ -104,7 +104,7 @@ def test_gateway_ttfts_count_before_the_engines_mean():
 
 def test_a_cache_hit_and_a_long_new_prompt_on_a_quiet_engine_read_alike_and_queueing_reads_as_such():
     """Per token of work, a hit's 0.1 s and a 1,900-token prompt's 1.0 s are within the tolerance; a hit
-    that waited 1.0 s behind another prompt is not."""
+    that waited 1.0 s behind work the gateway did not queue there (the engine slowed down) is not."""
     limits = ConcurrencyLimits(SETTINGS)
     pod = PodSet(["http://a"]).get("http://a")
     pod.in_flight = limits.limit(pod)
@@ -118,6 +118,65 @@ def test_a_cache_hit_and_a_long_new_prompt_on_a_quiet_engine_read_alike_and_queu
     for seconds, work in ((1.0, 50), (0.9, 60), (1.1, 40)):
         limits.first_token(pod, seconds, work)
     assert limits.update(pod).step is Step.SHRINK
+
+
+def test_too_few_first_tokens_carry_over_to_the_next_scrape_instead_of_deciding():
+    """One slow first token in an interval is not a figure: it waits for two more, which it is the median of."""
+    limits = ConcurrencyLimits(SETTINGS)
+    pod = PodSet(["http://a"]).get("http://a")
+    pod.in_flight = limits.limit(pod)
+    pod.stats = replace(pod.stats, running=3)
+    for seconds in (0.1, 0.1, 0.12):
+        limits.first_token(pod, seconds, 50)
+    limits.update(pod)  # the floor: about 0.1 s per 178 tokens
+
+    limits.first_token(pod, 1.0, 50)
+    assert limits.update(pod).step is not Step.SHRINK
+    for seconds in (0.1, 0.11):
+        limits.first_token(pod, seconds, 50)
+    assert limits.update(pod).step is not Step.SHRINK  # the median of the three is 0.11 s
+
+    for seconds in (1.0, 0.9):
+        limits.first_token(pod, seconds, 50)
+    limits.update(pod)
+    limits.first_token(pod, 1.1, 50)
+    assert limits.update(pod).step is Step.SHRINK  # three slow ones, over two scrapes
+
+
+def test_a_hit_queued_behind_a_long_prompt_is_timed_against_both():
+    """The router sent a long prompt, then a hit, to one pod: the hit's 1 s is the 2,000 tokens it waited for,
+    not congestion; the same 1 s with nothing queued ahead is."""
+
+    def limit_after_slow_hits(queued_ahead: bool) -> Step:
+        router, counters, _ = _two_pods_prefix_on_a(64)
+        # prefix-cache: every request to the pod holding the most of it, whatever is queued there.
+        policy = PolicyBook(PolicyDeps(RoutingSettings(), counters, random.Random(1))).get("prefix-cache")
+        router.limits = ConcurrencyLimits(SETTINGS)
+        pod = router.pods.get(PodId("http://a"))
+        pod.stats = replace(pod.stats, running=3)
+        for _ in range(3):  # quiet hits set the floor
+            lease = router.try_acquire(_prefixed("u"), policy, "prefix-cache")
+            lease.sent_at = time.monotonic() - 0.1
+            lease.first_token()
+            lease.release()
+        pod.in_flight = router.limits.limit(pod)  # reached: the controller judges the interval
+        router.limit_update(pod)
+        pod.in_flight = 0
+        if queued_ahead:
+            one_block = RouteRequest(user=UserId("v"), model="tiny", prompt_tokens=2028, block_size=128, matched_blocks={pod.id: 1})
+            long = router.try_acquire(one_block, policy, "prefix-cache")
+            assert long.pod is pod and long.uncached_tokens == 1900
+        for _ in range(3):
+            lease = router.try_acquire(_prefixed("u"), policy, "prefix-cache")
+            assert lease.pod is pod
+            lease.sent_at = time.monotonic() - 1.0
+            lease.first_token()
+            lease.release()
+        pod.in_flight = router.limits.limit(pod)
+        return router.limit_update(pod).step
+
+    assert limit_after_slow_hits(queued_ahead=True) is not Step.SHRINK
+    assert limit_after_slow_hits(queued_ahead=False) is Step.SHRINK
 
 
 def test_an_overloaded_answer_cuts_below_what_was_in_flight():
