@@ -2,7 +2,7 @@
 
     kvgate bench [--quick] [--out DIR] [--routers LIST] [--workloads LIST]
                  [--engine-sets LIST] [--overhead-routers LIST] [--engines N]
-                 [--kv-blocks N] [--seed N] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
+                 [--kv-blocks N] [--seed N] [--sizes FILE] [--repeat N] [--model DIR] [--kvgate-arg ARG ...]
                  [--[no-]kvgate-kv-events] [--gateway-replicas N]
                  [--state-url URL] [--no-progress]
     kvgate bench --fleet-sim [--quick] [--out DIR] [--seed N]
@@ -24,6 +24,10 @@ requests spread round-robin over them (`kvgate.bench.replicas.replica_rows`):
 for kvgate N replicas sharing state through `--state-url` and N without, for
 a peer N independent routers; beside each kvgate gateway of the stub
 benchmark, the same gateway with shared state (what sharing costs).
+
+`--sizes FILE` changes the workloads' sizes from a TOML file
+(`kvgate.bench.sizes_file`), to measure on a shape of traffic the shipped
+workloads do not have.
 
 `--fleet-sim` runs only the fleet-size section (`fleet_size`): one gateway's
 routing decision time, KV event ingestion and prefix-index memory against
@@ -64,6 +68,7 @@ from kvgate.bench.routers import (
 )
 from kvgate.bench.engine_sets import ENGINE_SETS, parse_engine_sets
 from kvgate.bench.runner import Progress
+from kvgate.bench.sizes_file import SizesError, load_sizes
 from kvgate.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
 from kvgate.engines import EngineError, vllm_missing
 from router.startup import CommandParser
@@ -109,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engines", type=int, help="vLLM engines (default 3; --quick 2)")
     parser.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default 48; --quick 24)")
     parser.add_argument("--seed", type=int, help="workload seed (default 1)")
+    parser.add_argument(
+        "--sizes",
+        type=Path,
+        metavar="FILE",
+        help="TOML file changing the workloads' sizes, one table per workload (e.g. [mixed] groups = 24)",
+    )
     parser.add_argument(
         "--repeat",
         type=int,
@@ -271,9 +282,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
-    config = (presets.quick() if args.quick else presets.full()).with_overrides(
-        engines=args.engines, kv_blocks=args.kv_blocks, seed=args.seed
-    )
+    config = args.config
     home = os.environ.get("KVGATE_HOME")
     model_dir = build_model(args.model or default_model_dir(Path(home) if home else None))
     encoder = PromptTokenizer.from_model_dir(model_dir)
@@ -312,6 +321,14 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
     return 0 if results.complete else 1
 
 
+def _config(args: argparse.Namespace) -> presets.BenchConfig:
+    """The preset (`--quick` or full) with `--sizes` and the size options applied."""
+    config = presets.quick() if args.quick else presets.full()
+    if args.sizes is not None:
+        config = dataclasses.replace(config, sizes=load_sizes(args.sizes, config.sizes))
+    return config.with_overrides(engines=args.engines, kv_blocks=args.kv_blocks, seed=args.seed)
+
+
 def _fleet_sim(args: argparse.Namespace) -> int:
     from kvgate.bench.fleet_size import FleetSimSettings, run
 
@@ -347,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in args.workloads if name not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    try:
+        args.config = _config(args)
+    except SizesError as exc:
+        parser.error(str(exc))
     try:
         args.engine_sets = parse_engine_sets(args.engine_sets)
     except ValueError as exc:
