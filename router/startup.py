@@ -163,6 +163,7 @@ def check_settings(settings: Settings) -> None:
     _positive(settings.routing.imbalance_abs, "routing.imbalance_abs", zero=True)
     _positive(settings.routing.prefill_tokens_per_decode, "routing.prefill_tokens_per_decode", zero=True)
     _positive(settings.routing.prefill_delay_weight, "routing.prefill_delay_weight", zero=True)
+    _positive(settings.routing.prefix_copy_weight, "routing.prefix_copy_weight", zero=True)
     _positive(settings.admission.input_weight, "admission.input_weight", zero=True)
     _positive(settings.admission.output_weight, "admission.output_weight", zero=True)
     _positive(settings.upstream.retries, "upstream.retries", zero=True)

@@ -92,7 +92,7 @@ class RouterError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RouterSpec:
-    """A router under test, `family:policy[*replicas][+state][+fixed]`.
+    """A router under test, `family:policy[*replicas][+state][+fixed][@config]`.
 
     Attributes:
         family: kvgate, sglang or vllm-router.
@@ -101,6 +101,9 @@ class RouterSpec:
         shared_state: kvgate replicas share routing state (`--state-url`).
         fixed_admission: kvgate with its per-pod limit fixed at the cap
             (`--no-adaptive-admission`), to compare with the adaptive default.
+        config: a kvgate settings file for this row only (`kvgate serve
+            --config`, after any `--kvgate-arg`), so settings are compared
+            in one run on the same engines: `kvgate:kv-aware@stickier.yaml`.
     """
 
     family: str
@@ -108,19 +111,27 @@ class RouterSpec:
     replicas: int = 1
     shared_state: bool = False
     fixed_admission: bool = False
+    config: str | None = None
 
     @property
     def name(self) -> str:
-        """`family:policy`, then `*N` for N replicas and `+state` for shared state."""
+        """`family:policy`, then `*N` for N replicas, `+state` for shared state, `+fixed`, `@config`."""
         name = f"{self.family}:{self.policy}"
         if self.replicas > 1:
             name += f"*{self.replicas}"
-        return name + ("+state" if self.shared_state else "") + ("+fixed" if self.fixed_admission else "")
+        return name + self._suffix(self.shared_state)
 
     @property
     def single(self) -> RouterSpec:
         """One replica of this router, without shared state: what each process of a group runs."""
-        return RouterSpec(self.family, self.policy, fixed_admission=self.fixed_admission)
+        return RouterSpec(self.family, self.policy, fixed_admission=self.fixed_admission, config=self.config)
+
+    def _suffix(self, shared_state: bool) -> str:
+        return (
+            ("+state" if shared_state else "")
+            + ("+fixed" if self.fixed_admission else "")
+            + (f"@{self.config}" if self.config else "")
+        )
 
     def with_replicas(self, replicas: int, *, shared_state: bool) -> RouterSpec:
         """The same router as a group of `replicas` (shared state only for kvgate).
@@ -128,18 +139,22 @@ class RouterSpec:
         Raises:
             ValueError: shared state asked of a router other than kvgate, or fewer than one replica.
         """
-        suffix = ("+state" if shared_state else "") + ("+fixed" if self.fixed_admission else "")
-        return RouterSpec.parse(f"{self.family}:{self.policy}*{replicas}{suffix}")
+        return RouterSpec.parse(f"{self.family}:{self.policy}*{replicas}{self._suffix(shared_state)}")
 
     @classmethod
     def parse(cls, name: str) -> RouterSpec:
-        """Parse `family:policy[*N][+state][+fixed]`.
+        """Parse `family:policy[*N][+state][+fixed][@config]`.
 
         Raises:
-            ValueError: an unknown family or policy, a bad replica count, or
-                `+state` or `+fixed` on a router other than kvgate.
+            ValueError: an unknown family or policy, a bad replica count,
+                `+state`, `+fixed` or `@config` on a router other than kvgate,
+                or a config file that is not there.
         """
-        text = name.strip()
+        text, at, config = name.strip().partition("@")
+        if at and not config:
+            raise ValueError(f"router {name!r}: a settings file must follow '@'")
+        if config and not Path(config).is_file():
+            raise ValueError(f"router {name!r}: no settings file {config}")
         fixed = text.endswith("+fixed")
         if fixed:
             text = text[: -len("+fixed")]
@@ -159,6 +174,8 @@ class RouterSpec:
             raise ValueError(f"router {name!r}: only kvgate replicas share state (+state)")
         if fixed and family != "kvgate":
             raise ValueError(f"router {name!r}: only kvgate has adaptive admission to fix (+fixed)")
+        if config and family != "kvgate":
+            raise ValueError(f"router {name!r}: only kvgate rows take a settings file (@config)")
         if family == "kvgate":
             from router.errors import InvalidRequest
             from router.policies import parse_spec
@@ -172,7 +189,14 @@ class RouterSpec:
                 raise ValueError(f"router {name!r}: {family} policies are {', '.join(PEER_POLICIES[family])}")
         else:
             raise ValueError(f"router {name!r}: family must be kvgate, sglang or vllm-router")
-        return cls(family=family, policy=policy, replicas=replicas, shared_state=shared, fixed_admission=fixed)
+        return cls(
+            family=family,
+            policy=policy,
+            replicas=replicas,
+            shared_state=shared,
+            fixed_admission=fixed,
+            config=config or None,
+        )
 
     @property
     def needs_kv_events(self) -> bool:
@@ -258,6 +282,7 @@ def command(spec: RouterSpec, ctx: LaunchContext, port: int, metrics_port: int) 
             *events,
             *(["--no-adaptive-admission"] if spec.fixed_admission else []),
             *ctx.kvgate_args,
+            *(["--config", spec.config] if spec.config else []),
         ]  # fmt: skip
     if spec.family == "sglang":
         return [
@@ -288,8 +313,13 @@ def command(spec: RouterSpec, ctx: LaunchContext, port: int, metrics_port: int) 
 
 
 def file_label(name: str) -> str:
-    """A router's name as a file name part: `kvgate:kv-aware*3+state` -> `kvgate-kv-aware-x3-state`."""
-    return name.replace(":", "-").replace("*", "-x").replace("+", "-")
+    """A router's name as a file name part: `kvgate:kv-aware*3+state` -> `kvgate-kv-aware-x3-state`.
+
+    A settings file (`@dir/stickier.yaml`) shows as its name without suffix (`-at-stickier`).
+    """
+    name, at, config = name.partition("@")
+    label = name.replace(":", "-").replace("*", "-x").replace("+", "-")
+    return label + (f"-at-{Path(config).stem}" if at else "")
 
 
 class RouterProcess:

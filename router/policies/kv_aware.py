@@ -2,7 +2,7 @@
 
 Cost of pod p, in prompt tokens of prefill work (lower is better):
 
-    cost(p) = work(p) x (1 + c x crowd(p)) + miss(p) x full(p) + pending(p) + d * decoding(p)
+    cost(p) = work(p) x (1 + c x crowd(p)) + miss(p) x full(p) + pending(p) + d * decoding(p) + copy(p)
 
     miss(p)     = prompt tokens not cached on p: prompt - block_size x matched(p),
                   where matched(p) counts only if >= min_match_blocks
@@ -31,6 +31,9 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
                   step down by, in prefill tokens
     crowd(p)    = requests on p: the fleet's gateways' count plus others(p)
     c           = prefill_delay_weight (1): what the work costs each of them
+    copy(p)     = k x block_size x (held - matched(p)), held = the longest match
+                  any pod has: a prefix cached elsewhere and recomputed on p
+                  makes a second copy; k = prefix_copy_weight
 
 This is the Dynamo cost (prefill blocks not cached + active decode blocks) with
 Preble's points that queued prefill is the real load and that a miss also
@@ -118,9 +121,11 @@ class KVAwarePolicy:
         self._decode_cost = deps.settings.prefill_tokens_per_decode
         self._delay_weight = deps.settings.prefill_delay_weight
         self._min_match = deps.settings.min_match_blocks
+        self._copy_weight = deps.settings.prefix_copy_weight
 
     def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
-        return [self._cost(request, pod) for pod in pods]
+        held = self._held(request)
+        return [self._cost(request, pod, held) for pod in pods]
 
     def load(self, pod: Pod) -> float:
         """The request-independent part of a pod's cost: queued prefill plus d x decoding."""
@@ -131,20 +136,23 @@ class KVAwarePolicy:
         priced: dict[Pod, float] = {}
         best = math.inf
         ties = 0
+        held = self._held(request)
         for pod_id in request.matched_blocks:
             pod = fleet.pods.get(pod_id)
             if pod is not None and eligible(pod):
-                cost = priced[pod] = self._cost(request, pod)
+                cost = priced[pod] = self._cost(request, pod, held)
                 best, ties = _better(cost, best, ties)
         prompt = max(request.prompt_tokens, 0)
-        # A non-holder's work is at least `floor` (all it could load, loaded), whichever pod it is.
+        # A non-holder's work is at least `floor` (all it could load, loaded), whichever pod it is,
+        # and it copies the whole held prefix.
         floor = prompt if request.tiers is None else request.tiers.floor(prompt)
+        floor += self._copy_weight * held * request.block_size
         names, weights = self._orderings(prompt, fleet, live=isinstance(request.occupancy, IndexOccupancy))
         last = [0.0] * len(names)  # the last key seen in each ordering
         for visits, (which, key, pod) in enumerate(fleet.walk(names), 1):
             last[which] = key
             if pod not in priced and eligible(pod):
-                cost = priced[pod] = self._cost(request, pod)
+                cost = priced[pod] = self._cost(request, pod, held)
                 best, ties = _better(cost, best, ties)
             bound = floor + sum(w * k for w, k in zip(weights, last))
             slack = _SLACK * abs(bound)  # rounding must never make the bound exceed a cost
@@ -184,10 +192,16 @@ class KVAwarePolicy:
 
         return key
 
-    def _cost(self, request: RouteRequest, pod: Pod) -> float:
+    def _held(self, request: RouteRequest) -> int:
+        """The longest match any pod holds (counted from min_match_blocks), in blocks."""
+        held = max(request.matched_blocks.values(), default=0)
+        return held if held >= self._min_match else 0
+
+    def _cost(self, request: RouteRequest, pod: Pod, held: int) -> float:
         matched = request.matched_blocks.get(pod.id, 0)
         if matched < self._min_match:
             matched = 0
+        copy = self._copy_weight * (held - matched) * request.block_size
         miss = max(request.prompt_tokens - matched * request.block_size, 0)
         evicts = miss * request.occupancy.get(pod.id, 0.0)
         work = miss if request.tiers is None else request.tiers.work(pod, matched, miss)
@@ -195,7 +209,8 @@ class KVAwarePolicy:
         others = pod.stats.others
         crowd = pod.fleet_in_flight + others
         decoding = pod.fleet_decoding + others
-        return work * (1.0 + self._delay_weight * crowd) + evicts + pod.fleet_pending_prefill + self._decode_cost * decoding
+        cost = work * (1.0 + self._delay_weight * crowd) + evicts + pod.fleet_pending_prefill
+        return cost + self._decode_cost * decoding + copy
 
 
 #: The smallest fullness scale, in prompt tokens, and the ratio between scales.

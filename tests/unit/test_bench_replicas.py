@@ -198,3 +198,37 @@ def test_the_section_appears_only_when_replicas_ran():
     assert "## Gateway replicas" in text and "| skewed-users | kvgate:kv-aware*3+state | kvgate:kv-aware | 0.900 | 1.20 |" in text
     assert "| kvgate:kv-aware+state | kvgate:kv-aware | 0.250 | 1.000 | 0.125 |" in text
     assert sharing_costs(None) == []
+
+
+def test_a_kvgate_row_may_bring_its_own_settings_file(tmp_path):
+    settings = tmp_path / "stickier.yaml"
+    settings.write_text("routing:\n  prefix_copy_weight: 1\n")
+    name = f"kvgate:kv-aware*2+state+fixed@{settings}"
+
+    spec = RouterSpec.parse(name)
+    group = RouterGroup(spec, _ctx(tmp_path), state_url="redis://h:1/2")
+
+    assert (spec.name, spec.config, spec.replicas, spec.fixed_admission) == (name, str(settings), 2, True)
+    assert spec.single.name == f"kvgate:kv-aware+fixed@{settings}"
+    assert file_label(name) == "kvgate-kv-aware-x2-state-fixed-at-stickier"
+    for member in group.members:
+        argv = command(member.spec, member.ctx, member.port, member.metrics_port)
+        assert argv[-2:] == ["--config", str(settings)]  # after --kvgate-arg's, so the row's file wins
+        assert argv.index("--x") < argv.index("--config")
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [pytest.param("@", id="no-file"), pytest.param("@absent.yaml", id="missing-file")],
+)
+def test_a_settings_file_must_be_there(suffix, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="settings file"):
+        RouterSpec.parse(f"kvgate:kv-aware{suffix}")
+
+
+def test_only_kvgate_rows_take_a_settings_file(tmp_path):
+    settings = tmp_path / "s.yaml"
+    settings.write_text("{}\n")
+    with pytest.raises(ValueError, match="only kvgate"):
+        RouterSpec.parse(f"sglang:cache_aware@{settings}")

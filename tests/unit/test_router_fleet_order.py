@@ -52,7 +52,8 @@ class RandomFleet:
             random.Random(seed),
             shortlist_above=0,
         )
-        self.book = PolicyBook(PolicyDeps(RoutingSettings(block_size=BLOCK), self.counters, random.Random(seed)))
+        routing = RoutingSettings(block_size=BLOCK, prefix_copy_weight=self.rng.choice([0.0, 1.0, 2.5]))
+        self.book = PolicyBook(PolicyDeps(routing, self.counters, random.Random(seed)))
         self.ledger = PeerLedger(FleetView(self.pods, self.index, self.counters, lambda: None))
         self.ledger.attach(self.pods)
         self.live_occupancy = live_occupancy

@@ -480,6 +480,27 @@ def test_kv_aware_recomputes_a_prefix_only_where_it_holds_few_requests_up(other_
 
 
 @pytest.mark.parametrize(
+    ("weight", "expected"),
+    [
+        pytest.param(0.0, "other", id="queue-outweighs-the-recompute"),
+        pytest.param(1.0, "holder", id="a-second-copy-priced-keeps-it"),
+    ],
+)
+def test_kv_aware_prices_a_second_copy_of_a_held_prefix(weight, expected):
+    """A holder with a long prefill queued against an idle pod: the copy weight decides whether the prefix moves."""
+    holder = make_pod("holder", pending_prefill=PROMPT + PROMPT // 2, in_flight=1)
+    other = make_pod("other")
+    partial = make_pod("partial", in_flight=1)  # holds the first 2 blocks: charged for copying the other 8
+    request = make_request(prompt_tokens=PROMPT, matched={holder: 10, partial: 2})
+
+    costs = make_book(prefix_copy_weight=weight).get("kv-aware").costs(request, [holder, other, partial])
+    free = make_book().get("kv-aware").costs(request, [holder, other, partial])
+
+    assert [holder, other, partial][cheapest(costs)] is (holder if expected == "holder" else other)
+    assert [c - f for c, f in zip(costs, free)] == pytest.approx([0.0, weight * 10 * BLOCK, weight * 8 * BLOCK])
+
+
+@pytest.mark.parametrize(
     ("crowded_requests", "expected"),
     [
         pytest.param(1, "crowded", id="one-request-less-work-queued-wins"),
