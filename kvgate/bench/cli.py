@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--routers",
         type=_list,
         default=list(DEFAULT_ROUTERS),
-        help=f"family:policy list, or none (default {','.join(DEFAULT_ROUTERS)})",
+        help=f"family:policy list, or none (default {','.join(DEFAULT_ROUTERS)}); a kvgate row may end in"
+        " @FILE, its own settings file",
     )
     parser.add_argument(
         "--workloads",

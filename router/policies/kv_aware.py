@@ -31,9 +31,10 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
                   step down by, in prefill tokens
     crowd(p)    = requests on p: the fleet's gateways' count plus others(p)
     c           = prefill_delay_weight (1): what the work costs each of them
-    copy(p)     = k x block_size x (held - matched(p)), held = the longest match
-                  any pod has: a prefix cached elsewhere and recomputed on p
-                  makes a second copy; k = prefix_copy_weight
+    copy(p)     = k x the work of blocks matched(p) to held, held = the longest
+                  match any pod has: a prefix cached elsewhere and made again
+                  on p is a second copy, priced k times what making it costs
+                  (1 a token computed, r a token loaded); k = prefix_copy_weight
 
 This is the Dynamo cost (prefill blocks not cached + active decode blocks) with
 Preble's points that queued prefill is the real load and that a miss also
@@ -146,7 +147,7 @@ class KVAwarePolicy:
         # A non-holder's work is at least `floor` (all it could load, loaded), whichever pod it is,
         # and it copies the whole held prefix.
         floor = prompt if request.tiers is None else request.tiers.floor(prompt)
-        floor += self._copy_weight * held * request.block_size
+        floor += self._copy_weight * self._copy_floor(request, held)
         names, weights = self._orderings(prompt, fleet, live=isinstance(request.occupancy, IndexOccupancy))
         last = [0.0] * len(names)  # the last key seen in each ordering
         for visits, (which, key, pod) in enumerate(fleet.walk(names), 1):
@@ -197,14 +198,30 @@ class KVAwarePolicy:
         held = max(request.matched_blocks.values(), default=0)
         return held if held >= self._min_match else 0
 
+    def _copy_work(self, request: RouteRequest, pod: Pod, matched: int, held: int, miss: int) -> float:
+        """The work of making blocks `matched`..`held` on `pod`: computed at 1 a token, loaded at the ratio."""
+        tokens = (held - matched) * request.block_size
+        if request.tiers is None or self._copy_weight == 0:
+            return tokens
+        loaded = min(request.tiers.loaded_tokens(pod, matched, miss), tokens)
+        return tokens - (1.0 - request.tiers.load_ratio) * loaded
+
+    def _copy_floor(self, request: RouteRequest, held: int) -> float:
+        """The least `_copy_work` of a pod holding none of the prompt on its GPU (a shortlist bound)."""
+        tokens = held * request.block_size
+        if request.tiers is None:
+            return tokens
+        loaded = min(request.tiers.head * request.block_size, tokens)
+        return min(float(tokens), tokens - (1.0 - request.tiers.load_ratio) * loaded)
+
     def _cost(self, request: RouteRequest, pod: Pod, held: int) -> float:
         matched = request.matched_blocks.get(pod.id, 0)
         if matched < self._min_match:
             matched = 0
-        copy = self._copy_weight * (held - matched) * request.block_size
         miss = max(request.prompt_tokens - matched * request.block_size, 0)
         evicts = miss * request.occupancy.get(pod.id, 0.0)
         work = miss if request.tiers is None else request.tiers.work(pod, matched, miss)
+        copy = self._copy_weight * self._copy_work(request, pod, matched, held, miss) if held > matched else 0.0
         # `load` inlined: this runs once per pod on a full scan.
         others = pod.stats.others
         crowd = pod.fleet_in_flight + others

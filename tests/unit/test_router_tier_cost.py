@@ -156,3 +156,24 @@ def test_the_work_of_a_request_on_a_pod_counts_loads_at_their_ratio():
     assert req.prefill_work(p, 0) == pytest.approx(1 + 20 * BLOCK * 0.25)
     assert req.prefill_work(p, 20) == pytest.approx(1)
     assert isinstance(req.tiers, TierMatch)
+
+
+@pytest.mark.parametrize(
+    ("shared_blocks", "connector", "copied_work"),
+    [
+        pytest.param(20, True, 12 * BLOCK * 0.1, id="a-copy-loaded-from-l2-costs-its-load"),
+        pytest.param(4, True, 4 * BLOCK * 0.1 + 8 * BLOCK, id="loaded-head-computed-rest"),
+        pytest.param(20, False, 12 * BLOCK, id="a-pod-without-connector-computes-the-copy"),
+        pytest.param(0, True, 12 * BLOCK, id="nothing-in-l2-computes-the-copy"),
+    ],
+)
+def test_a_second_copy_of_a_held_prefix_is_priced_at_what_making_it_costs(shared_blocks, connector, copied_work):
+    """Another pod's GPU holds 12 blocks; copying them is priced k x their work on this pod (load or compute)."""
+    holder, other = pod("holder"), pod("other", external=1.0 if connector else 0.0)
+    req = request(gpu={holder: 12}, shared_blocks=shared_blocks)
+    book = PolicyBook(PolicyDeps(RoutingSettings(prefix_copy_weight=2.0), VirtualTokenCounters(), random.Random(0)))
+
+    [with_copy] = book.get("kv-aware").costs(req, [other])
+    [without] = costs(req, [other])
+
+    assert with_copy - without == pytest.approx(2.0 * copied_work)
