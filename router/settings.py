@@ -119,8 +119,8 @@ class RoutingSettings:
     """kv-aware: cost of one running decode stream, in prompt-token equivalents of prefill work."""
     prefill_delay_weight: float = 1.0
     """kv-aware: weight of the delay a request's prefill adds to each other request on the pod (0: price only its own wait)."""
-    prefix_copy_weight: float = 0.0
-    """kv-aware: cost per token of a prefix cached on some pod recomputed on one that lacks it (a second copy)."""
+    prefix_copy_weight: float = 1.0
+    """kv-aware: a prefix another pod holds, made again on a pod that lacks it, costs this many times its work more."""
     min_match_blocks: int = 1
     """kv-aware: shorter cached matches are ignored, so one shared short preamble cannot pull all traffic."""
     decision_log: Path | None = None

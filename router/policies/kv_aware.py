@@ -61,6 +61,19 @@ cache_aware, which never moves a prefix, stays ahead on mixed (0.47-0.49) and
 on multi-turn seed 2 (0.584). An idle pod has no crowd, so a hot prefix
 still spreads to one when its holder's queue outweighs recomputing it there.
 
+The copy term prices what leaving a prefix's holder does later. Recomputing
+the prefix on a quieter pod pays for itself now, but the prefix then lives in
+two caches, each serving half its requests: both copies grow colder and are
+evicted sooner, and the next requests recompute it again. Replaying runs'
+placements on modelled caches at their own timing (`kvgate.bench.lru_replay`),
+each user pinned to one engine got 0.015 to 0.025 more hit rate on `mixed`
+than kv-aware's own placement without the term. With it (k = 1), in the same
+runs on the same engines (`kvgate bench`, seeds 1 and 2), the engines' hit
+rate rose by 0.016 and 0.024 on mixed and 0.047 on shared-prefix, level on
+multi-turn; k = 2 kept conversations too long on full pods (multi-turn 0.565
+against 0.579) and is not the default. SGLang's cache_aware, which never
+moves a prefix, is the other end.
+
 Why others(p) and not the engine's count when it is higher: the engine's
 count is as old as its last scrape (every 0.5 s, and a loaded engine takes
 a few tenths of a second to serve its /metrics), so after a burst it still

@@ -470,7 +470,7 @@ def test_kv_aware_prefill_delay_weight_comes_from_settings(weight, expected):
 )
 def test_kv_aware_recomputes_a_prefix_only_where_it_holds_few_requests_up(other_kwargs, expected):
     """The holder's queue outweighs recomputing the prefix on an idle pod, not on one already serving a stream."""
-    holder = make_pod("holder", pending_prefill=PROMPT + 40, in_flight=1)
+    holder = make_pod("holder", pending_prefill=2 * PROMPT + 40, in_flight=1)  # over the recompute and the copy
     other = make_pod("other", **other_kwargs)
     request = make_request(prompt_tokens=PROMPT, matched={holder: 10})
 
@@ -494,7 +494,7 @@ def test_kv_aware_prices_a_second_copy_of_a_held_prefix(weight, expected):
     request = make_request(prompt_tokens=PROMPT, matched={holder: 10, partial: 2})
 
     costs = make_book(prefix_copy_weight=weight).get("kv-aware").costs(request, [holder, other, partial])
-    free = make_book().get("kv-aware").costs(request, [holder, other, partial])
+    free = make_book(prefix_copy_weight=0.0).get("kv-aware").costs(request, [holder, other, partial])
 
     assert [holder, other, partial][cheapest(costs)] is (holder if expected == "holder" else other)
     assert [c - f for c, f in zip(costs, free)] == pytest.approx([0.0, weight * 10 * BLOCK, weight * 8 * BLOCK])
@@ -521,13 +521,14 @@ def test_kv_aware_keeps_a_new_prompt_off_a_pod_crowded_with_cheap_requests(crowd
     ("holder_kwargs", "expected"),
     [
         pytest.param({}, "holder", id="idle-holder-wins"),
-        pytest.param({"pending_prefill": PROMPT - 1, "in_flight": 1}, "holder", id="pending-just-under-recompute"),
-        pytest.param({"pending_prefill": PROMPT + 1, "in_flight": 1}, "other", id="pending-over-recompute"),
-        pytest.param({"decoding": 4, "in_flight": 4}, "holder", id="decode-load-under-recompute"),
-        pytest.param({"decoding": 6, "in_flight": 6}, "other", id="decode-load-over-recompute"),
+        pytest.param({"pending_prefill": 2 * PROMPT - 1, "in_flight": 1}, "holder", id="pending-just-under-recompute"),
+        pytest.param({"pending_prefill": 2 * PROMPT + 1, "in_flight": 1}, "other", id="pending-over-recompute"),
+        pytest.param({"decoding": 9, "in_flight": 9}, "holder", id="decode-load-under-recompute"),
+        pytest.param({"decoding": 11, "in_flight": 11}, "other", id="decode-load-over-recompute"),
     ],
 )
 def test_kv_aware_holder_wins_until_its_queue_outweighs_recompute(holder_kwargs, expected):
+    """Recomputing the whole prefix elsewhere costs its work and, by default, as much again for the second copy."""
     holder, other = make_pod("holder", **holder_kwargs), make_pod("other")
     request = make_request(prompt_tokens=PROMPT, matched={holder: 10})
 

@@ -101,11 +101,12 @@ def test_the_block_holding_the_last_token_is_never_loaded():
 @pytest.mark.parametrize(
     ("holder_pending", "ratio", "expected"),
     [
-        # Loading 320 tokens costs 32 at ratio 0.1: a holder with more queued than that loses (its
-        # own last token counts twice there, once for the request it holds up).
+        # Loading 320 tokens costs 32 at ratio 0.1, and the second copy as much again: a holder
+        # with more than 64 queued loses (its own last token counts twice there, once for the
+        # request it holds up).
         pytest.param(0, 0.1, "holder", id="idle-holder-wins"),
-        pytest.param(30, 0.1, "holder", id="holder-queue-under-the-load-cost"),
-        pytest.param(40, 0.1, "loader", id="busy-holder-loses-to-idle-loader"),
+        pytest.param(60, 0.1, "holder", id="holder-queue-under-the-load-cost"),
+        pytest.param(70, 0.1, "loader", id="busy-holder-loses-to-idle-loader"),
         pytest.param(200, 0.1, "loader", id="queue-far-below-a-prefill-still-loses"),
         pytest.param(200, 0.9, "holder", id="loading-dearer-than-waiting-keeps-the-holder"),
     ],
@@ -174,6 +175,7 @@ def test_a_second_copy_of_a_held_prefix_is_priced_at_what_making_it_costs(shared
     book = PolicyBook(PolicyDeps(RoutingSettings(prefix_copy_weight=2.0), VirtualTokenCounters(), random.Random(0)))
 
     [with_copy] = book.get("kv-aware").costs(req, [other])
-    [without] = costs(req, [other])
+    free = PolicyBook(PolicyDeps(RoutingSettings(prefix_copy_weight=0.0), VirtualTokenCounters(), random.Random(0)))
+    [without] = free.get("kv-aware").costs(req, [other])
 
     assert with_copy - without == pytest.approx(2.0 * copied_work)
