@@ -57,8 +57,8 @@ run each unless noted), the engines' hit rate without the term / with it:
 multi-turn 0.457 / 0.537 (seed 1) and 0.518 / 0.529 (seed 2, 2 repeats),
 shared-prefix 0.792 / 0.797 and 0.742 / 0.768, mixed 0.422 / 0.413 (seed 3);
 TTFT p50 moved by less than the runs' spread, either way. SGLang's
-cache_aware, which never moves a prefix, stays ahead on mixed (0.47-0.49) and
-on multi-turn seed 2 (0.584). An idle pod has no crowd, so a hot prefix
+cache_aware, which never moves a prefix, stayed ahead on mixed (0.47-0.49) and
+on multi-turn seed 2 (0.584) until the copy term (below). An idle pod has no crowd, so a hot prefix
 still spreads to one when its holder's queue outweighs recomputing it there.
 
 The copy term prices what leaving a prefix's holder does later. Recomputing
