@@ -211,21 +211,15 @@ class KVAwarePolicy:
         held = max(request.matched_blocks.values(), default=0)
         return held if held >= self._min_match else 0
 
-    def _copy_work(self, request: RouteRequest, pod: Pod, matched: int, held: int, miss: int) -> float:
+    def _copy_work(self, request: RouteRequest, pod: Pod, matched: int, held: int) -> float:
         """The work of making blocks `matched`..`held` on `pod`: computed at 1 a token, loaded at the ratio."""
         tokens = (held - matched) * request.block_size
-        if request.tiers is None or self._copy_weight == 0:
-            return tokens
-        loaded = min(request.tiers.loaded_tokens(pod, matched, miss), tokens)
-        return tokens - (1.0 - request.tiers.load_ratio) * loaded
+        return tokens if request.tiers is None else request.tiers.work(pod, matched, tokens)
 
     def _copy_floor(self, request: RouteRequest, held: int) -> float:
         """The least `_copy_work` of a pod holding none of the prompt on its GPU (a shortlist bound)."""
         tokens = held * request.block_size
-        if request.tiers is None:
-            return tokens
-        loaded = min(request.tiers.head * request.block_size, tokens)
-        return min(float(tokens), tokens - (1.0 - request.tiers.load_ratio) * loaded)
+        return tokens if request.tiers is None else request.tiers.floor(tokens)
 
     def _cost(self, request: RouteRequest, pod: Pod, held: int) -> float:
         matched = request.matched_blocks.get(pod.id, 0)
@@ -234,7 +228,9 @@ class KVAwarePolicy:
         miss = max(request.prompt_tokens - matched * request.block_size, 0)
         evicts = miss * request.occupancy.get(pod.id, 0.0)
         work = miss if request.tiers is None else request.tiers.work(pod, matched, miss)
-        copy = self._copy_weight * self._copy_work(request, pod, matched, held, miss) if held > matched else 0.0
+        copy = 0.0
+        if held > matched and self._copy_weight:
+            copy = self._copy_weight * self._copy_work(request, pod, matched, held)
         # `load` inlined: this runs once per pod on a full scan.
         others = pod.stats.others
         crowd = pod.fleet_in_flight + others
