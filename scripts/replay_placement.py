@@ -22,10 +22,8 @@ from pathlib import Path
 
 from kvgate.bench.bound import block_chain
 from kvgate.bench.config import full
-from kvgate.bench.engine_sets import row_label
 from kvgate.bench.lru_replay import Placed, cache_aware, pinned, replay
-from kvgate.bench.report import RECORDS_DIR
-from kvgate.bench.routers import file_label
+from kvgate.bench.report import RECORDS_DIR, records_name
 from kvgate.bench.sizes_file import apply_sizes
 from kvgate.bench.workloads import build_workload
 from kvgate.model import default_model_dir
@@ -51,10 +49,12 @@ def main() -> int:
     traces: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
     print("| run | measured | replayed | pinned | cache_aware | overcommitted |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for path in sorted((args.results / RECORDS_DIR).glob("*.jsonl")):
-        workload = path.name.split("--", 1)[0]
-        if args.workload and workload != args.workload:
+    for run in results["runs"]:
+        workload = run["workload"]
+        if run.get("summary") is None or (args.workload and workload != args.workload):
             continue
+        repeat = run["repeat"] if results["repeats"] > 1 else None
+        path = args.results / RECORDS_DIR / records_name(workload, run["router"], run["engine_set"], repeat)
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
         if not records or any(r["pod"] is None or r["done_s"] is None for r in records):
             continue  # a peer router (no engine named) or failed requests
@@ -70,20 +70,10 @@ def main() -> int:
         for r in records:
             user, chain, prompt, max_tokens = traces[workload][r["request_id"]]
             placed.append(Placed(user, chain, prompt, max_tokens, pods.index(r["pod"]), r["sent_s"], r["done_s"]))
-        measured = _measured(results, path.stem)
         rows = [replay(p, engines, blocks, size) for p in (placed, pinned(placed), cache_aware(placed, engines))]
         figures = " | ".join(f"{row.rate:.3f}" for row in rows)
-        print(f"| {path.stem} | {measured} | {figures} | {rows[0].overcommitted} |")
+        print(f"| {path.stem} | {run['summary']['hit_rate']:.3f} | {figures} | {rows[0].overcommitted} |")
     return 0
-
-
-def _measured(results: dict, stem: str) -> str:
-    """The engines' hit rate of the run a records file belongs to, where the file name says which."""
-    for run in results["runs"]:
-        name = f"{run['workload']}--{file_label(row_label(run['router'], run['engine_set']))}"
-        if stem in (name, f"{name}--r{run['repeat']}") and run.get("summary"):
-            return f"{run['summary']['hit_rate']:.3f}"
-    return "n/a"
 
 
 if __name__ == "__main__":

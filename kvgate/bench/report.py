@@ -68,14 +68,20 @@ def write_json(results: BenchResults, meta: Mapping[str, Any], out: Path) -> Pat
     return path
 
 
+def records_name(workload: str, router: str, engine_set: str, repeat: int | None) -> str:
+    """The records file of one run: `<workload>--<router>[--r<repeat>].jsonl` (repeat None: not repeated)."""
+    name = f"{workload}--{file_label(row_label(router, engine_set))}"
+    return f"{name}--r{repeat}.jsonl" if repeat is not None else f"{name}.jsonl"
+
+
 def write_records(results: BenchResults, out: Path) -> list[Path]:
     """Write every run's per-request records, one JSON object a line, to `records/<workload>--<router>.jsonl`."""
     folder = out / RECORDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for run in results.runs:
-        name = f"{run.workload}--{file_label(row_label(run.router, run.engine_set))}"
-        path = folder / (f"{name}--r{run.repeat}.jsonl" if results.repeats > 1 else f"{name}.jsonl")
+        repeat = run.repeat if results.repeats > 1 else None
+        path = folder / records_name(run.workload, run.router, run.engine_set, repeat)
         path.write_text("".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in run.records))
         written.append(path)
     return written
