@@ -7,7 +7,8 @@ For every run whose records name the engine of each request (kvgate's), prints
 the engines' measured hit rate, the modelled one of the recorded placement
 (how far the model is from the engines), and the modelled ones of the same
 requests, sent and finished at the same times, placed `pinned` (each user on
-its first engine) and by SGLang's `cache_aware` rule (`kvgate.bench.lru_replay`).
+its first engine), by SGLang's `cache_aware` rule, and `partitioned` (told which users
+send once: a reference no router can reach; `kvgate.bench.lru_replay`).
 The traces are rebuilt from the folder's sizes and seed with the model's
 tokenizer (`--model`, default as `kvgate bench`'s).
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from kvgate.bench.bound import block_chain
 from kvgate.bench.config import full
-from kvgate.bench.lru_replay import Placed, cache_aware, pinned, replay
+from kvgate.bench.lru_replay import Placed, cache_aware, partitioned, pinned, replay
 from kvgate.bench.report import RECORDS_DIR, records_name
 from kvgate.bench.sizes_file import apply_sizes
 from kvgate.bench.workloads import build_workload
@@ -47,8 +48,8 @@ def main() -> int:
     encoder = PromptTokenizer.from_model_dir(args.model or default_model_dir(Path(home) if home else None))
     engines, blocks, size = config["engines"], config["kv_blocks"], config["block_size"]
     traces: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
-    print("| run | measured | replayed | pinned | cache_aware | overcommitted |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| run | measured | replayed | pinned | cache_aware | partitioned | overcommitted |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for run in results["runs"]:
         workload = run["workload"]
         if run.get("summary") is None or (args.workload and workload != args.workload):
@@ -70,7 +71,8 @@ def main() -> int:
         for r in records:
             user, chain, prompt, max_tokens = traces[workload][r["request_id"]]
             placed.append(Placed(user, chain, prompt, max_tokens, pods.index(r["pod"]), r["sent_s"], r["done_s"]))
-        rows = [replay(p, engines, blocks, size) for p in (placed, pinned(placed), cache_aware(placed, engines))]
+        placements = (placed, pinned(placed), cache_aware(placed, engines), partitioned(placed, engines))
+        rows = [replay(p, engines, blocks, size) for p in placements]
         figures = " | ".join(f"{row.rate:.3f}" for row in rows)
         print(f"| {path.stem} | {run['summary']['hit_rate']:.3f} | {figures} | {rows[0].overcommitted} |")
     return 0

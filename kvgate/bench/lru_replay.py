@@ -24,6 +24,12 @@ Placements to compare with the recorded one:
   engine whose routed prompts share the longest prefix with this one when
   that covers more than half of it, else the engine that has been routed
   the fewest distinct blocks.
+- `partitioned`: a placement told in advance what no router knows, which
+  users send once: those users and the busiest user on engine 0, every
+  other user on one of the other engines, dealt by request count. A prefix
+  requested often survives the churn of prompts sent once; rarer ones are
+  kept away from it. A reference for how far placement alone could go, not
+  a rule to route by (on real engines it also piles load on engine 0).
 
 Not here: building the traces (`kvgate.bench.workloads`), the infinite-cache
 bound (`kvgate.bench.bound`); `scripts/replay_placement.py` runs it on a
@@ -182,3 +188,17 @@ def cache_aware(requests: Sequence[Placed], engines: int, threshold: float = 0.5
         routed[best].update(chain)
         out[i] = replace(requests[i], engine=best)
     return out
+
+
+def partitioned(requests: Sequence[Placed], engines: int) -> list[Placed]:
+    """Users sending once and the busiest user on engine 0, the others dealt over the rest (see the module docstring)."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        counts[request.user] = counts.get(request.user, 0) + 1
+    repeat = sorted((user for user, n in counts.items() if n > 1), key=lambda user: (-counts[user], user))
+    home = {user: 0 for user, n in counts.items() if n == 1}
+    if repeat:
+        home[repeat[0]] = 0
+    for k, user in enumerate(repeat[1:]):
+        home[user] = 1 + k % (engines - 1) if engines > 1 else 0
+    return [replace(request, engine=home[request.user]) for request in requests]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvgate.bench.lru_replay import Placed, cache_aware, pinned, replay
+from kvgate.bench.lru_replay import Placed, cache_aware, partitioned, pinned, replay
 
 BS = 4  # tokens per block
 
@@ -81,3 +81,38 @@ def test_cache_aware_follows_a_long_match_and_sends_the_rest_to_the_least_routed
     ]
 
     assert [r.engine for r in cache_aware(requests, engines=2)] == [0, 1, 0, 1]
+
+
+def test_partitioned_puts_users_sending_once_with_the_busiest_and_deals_the_rest():
+    requests = [
+        req("hot", (1,), 2, 0.0, 1.0),
+        req("once-a", (2,), 1, 0.5, 1.0),
+        req("warm", (3,), 0, 1.0, 2.0),
+        req("hot", (1,), 1, 1.5, 2.0),
+        req("cool", (4,), 0, 2.0, 3.0),
+        req("warm", (3,), 0, 2.5, 3.0),
+        req("hot", (1,), 0, 3.0, 4.0),
+        req("cool", (4,), 0, 3.5, 4.0),
+        req("rare", (5,), 0, 4.0, 5.0),
+        req("rare", (5,), 0, 4.5, 5.0),
+    ]
+
+    engines = [r.engine for r in partitioned(requests, engines=3)]
+
+    # hot (3 requests) and once-a on 0; cool, rare, warm (2 each, in name order) dealt over 1, 2, 1.
+    assert engines == [0, 0, 1, 0, 1, 1, 0, 1, 2, 2]
+
+
+def test_partitioned_keeps_prompts_sent_once_away_from_rare_prefixes_in_the_model():
+    """The churn of one-offs evicts a rarely sent prefix that shares an engine with it, not one kept apart."""
+    rare_first = req("rare", (1, 2), 0, 0.0, 1.0)
+    churn = [req(f"once-{k}", (10 + 2 * k, 11 + 2 * k), 0, 1.0 + k, 1.5 + k) for k in range(3)]
+    hot = [req("hot", (90, 91), 0, 0.2 + k, 0.4 + k) for k in range(5)]
+    rare_again = req("rare", (1, 2), 0, 6.0, 7.0)
+    requests = [rare_first, *churn, *hot, rare_again]
+
+    together = replay(requests, engines=2, kv_blocks=9, block_size=BS)
+    apart = replay(partitioned(requests, engines=2), engines=2, kv_blocks=9, block_size=BS)
+
+    assert together.hit_tokens == 4 * 2 * BS  # the hot prefix hits every time, touched more often than churned out
+    assert apart.hit_tokens == together.hit_tokens + 2 * BS  # and now the rare prefix's second request hits too
