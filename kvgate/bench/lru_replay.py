@@ -39,7 +39,7 @@ results folder.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -192,9 +192,7 @@ def cache_aware(requests: Sequence[Placed], engines: int, threshold: float = 0.5
 
 def partitioned(requests: Sequence[Placed], engines: int) -> list[Placed]:
     """Users sending once and the busiest user on engine 0, the others dealt over the rest (see the module docstring)."""
-    counts: dict[str, int] = {}
-    for request in requests:
-        counts[request.user] = counts.get(request.user, 0) + 1
+    counts = Counter(request.user for request in requests)
     repeat = sorted((user for user, n in counts.items() if n > 1), key=lambda user: (-counts[user], user))
     home = {user: 0 for user, n in counts.items() if n == 1}
     if repeat:
