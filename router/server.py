@@ -28,6 +28,7 @@ from aiohttp import web
 from router import settings as settings_module
 from router.app import GATEWAY, IN_FLIGHT, create_app
 from router.connections import GatewayRunner
+from router.cpu_priority import raise_priority
 from router.discovery import Discovery, make_discovery
 from router.errors import StartupError
 from router.policies import REGISTRY
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)")
     parser.add_argument("--drain-grace", type=float, help="seconds in-flight requests get after SIGTERM")
     parser.add_argument(
+        "--cpu-priority",
+        choices=("realtime", "high", "normal"),
+        help="how the gateway asks to be scheduled beside busy engines (default realtime, needs CAP_SYS_NICE)",
+    )
+    parser.add_argument(
         "--state-url",
         metavar="URL",
         help="redis://HOST:PORT/DB shared by gateway replicas so they route as one (default: this replica alone)",
@@ -117,6 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("server", "port", args.port)
     put("server", "api_keys", args.api_keys)
     put("server", "drain_grace_s", args.drain_grace)
+    put("server", "cpu_priority", args.cpu_priority)
     put("admission", "max_inflight_per_pod", args.max_inflight_per_pod)
     put("admission", "max_queue", args.max_queue)
     put("admission", "adaptive", args.adaptive_admission)
@@ -226,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         check_settings(settings)
+        # On the thread that will run the event loop, before any other thread starts.
+        applied = raise_priority(settings.server.cpu_priority)
+        log.info("CPU priority: %s (asked for %s)", applied, settings.server.cpu_priority)
         try:
             discovery = make_discovery(settings.discovery)
         except ValueError as exc:

@@ -60,6 +60,12 @@ class ServerSettings:
 
     Default 75 s: longer than the 60 s idle timeout of common load balancers, so the gateway is
     not the side that closes a connection they are about to reuse."""
+    cpu_priority: str = "realtime"
+    """How `kvgate serve` asks to be scheduled beside busy engines on its host (`router.cpu_priority`):
+    `realtime` (SCHED_RR, falling back to `high` when refused), `high` (nice -10) or `normal`.
+
+    Default `realtime`: the gateway needs a few ms of CPU per request, but every wait for a core
+    is added to a first token; without CAP_SYS_NICE it runs as started."""
     max_connections: int = 4096
     """Client connections open at once; one more gets a 503 and is closed at once.
 

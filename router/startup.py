@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 from typing import NoReturn
 
+from router.cpu_priority import PRIORITIES
 from router.errors import InvalidRequest, StartupError
 from router.kv_events import parse_event_sources
 from router.policies import parse_spec
@@ -149,6 +150,10 @@ def check_settings(settings: Settings) -> None:
         raise StartupError(f"admission.ttft_tolerance must be above 1, got {admission.ttft_tolerance!r}")
     _positive(settings.server.drain_grace_s, "--drain-grace (server.drain_grace_s)", zero=True)
     _positive(settings.server.max_body_bytes, "server.max_body_bytes")
+    if settings.server.cpu_priority not in PRIORITIES:
+        raise StartupError(
+            f"--cpu-priority (server.cpu_priority) must be one of {', '.join(PRIORITIES)}, got {settings.server.cpu_priority!r}"
+        )
     for group in ("discovery", "scrape", "upstream", "admission", "outliers"):
         values = getattr(settings, group)
         for name in values.__slots__:

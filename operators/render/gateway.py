@@ -56,6 +56,8 @@ def gateway_args(owner: Owner, spec: dict[str, Any], pool: tuple[str, dict[str, 
         "--selector", selector,
         "--service-discovery-namespace", owner.namespace,
         "--service-discovery-port", str(pool_spec["port"]),
+        # A pod of its own shares no cores with the engines, and runs without CAP_SYS_NICE.
+        "--cpu-priority", "normal",
     ]
     for i, _ in enumerate((spec.get("apiKeys") or {}).get("keys", ())):
         args += ["--api-key", f"$(KVGATE_API_KEY_{i})"]
