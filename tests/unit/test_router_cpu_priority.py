@@ -20,7 +20,7 @@ from router.startup import check_settings
 
 def run(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints one JSON object."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
