@@ -4,15 +4,14 @@ The gateway is on the path of every request's first token and needs little
 CPU (a few ms per request), but it runs its whole data path on one event
 loop: each time that loop's thread wakes (a request arrives, an engine's
 first token comes back) it has to wait for a core. Beside vLLM CPU engines,
-which keep every core busy, that wait is the gateway's added latency. Measured
-on `kvgate bench` (3 engines on 2 cores, mixed and shared-prefix workloads,
-one run, every router beside the others): at normal priority the gateway's
-thread waited for a core about 50% of the time it was runnable (its event
-loop fell 0.1 to 1.2 s behind 176 times in 75 s), and the client's TTFT was
-193 and 198 ms above the engines' own, against 64 and 94 ms through SGLang's
-router (whose worker threads wait in parallel); at nice -10, 172 and 151 ms;
-with the real-time round-robin policy, 79 and 74 ms, and the waits were gone
-(0.2 ms per request).
+which keep every core busy, that wait is part of the gateway's added latency.
+Measured on `kvgate bench` (3 engines on 2 cores): at normal priority the
+gateway's threads waited for a core 112 to 146 ms per request, for 7 to 9
+ms of running, and its loop was more than 5 ms late on a fifth of 10 ms
+ticks (127 ms at the 99th percentile); under `SCHED_RR` they waited 3 to 15
+ms, and the client's TTFT came 5 to 42 ms closer to the engines' own (four
+runs, each beside the other row and SGLang's router; the README's "Where
+the router's added time goes").
 
 So `kvgate serve` asks, for the thread that runs the event loop and before
 any other thread starts, for what `server.cpu_priority` names:
