@@ -13,8 +13,8 @@ ms, and the client's TTFT came 5 to 42 ms closer to the engines' own (four
 runs, each beside the other row and SGLang's router; the README's "Where
 the router's added time goes").
 
-So `kvgate serve` asks, for the thread that runs the event loop and before
-any other thread starts, for what `server.cpu_priority` names:
+So `kvgate serve`, once its start-up checks pass, asks for the thread that
+runs the event loop what `server.cpu_priority` names:
 
 - `realtime` (default): `SCHED_RR` at the lowest real-time priority (1), so
   the waking event loop runs before any normal process. With

@@ -233,9 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         check_settings(settings)
-        # On the thread that will run the event loop, before any other thread starts.
-        applied = raise_priority(settings.server.cpu_priority)
-        log.info("CPU priority: %s (asked for %s)", applied, settings.server.cpu_priority)
         try:
             discovery = make_discovery(settings.discovery)
         except ValueError as exc:
@@ -248,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return exc.exit_status
+    # Once every check has passed (a mistake is one line), on the thread that will run the event loop.
+    applied = raise_priority(settings.server.cpu_priority)
+    log.info("CPU priority: %s (asked for %s)", applied, settings.server.cpu_priority)
     _install_uvloop()
     try:
         return asyncio.run(serve(settings, discovery=discovery, encoder=encoder))
