@@ -28,7 +28,7 @@ from aiohttp import web
 from router import settings as settings_module
 from router.app import GATEWAY, IN_FLIGHT, create_app
 from router.connections import GatewayRunner
-from router.cpu_priority import raise_priority
+from router.cpu_priority import PRIORITIES, raise_priority
 from router.discovery import Discovery, make_discovery
 from router.errors import StartupError
 from router.policies import REGISTRY
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-grace", type=float, help="seconds in-flight requests get after SIGTERM")
     parser.add_argument(
         "--cpu-priority",
-        choices=("realtime", "high", "normal"),
+        choices=PRIORITIES,
         help="how the gateway asks to be scheduled beside busy engines (default realtime, needs CAP_SYS_NICE)",
     )
     parser.add_argument(
