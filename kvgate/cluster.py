@@ -8,9 +8,10 @@ in front of them with the model's own tokenizer (`--gateways N`: N replicas
 sharing routing state through the same Redis, see `kvgate.gateways`). It
 prints one `engine: URL` line per engine and, per gateway, one `gateway: URL`
 line followed by its `dashboard: URL` line (the live page; scripts rely on
-these), and on
-Ctrl-C or SIGTERM drains the gateway, stops every engine, then the cache
-nodes (which hand their blocks off). Nothing is downloaded.
+these). Once the engines are up, the gateway's event loop asks to run ahead
+of them, as `kvgate serve`'s does (`router.cpu_priority`). On Ctrl-C or
+SIGTERM it drains the gateway, stops every engine, then the cache nodes
+(which hand their blocks off). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from kvgate.engines import (
 )
 from kvgate.gateways import engine_events_host, event_source, serve_replicas
 from kvgate.model import build_model, default_model_dir
+from router.cpu_priority import PRIORITIES, raise_priority
 from router.discovery import StaticDiscovery
 from router.errors import InvalidRequest, StartupError
 from router.policies import parse_spec
@@ -44,6 +46,7 @@ from router.server import load_encoder
 from router.settings import Settings
 from router.startup import CommandParser, check_listen
 
+log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
@@ -63,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default="redis://127.0.0.1:6379/0", help="L3 in this Redis if it answers, else a local directory"
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="engines without the shared KV cache")
+    parser.add_argument(
+        "--cpu-priority",
+        choices=PRIORITIES,
+        default="realtime",
+        help="how the gateway asks to run ahead of the engines once they are up (default realtime; as `kvgate serve`)",
+    )
     return parser
 
 
@@ -138,6 +147,10 @@ async def run(args: argparse.Namespace) -> int:
         for engine in engines:
             print(f"engine: {engine.url}", flush=True)
         settings = Settings()
+        settings.server.cpu_priority = args.cpu_priority
+        # Every engine is up and keeps the scheduling it started with (threads and processes started from
+        # here on are reset to normal, see `router.cpu_priority`).
+        log.info("CPU priority: %s (asked for %s)", raise_priority(args.cpu_priority), args.cpu_priority)
         settings.server.host = args.host
         settings.server.port = args.port
         settings.routing.policy = args.policy

@@ -246,8 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return exc.exit_status
     # Once every check has passed (a mistake is one line), on the thread that will run the event loop.
-    applied = raise_priority(settings.server.cpu_priority)
-    log.info("CPU priority: %s (asked for %s)", applied, settings.server.cpu_priority)
+    wanted = settings.server.cpu_priority
+    applied = raise_priority(wanted)
+    log.info("CPU priority: %s (asked for %s)", applied, wanted)
+    if applied == "normal" and wanted != "normal":
+        log.warning(
+            "the gateway runs at normal CPU priority: beside busy engines on the same host, its added latency "
+            "grows (grant CAP_SYS_NICE, or set server.cpu_priority: normal to silence this)"
+        )
     _install_uvloop()
     try:
         return asyncio.run(serve(settings, discovery=discovery, encoder=encoder))

@@ -14,6 +14,12 @@ import psutil
 from kvgate.engines import free_port
 
 
+def granted(priority: str) -> bool:
+    """Whether a process started here may take `priority` (`router.cpu_priority`)."""
+    code = f"from router.cpu_priority import raise_priority; print(raise_priority({priority!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == priority
+
+
 def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen(
@@ -59,9 +65,14 @@ def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
 
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the engine runs as a child of kvgate up"
+        # The gateway's event loop (the main thread) runs ahead of the engine, as this machine allows; what
+        # kvgate up started runs at normal priority.
+        policy = os.sched_getscheduler(proc.pid) & ~os.SCHED_RESET_ON_FORK
+        assert policy == (os.SCHED_RR if granted("realtime") else os.SCHED_OTHER)
+        assert all(os.sched_getscheduler(child.pid) == os.SCHED_OTHER for child in children)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        gone, alive = psutil.wait_procs(children, timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"processes left behind: {alive}"
     finally:
         if proc.poll() is None:
