@@ -48,6 +48,7 @@ from router.startup import CommandParser, check_listen
 
 log = logging.getLogger(__name__)
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="kvgate up", description="Start vLLM CPU engines and the kvgate gateway on this machine.")
     parser.add_argument("--engines", type=int, default=2, help="vLLM engines to start (default 2)")
