@@ -1,6 +1,6 @@
 """The peers' ledger: every other replica's load per pod and active users, as last heard.
 
-`RedisState` feeds it the peers' events; it keeps each peer's contribution
+`Inbox` feeds it the peers' events; it keeps each peer's contribution
 apart, so that a peer that restarts (and sends a fresh snapshot), dies (its
 lease expires) or is cut off (the store went away) can be subtracted exactly,
 leaving no load behind for ever. A peer's changes count only on top of a

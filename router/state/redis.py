@@ -1,5 +1,9 @@
 """`RedisState`: gateway replicas share routing state through one Redis stream.
 
+Here: what this replica did, batched into its outbox and written through its
+write link, and the life cycle that ties the parts together (start, falling
+back while the store is down, (re)sync, stop).
+
 Why a Redis stream: Redis is already on every machine kvgate runs beside (L3,
 cache-node membership), a stream delivers in order and can be replayed (a
 replica that starts reads back the recent placements), and a transaction can
@@ -29,13 +33,9 @@ What is shared and how fresh (see `router.state.base` for the interface):
 Faults: a store that is down or fails makes the replica fall back to its own
 state at once (peers' load is forgotten, `kvgate_state_store_up` 0, one log
 line per outage, `kvgate_state_fallbacks_total`); it reconnects with backoff,
-reads everything back and sends its own snapshot, which replaces what peers
-held of it. A replica that dies stops renewing its lease; the others drop its
-load when the lease key is gone (within `lease_s` plus one check) and it was
-not heard from since the check began. A replica whose lease key was gone
-(dropped by the others while still alive: it was slow, or the key was lost)
-sends its whole state again on the stream, and the others ignore its changes
-until they have it (`PeerLedger`). A store that stops reading (the socket's
+reads everything back (`router.state.sync`) and sends its own snapshot,
+which replaces what peers held of it. A replica that dies, or whose lease key
+was gone: `router.state.lease`. A store that stops reading (the socket's
 buffers full for `flush_timeout_s`) or answering (`lease_s`) counts as down.
 
 Writes (`router.state.wire`): a request's `flush()` writes everything
@@ -64,13 +64,11 @@ than it is (they err towards other pods, never overfill it). A user's
 counter and activity are late by up to `batch_linger_s`, a fairness error of
 one request's cost at most.
 
-The lease loop only renews the key's expiry: the key's content is written in
-the transaction that appends to the stream, so it always matches a stream
-position (a starting replica reads both in one step).
-
-Not here: the choice of pod (the router decides on the merged view), the
-engines' KV events, the admission queue (each replica queues its own
-requests, ordered by the fleet-wide counters).
+Not here: applying peers' entries (`router.state.inbox`), the lease loop
+(`router.state.lease`), the read back at (re)sync (`router.state.sync`), the
+choice of pod (the router decides on the merged view), the engines' KV
+events, the admission queue (each replica queues its own requests, ordered
+by the fleet-wide counters).
 """
 
 from __future__ import annotations
@@ -91,23 +89,13 @@ from router.pods import Pod, PodId, UserId
 from router.settings import StateSettings
 from router.state import codec
 from router.state.base import FleetView
+from router.state.inbox import Inbox
+from router.state.lease import LeaseKeeper
 from router.state.ledger import PeerLedger
+from router.state.sync import read_back
 from router.state.wire import STORE_ERRORS, StoreWriter, StreamFollower
 
 log = logging.getLogger(__name__)
-
-#: Reads, in one atomic step, the stream's last id, every replica's snapshot and the counters.
-_SYNC_SCRIPT = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local last_id = '0-0'
-if #last > 0 then last_id = last[1][1] end
-local snaps = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  table.insert(snaps, id)
-  table.insert(snaps, redis.call('GET', ARGV[1] .. id) or '')
-end
-return {last_id, snaps, redis.call('HGETALL', KEYS[3])}
-"""
 
 #: Seconds `stop()` keeps cancelling loops that swallowed their cancellation.
 _STOP_GRACE_S = 5.0
@@ -163,8 +151,8 @@ class RedisState:
         )
         # the connection batches are written on; a fresh one after each (re)connect
         self._link: StoreWriter | None = None
-        self._view: FleetView | None = None
         self._ledger: PeerLedger | None = None
+        self._inbox: Inbox | None = None
         self._own: dict[PodId, list[int]] = {}
         self._own_users: dict[UserId, int] = {}
         self._outbox: list[list[Any]] = []
@@ -172,8 +160,6 @@ class RedisState:
         # when the events waiting in the outbox are written without a request's flush
         self._due: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
-        # peer -> when its last stream entry was applied (monotonic), so a lease check never drops a fresher peer
-        self._heard: dict[str, float] = {}
         self._up = False
         self._synced = asyncio.Event()
         self._last_id: str | bytes = "0-0"
@@ -193,14 +179,28 @@ class RedisState:
 
     async def start(self, view: FleetView) -> None:
         """Start syncing in the background; `synced` turns true once warmed up (or given up on)."""
-        self._view = view
         self._ledger = PeerLedger(view)
         self._ledger.attach(view.pods)
+        self._inbox = Inbox(self.replica_id, view, self._ledger, received=self._received, peers=self.metrics.peers)
+        lease = LeaseKeeper(
+            self._client,
+            self._ledger,
+            self._inbox.heard,
+            replica_id=self.replica_id,
+            snapshots=self._snapshots,
+            replicas=self._replicas,
+            lease_ms=self._lease_ms,
+            interval_s=self.settings.lease_s / 3,
+            peers=self.metrics.peers,
+            up=lambda: self._up,
+            on_lost=self._announce,
+            on_failure=self._down,
+        )
         self.metrics.up.set(0)
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="state reader"),
             asyncio.create_task(self._write_loop(), name="state writer"),
-            asyncio.create_task(self._lease_loop(), name="state lease"),
+            asyncio.create_task(lease.run(), name="state lease"),
             asyncio.create_task(self._warmup_deadline(), name="state warm-up"),
         ]
 
@@ -404,6 +404,8 @@ class RedisState:
         return link
 
     async def _read_loop(self) -> None:
+        inbox = self._inbox
+        assert inbox is not None
         backoff = 0.05
         while True:
             try:
@@ -412,49 +414,17 @@ class RedisState:
                     backoff = 0.05
                 for entry_id, fields in await self._follower.read(self._last_id):
                     self._last_id = entry_id
-                    self._apply(fields)
+                    inbox.apply(fields)
             except STORE_ERRORS as exc:
                 self._down(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.lease_s)
 
-    async def _lease_loop(self) -> None:
-        interval = self.settings.lease_s / 3
-        while True:
-            await asyncio.sleep(interval)
-            if not self._up:
-                continue
-            try:
-                checked = time.monotonic()
-                if not await self._client.pexpire(self._snapshots + self.replica_id, self._lease_ms):
-                    self._announce("its lease had expired")
-                members = [m.decode() if isinstance(m, bytes) else m for m in await self._client.smembers(self._replicas)]
-                others = [m for m in members if m != self.replica_id]
-                alive = []
-                if others:
-                    pipe = self._client.pipeline(transaction=False)
-                    for member in others:
-                        pipe.exists(self._snapshots + member)
-                    for member, exists in zip(others, await pipe.execute()):
-                        if exists:
-                            alive.append(member)
-                        else:
-                            await self._client.srem(self._replicas, member)
-                assert self._ledger is not None
-                # A peer heard from since the check began is alive, whatever the check saw.
-                alive += [r for r, at in self._heard.items() if at >= checked]
-                for gone in self._ledger.keep_only(alive):
-                    self._heard.pop(gone, None)
-                    log.info("gateway replica %s stopped renewing its lease; dropped its load", gone)
-                self.metrics.peers.set(len(self._ledger.replicas))
-            except STORE_ERRORS as exc:
-                self._down(exc)
-
-    # -- applying what peers did ---------------------------------------------------------
+    # -- up and down ----------------------------------------------------------------------
 
     async def _sync(self) -> None:
         """Read the fleet's state back (at start and after an outage) and send ours."""
-        assert self._view is not None and self._ledger is not None
+        assert self._inbox is not None and self._ledger is not None
         if self._link is not None:
             await self._link.close()
             self._link = None
@@ -465,27 +435,15 @@ class RedisState:
             await link.close()
             raise
         self._link = link
-        last_id, snapshots, vtc = await self._client.eval(_SYNC_SCRIPT, 3, self._stream, self._replicas, self._vtc, self._snapshots)
-        last_id = last_id.decode() if isinstance(last_id, bytes) else last_id
-        # Recent placements first (oldest to newest), so the index warms up as the peers' did.
-        if self.settings.warmup_entries and last_id != "0-0":
-            recent = await self._client.xrevrange(self._stream, max=last_id, count=self.settings.warmup_entries)
-            for _, fields in reversed(recent):
-                self._apply_placements(fields)
-        self._ledger.drop_all()
-        for i in range(0, len(snapshots), 2):
-            replica = snapshots[i].decode() if isinstance(snapshots[i], bytes) else snapshots[i]
-            if replica == self.replica_id or not snapshots[i + 1]:
-                continue
-            try:
-                load, users = codec.decode_snapshot(snapshots[i + 1])
-            except ValueError:
-                continue
-            self._ledger.replace(replica, {PodId(p): row for p, row in load.items()}, {UserId(u): n for u, n in users.items()})
-        shared = {UserId(vtc[i].decode()): float(vtc[i + 1]) for i in range(0, len(vtc), 2)}
-        mine = self._view.counters.snapshot()
-        for user, value in shared.items():
-            self._view.counters.add(user, max(value - mine.get(user, 0.0), 0.0))
+        last_id, counters = await read_back(
+            self._client,
+            self._inbox,
+            stream=self._stream,
+            snapshots=self._snapshots,
+            replicas=self._replicas,
+            vtc=self._vtc,
+            warmup_entries=self.settings.warmup_entries,
+        )
         self._last_id = last_id
         self._up = True
         self.metrics.up.set(1)
@@ -494,7 +452,7 @@ class RedisState:
         self._outbox = [codec.snapshot(self._own, self._own_users)]
         await self._write()
         if not self._synced.is_set():
-            log.info("shared routing state: %d peer replicas, %d counters", len(self._ledger.replicas), len(shared))
+            log.info("shared routing state: %d peer replicas, %d counters", len(self._ledger.replicas), counters)
         else:
             log.info("shared routing state is back; resynced with %d peer replicas", len(self._ledger.replicas))
         self._synced.set()
@@ -512,66 +470,3 @@ class RedisState:
         if self._ledger is not None:
             self._ledger.drop_all()
             self.metrics.peers.set(0)
-
-    def _entry(self, fields: dict) -> tuple[str, list[list[Any]]] | None:
-        replica = fields.get(b"r")
-        payload = fields.get(b"e")
-        if replica is None or payload is None:
-            return None
-        replica = replica.decode(errors="replace")
-        if replica == self.replica_id:
-            return None
-        try:
-            return replica, codec.decode(payload)
-        except ValueError as exc:
-            log.debug("skipped a state batch from %s: %s", replica, exc)
-            return None
-
-    def _apply_placements(self, fields: dict) -> None:
-        entry = self._entry(fields)
-        if entry is None:
-            return
-        assert self._view is not None
-        for event in entry[1]:
-            if event[0] == codec.RESERVED and len(event) == 4:
-                with contextlib.suppress(ValueError, TypeError):
-                    self._view.index.insert(PodId(event[1]), codec.split_hashes(event[3]))
-
-    def _apply(self, fields: dict) -> None:
-        entry = self._entry(fields)
-        if entry is None:
-            return
-        replica, events = entry
-        assert self._view is not None and self._ledger is not None
-        self._heard[replica] = time.monotonic()
-        self.metrics.events.labels("received").inc(len(events))
-        for event in events:
-            try:
-                self._apply_one(replica, event)
-            except (ValueError, TypeError, IndexError) as exc:
-                log.debug("skipped a state event from %s: %s", replica, exc)
-
-    def _apply_one(self, replica: str, event: list[Any]) -> None:
-        assert self._view is not None and self._ledger is not None
-        kind = event[0]
-        if kind == codec.RESERVED:
-            pod = PodId(event[1])
-            self._ledger.reserved(replica, pod, int(event[2]))
-            hashes = codec.split_hashes(event[3])
-            if hashes:
-                # A peer's request that found its prefix on the pod flags it as reused here too.
-                index = self._view.index
-                index.insert(pod, hashes, reused=index.match(hashes).get(pod, 0))
-        elif kind == codec.FIRST_TOKEN:
-            self._ledger.first_token(replica, PodId(event[1]), int(event[2]))
-        elif kind == codec.RELEASED:
-            self._ledger.released(replica, PodId(event[1]), int(event[2]), bool(event[3]))
-        elif kind == codec.CHARGED:
-            self._view.counters.add(UserId(str(event[1])), float(event[2]))
-        elif kind == codec.USER:
-            self._ledger.user_active(replica, UserId(str(event[1])), int(event[2]))
-        elif kind == codec.SNAPSHOT:
-            load, users = codec.check_snapshot(event)
-            self._ledger.replace(replica, {PodId(p): row for p, row in load.items()}, {UserId(u): n for u, n in users.items()})
-            # Only a snapshot makes a peer known (its other events count once it is).
-            self.metrics.peers.set(len(self._ledger.replicas))

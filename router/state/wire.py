@@ -22,8 +22,9 @@ all in pure Python. One script call is one command and one integer reply;
 both connections use redis-py's `Connection` (connect, TLS, AUTH, RESP
 parsing) and nothing above it.
 
-Not here: what goes into a batch and when it is written, what the entries
-mean (`RedisState`), the lease loop.
+Not here: what goes into a batch and when it is written (`RedisState`),
+what the entries mean (`router.state.inbox`), the lease loop
+(`router.state.lease`).
 """
 
 from __future__ import annotations
