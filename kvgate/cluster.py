@@ -148,7 +148,6 @@ async def run(args: argparse.Namespace) -> int:
         for engine in engines:
             print(f"engine: {engine.url}", flush=True)
         settings = Settings()
-        settings.server.cpu_priority = args.cpu_priority
         # Every engine is up and keeps the scheduling it started with (threads and processes started from
         # here on are reset to normal, see `router.cpu_priority`).
         log.info("CPU priority: %s (asked for %s)", raise_priority(args.cpu_priority), args.cpu_priority)
