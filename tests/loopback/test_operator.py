@@ -181,6 +181,7 @@ async def test_status_follows_children_and_engine_metrics():
         for body in fleet.values():
             await env.create(body)
         await wait_for(lambda: env.obj("StatefulSet", "kvcache"), what="cache")
+        await wait_for(lambda: env.obj("Deployment", "llama"), what="engines")
         await wait_for(lambda: env.obj("Deployment", "gateway"), what="gateway")
         port = stub.url.rsplit(":", 1)[1]
 
