@@ -10,8 +10,8 @@ gateway's threads waited for a core 112 to 146 ms per request, for 7 to 9
 ms of running, and its loop was more than 5 ms late on a fifth of 10 ms
 ticks (127 ms at the 99th percentile); under `SCHED_RR` they waited 3 to 15
 ms, and the client's TTFT came 5 to 42 ms closer to the engines' own (four
-runs, each beside the other row and SGLang's router; the README's "Where
-the router's added time goes").
+runs, each beside the other row and SGLang's router; "Where the router's
+added time goes" in docs/bench/studies.md).
 
 So `kvgate serve`, once its start-up checks pass, asks for the thread that
 runs the event loop what `server.cpu_priority` names:
