@@ -247,7 +247,7 @@ def _commit() -> str | None:
 
 
 #: Options that change where results go or how the run looks, not the figures: left out of the recorded command.
-_OUTPUT_FLAGS = {"--out": True, "--no-progress": False}  # flag: takes a value
+_OUTPUT_FLAGS = {"--out": True, "--no-progress": False}  # option: whether it takes a value
 
 
 def recorded_command(argv: Sequence[str]) -> str:
