@@ -107,6 +107,16 @@ def test_discovery_is_chosen_by_name() -> None:
         make_discovery(DiscoverySettings())
 
 
+def test_kubernetes_discovery_without_an_api_server_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    """Not in a cluster and no kubeconfig: a ValueError that says so (what `kvgate serve` reports at start)."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    with pytest.raises(ValueError, match="no Kubernetes API server"):
+        make_discovery(DiscoverySettings(kind="kubernetes", selector=("app=engine",)))
+
+
 def test_sglang_flags_set_the_discovery_settings() -> None:
     args = build_parser().parse_args(
         ["--service-discovery", "--selector", "app=engine", "tier=gpu", "--service-discovery-namespace", "llm", "--service-discovery-port", "9000"]
