@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="engines without the shared KV cache")
     parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        dest="engine_args",
+        metavar="ARG",
+        help="further argument for every vLLM engine (repeat; e.g. --engine-arg=--max-num-seqs=64)",
+    )
+    parser.add_argument(
         "--cpu-priority",
         choices=PRIORITIES,
         default="realtime",
@@ -133,6 +141,7 @@ async def run(args: argparse.Namespace) -> int:
                     extra_args=(
                         *engine_args,
                         *kv_events_args(event_port, topic=f"kv@engine-{i}", host=engine_events_host(args.gateways)),
+                        *args.engine_args,
                     ),
                 ),
                 log_path=log_dir / f"engine-{i}.log",

@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra argument for every `kvgate serve` (repeat; e.g. --kvgate-arg=--config=FILE)",
     )
     parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        dest="engine_args",
+        metavar="ARG",
+        help="extra argument for every vLLM engine, on every engine set (repeat; e.g."
+        " --engine-arg=--long-prefill-token-threshold=256)",
+    )
+    parser.add_argument(
         "--kvgate-kv-events",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -318,6 +327,7 @@ async def _main(args: argparse.Namespace, routers: list[RouterSpec], overhead: l
         encoder=encoder,
         log_dir=out / "logs",
         kvgate_args=args.kvgate_args,
+        engine_args=args.engine_args,
         kvgate_kv_events=args.kvgate_kv_events,
         repeats=args.repeat,
         progress=TqdmProgress(enabled=not args.no_progress),

@@ -117,7 +117,8 @@ class EngineSets:
     """Starts the engine set a run needs, reusing the running one when it may.
 
     Args:
-        spec: the engines (its `name` and `engine_args` are set per set).
+        spec: the engines (its `name` is set per set, and the `shared` set's
+            connector arguments are added to its `engine_args`).
         start_timeout_s: seconds engines and cache nodes may take to start.
         cache_nodes: L2 cache nodes of the `shared` set.
     """
@@ -145,13 +146,13 @@ class EngineSets:
         if self.fleet is not None and self.fleet.spec.name == engine_set and engine_set not in FRESH_PER_RUN:
             return self.fleet, False
         await asyncio.to_thread(self.stop)
-        engine_args: tuple[str, ...] = ()
+        engine_args = self._spec.engine_args
         if engine_set == "shared":
             self._state_dir = Path(tempfile.mkdtemp(prefix="kvgate-bench-cache-"))
             self._tiers = CacheTiers(
                 self._state_dir, nodes=self._cache_nodes, redis_url=None, model=SERVED_MODEL_NAME
             )
-            engine_args = tuple(await self._tiers.start())
+            engine_args += tuple(await self._tiers.start())
         fleet = EngineFleet(replace(self._spec, name=engine_set, engine_args=engine_args))
         self.fleet = fleet
         self.ready_s = await fleet.start(timeout=self._timeout)

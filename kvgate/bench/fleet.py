@@ -166,8 +166,8 @@ class FleetSpec:
         max_model_len: longest prompt plus answer.
         kv_events: publish KV events over ZMQ and serve scale-out endpoints.
         log_dir: where each engine's log goes.
-        engine_args: further arguments for every engine (the shared KV
-            cache's connector config); empty for plain engines.
+        engine_args: further arguments for every engine (`--engine-arg`, and
+            the shared KV cache's connector config on shared engines).
         name: what the report calls this set of engines (`plain`, `shared`);
             also the engines' log file prefix.
     """

@@ -269,6 +269,7 @@ async def run_bench(
     encoder: PromptEncoder,
     log_dir: Path,
     kvgate_args: Sequence[str] = (),
+    engine_args: Sequence[str] = (),
     kvgate_kv_events: bool = True,
     repeats: int = 1,
     progress: Progress | None = None,
@@ -287,6 +288,7 @@ async def run_bench(
         encoder: its tokenizer (the engines' tokenization).
         log_dir: where engine, router and stub logs go.
         kvgate_args: extra `kvgate serve` arguments.
+        engine_args: extra arguments for every vLLM engine.
         kvgate_kv_events: feed kvgate the engines' KV events (the engines
             then publish them; they also do when vllm-router's `kv_aware` runs).
         repeats: times every router replays every workload on every engine
@@ -328,6 +330,7 @@ async def run_bench(
                     kv_events=any(r.needs_kv_events for r in routers)
                     or (kvgate_kv_events and any(r.family == "kvgate" for r in routers)),
                     log_dir=log_dir,
+                    engine_args=tuple(engine_args),
                 ),
                 start_timeout_s=config.engine_start_timeout_s,
                 cache_nodes=config.cache_nodes,

@@ -23,7 +23,7 @@ def granted(priority: str) -> bool:
 def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvgate", "up", "--engines", "1", "--port", str(port), "--model", str(tiny_model_dir), "--kv-blocks", "40", "--cache-nodes", "1"],
+        [sys.executable, "-m", "kvgate", "up", "--engines", "1", "--port", str(port), "--model", str(tiny_model_dir), "--kv-blocks", "40", "--cache-nodes", "1", "--engine-arg=--max-num-seqs=16"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -65,6 +65,9 @@ def test_kvgate_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir):
 
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the engine runs as a child of kvgate up"
+        # --engine-arg reaches the engine's command line.
+        argvs = [child.cmdline() for child in children]
+        assert any("--max-num-seqs=16" in argv for argv in argvs), argvs
         # The gateway's event loop (the main thread) runs ahead of the engine, as this machine allows; what
         # kvgate up started runs at normal priority.
         policy = os.sched_getscheduler(proc.pid) & ~os.SCHED_RESET_ON_FORK

@@ -181,3 +181,18 @@ def test_one_summary_counts_prefill_against_the_least_the_trace_allows():
 
     assert summary.prefill_tokens_computed == 14.0 and summary.external_hit_tokens == 8.0
     assert summary.min_prefill_tokens == summary.bound_prompt_tokens - summary.bound_hit_tokens
+
+
+def test_engine_args_from_the_command_line_reach_every_engine(tmp_path):
+    from kvgate.bench.cli import build_parser
+    from kvgate.bench.fleet import EngineFleet, FleetSpec
+
+    args = build_parser().parse_args(["--engine-arg=--long-prefill-token-threshold=256", "--engine-arg=--x=1"])
+    spec = FleetSpec(
+        model_dir=tmp_path, engines=2, kv_blocks=8, block_size=16, max_model_len=256, kv_events=False,
+        log_dir=tmp_path, engine_args=tuple(args.engine_args),
+    )  # fmt: skip
+
+    for engine in EngineFleet(spec).engines:
+        assert engine.spec.argv()[-2:] == ["--long-prefill-token-threshold=256", "--x=1"]
+    assert build_parser().parse_args([]).engine_args == []
