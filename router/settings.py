@@ -125,6 +125,8 @@ class RoutingSettings:
     """kv-aware: cost of one running decode stream, in prompt-token equivalents of prefill work."""
     prefill_delay_weight: float = 1.0
     """kv-aware: weight of the delay a request's prefill adds to each other request on the pod (0: price only its own wait)."""
+    queued_prefill_weight: float = 1.0
+    """kv-aware: weight of the uncached prompt work already queued on a pod (1: the request waits for all of it)."""
     prefix_copy_weight: float = 1.0
     """kv-aware: a prefix another pod holds, made again on a pod that lacks it, costs this many times its work more."""
     min_match_blocks: int = 1

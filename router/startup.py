@@ -169,6 +169,7 @@ def check_settings(settings: Settings) -> None:
     _positive(settings.routing.prefill_tokens_per_decode, "routing.prefill_tokens_per_decode", zero=True)
     _positive(settings.routing.prefill_delay_weight, "routing.prefill_delay_weight", zero=True)
     _positive(settings.routing.prefix_copy_weight, "routing.prefix_copy_weight", zero=True)
+    _positive(settings.routing.queued_prefill_weight, "routing.queued_prefill_weight", zero=True)
     _positive(settings.admission.input_weight, "admission.input_weight", zero=True)
     _positive(settings.admission.output_weight, "admission.output_weight", zero=True)
     _positive(settings.upstream.retries, "upstream.retries", zero=True)

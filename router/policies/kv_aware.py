@@ -19,8 +19,9 @@ Cost of pod p, in prompt tokens of prefill work (lower is better):
                   cost; on an empty pod a miss costs only itself) plus the
                   share of p's capacity holding blocks requests came back for
                   there (how likely what it evicts is still in demand)
-    pending(p)  = uncached prompt tokens the gateway sent to p whose first
-                  output token has not come back (queued prefill ahead of us)
+    pending(p)  = q x the uncached prompt tokens the gateway sent to p whose
+                  first output token has not come back (queued prefill ahead
+                  of us); q = queued_prefill_weight (1)
     decoding(p) = requests on p past their first token: the gateways' count
                   plus others(p)
     others(p)   = requests on p that no gateway of the fleet sent: the
@@ -91,6 +92,15 @@ reused prefixes keep them. (Pricing only the blocks at a pod's LRU end was
 tried and lost hit rate: those are nearly always one-offs' blocks, so every
 pod looked free to evict and prefixes lost their pull.)
 
+Engines sharing cores (several on one host's CPUs) feel a prefill queued on
+another engine almost as much as one queued on their own; the TTFT of
+`mixed`'s grouped requests rose 0.7 to 1.2 times as much per one-off
+computing elsewhere as per one-off on their own engine. Counting the queue
+and the crowd at 0.3 there (q = c = 0.3) left prefixes on their holders:
+SGLang's hit rate and throughput, but also its TTFT p50, so not a default
+(docs/bench/studies.md, "Queued prefill weighted for engines that share
+cores").
+
 Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
 prefix of the request (or fewer than min_match_blocks) costs
 
@@ -136,6 +146,7 @@ class KVAwarePolicy:
         self._delay_weight = deps.settings.prefill_delay_weight
         self._min_match = deps.settings.min_match_blocks
         self._copy_weight = deps.settings.prefix_copy_weight
+        self._queued_weight = deps.settings.queued_prefill_weight
 
     def costs(self, request: RouteRequest, pods: Sequence[Pod]) -> list[float]:
         held = self._held(request)
@@ -143,7 +154,7 @@ class KVAwarePolicy:
 
     def load(self, pod: Pod) -> float:
         """The request-independent part of a pod's cost: queued prefill plus d x decoding."""
-        return pod.fleet_pending_prefill + self._decode_cost * (pod.fleet_decoding + pod.stats.others)
+        return self._queued_weight * pod.fleet_pending_prefill + self._decode_cost * (pod.fleet_decoding + pod.stats.others)
 
     def shortlist(self, request: RouteRequest, fleet: FleetOrder, eligible: Callable[[Pod], bool]) -> list[Pod]:
         """The eligible pods of least cost, found without pricing the whole fleet (see the module docstring)."""
@@ -186,7 +197,7 @@ class KVAwarePolicy:
         pod. Orderings are made on first use: a fleet maintains only those its
         prompts' lengths need.
         """
-        base = f"kv-aware:{self._decode_cost!r}"
+        base = f"kv-aware:{self._decode_cost!r}:{self._queued_weight!r}"
         if not live or prompt == 0:
             # Fullness from another source than the index: only its lower bound 0 is safe.
             fleet.ordering(f"{base}:0", self.load)
@@ -235,7 +246,7 @@ class KVAwarePolicy:
         others = pod.stats.others
         crowd = pod.fleet_in_flight + others
         decoding = pod.fleet_decoding + others
-        cost = work * (1.0 + self._delay_weight * crowd) + evicts + pod.fleet_pending_prefill
+        cost = work * (1.0 + self._delay_weight * crowd) + evicts + self._queued_weight * pod.fleet_pending_prefill
         return cost + self._decode_cost * decoding + copy
 
 

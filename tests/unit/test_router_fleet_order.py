@@ -52,7 +52,11 @@ class RandomFleet:
             random.Random(seed),
             shortlist_above=0,
         )
-        routing = RoutingSettings(block_size=BLOCK, prefix_copy_weight=self.rng.choice([0.0, 1.0, 2.5]))
+        routing = RoutingSettings(
+            block_size=BLOCK,
+            prefix_copy_weight=self.rng.choice([0.0, 1.0, 2.5]),
+            queued_prefill_weight=self.rng.choice([0.0, 0.3, 1.0]),
+        )
         self.book = PolicyBook(PolicyDeps(routing, self.counters, random.Random(seed)))
         self.ledger = PeerLedger(FleetView(self.pods, self.index, self.counters, lambda: None))
         self.ledger.attach(self.pods)

@@ -674,3 +674,15 @@ def test_book_keeps_policy_state_between_requests():
     chosen = [cheapest(book.get("round-robin").costs(make_request(), pods)) for _ in range(3)]
 
     assert chosen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_kv_aware_queued_prefill_weight_scales_only_the_queue(weight):
+    """A holder with prefill queued on it: the queue counts `weight` times, the rest of the cost not at all differently."""
+    holder = make_pod("holder", pending_prefill=3 * PROMPT, in_flight=1)
+    request = make_request(prompt_tokens=PROMPT, matched={holder: 10})
+
+    costs = make_book(queued_prefill_weight=weight).get("kv-aware").costs(request, [holder])
+    empty = make_book(queued_prefill_weight=weight).get("kv-aware").costs(request, [make_pod("holder", in_flight=1)])
+
+    assert costs[0] - empty[0] == pytest.approx(weight * 3 * PROMPT)
