@@ -30,6 +30,7 @@ from kvgate.engines import (
     Engine,
     EngineError,
     EngineSpec,
+    add_engine_arg_option,
     free_ports,
     kv_events_args,
     start_engines,
@@ -67,14 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default="redis://127.0.0.1:6379/0", help="L3 in this Redis if it answers, else a local directory"
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="engines without the shared KV cache")
-    parser.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        dest="engine_args",
-        metavar="ARG",
-        help="further argument for every vLLM engine (repeat; e.g. --engine-arg=--max-num-seqs=64)",
-    )
+    add_engine_arg_option(parser)
     parser.add_argument(
         "--cpu-priority",
         choices=PRIORITIES,

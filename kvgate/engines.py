@@ -16,6 +16,7 @@ cluster and the tests do), or talking to the engines (the gateway does).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -124,6 +125,19 @@ class EngineSpec:
             "VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_space_gib),
             **self.extra_env,
         }
+
+
+def add_engine_arg_option(parser: argparse.ArgumentParser, *, where: str = "") -> None:
+    """Add `--engine-arg ARG` (repeatable; into `engine_args`): a further argument for every vLLM engine."""
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        dest="engine_args",
+        metavar="ARG",
+        help=f"further argument for every vLLM engine{where} (repeat, with '=': e.g."
+        " --engine-arg=--long-prefill-token-threshold=256)",
+    )
 
 
 def kv_events_args(port: int, *, topic: str = "kv", host: str = "127.0.0.1") -> tuple[str, ...]:

@@ -70,7 +70,7 @@ from kvgate.bench.engine_sets import ENGINE_SETS, parse_engine_sets
 from kvgate.bench.runner import Progress
 from kvgate.bench.sizes_file import SizesError, load_sizes
 from kvgate.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
-from kvgate.engines import EngineError, vllm_missing
+from kvgate.engines import EngineError, add_engine_arg_option, vllm_missing
 from router.startup import CommandParser
 
 
@@ -139,15 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="extra argument for every `kvgate serve` (repeat; e.g. --kvgate-arg=--config=FILE)",
     )
-    parser.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        dest="engine_args",
-        metavar="ARG",
-        help="extra argument for every vLLM engine, on every engine set (repeat; e.g."
-        " --engine-arg=--long-prefill-token-threshold=256)",
-    )
+    add_engine_arg_option(parser, where=", on every engine set")
     parser.add_argument(
         "--kvgate-kv-events",
         action=argparse.BooleanOptionalAction,
