@@ -153,7 +153,7 @@ class KVAwarePolicy:
         return [self._cost(request, pod, held) for pod in pods]
 
     def load(self, pod: Pod) -> float:
-        """The request-independent part of a pod's cost: queued prefill plus d x decoding."""
+        """The request-independent part of a pod's cost: q x queued prefill plus d x decoding."""
         return self._queued_weight * pod.fleet_pending_prefill + self._decode_cost * (pod.fleet_decoding + pod.stats.others)
 
     def shortlist(self, request: RouteRequest, fleet: FleetOrder, eligible: Callable[[Pod], bool]) -> list[Pod]:

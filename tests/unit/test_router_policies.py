@@ -678,7 +678,7 @@ def test_book_keeps_policy_state_between_requests():
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
 def test_kv_aware_queued_prefill_weight_scales_only_the_queue(weight):
-    """A holder with prefill queued on it: the queue counts `weight` times, the rest of the cost not at all differently."""
+    """A holder with prefill queued on it: the queue counts `weight` times; nothing else in the cost moves with it."""
     holder = make_pod("holder", pending_prefill=3 * PROMPT, in_flight=1)
     request = make_request(prompt_tokens=PROMPT, matched={holder: 10})
 
