@@ -259,6 +259,33 @@ def _info(workload: Workload, tokens: TokenCache, block_size: int) -> WorkloadIn
     )
 
 
+def fleet_spec(
+    config: BenchConfig,
+    routers: Sequence[RouterSpec],
+    *,
+    model_dir: Path,
+    log_dir: Path,
+    engine_args: Sequence[str] = (),
+    kvgate_kv_events: bool = True,
+) -> FleetSpec:
+    """The engines every router of a run replays its workloads on.
+
+    They publish KV events when a router reads them: vllm-router's
+    `kv_aware` always, kvgate's routers unless `kvgate_kv_events` is off.
+    """
+    return FleetSpec(
+        model_dir=model_dir,
+        engines=config.engines,
+        kv_blocks=config.kv_blocks,
+        block_size=config.block_size,
+        max_model_len=config.max_model_len,
+        kv_events=any(r.needs_kv_events for r in routers)
+        or (kvgate_kv_events and any(r.family == "kvgate" for r in routers)),
+        log_dir=log_dir,
+        engine_args=tuple(engine_args),
+    )
+
+
 async def run_bench(
     config: BenchConfig,
     *,
@@ -321,16 +348,13 @@ async def run_bench(
     try:
         if engine_steps:
             sets = EngineSets(
-                FleetSpec(
+                fleet_spec(
+                    config,
+                    routers,
                     model_dir=model_dir,
-                    engines=config.engines,
-                    kv_blocks=config.kv_blocks,
-                    block_size=config.block_size,
-                    max_model_len=config.max_model_len,
-                    kv_events=any(r.needs_kv_events for r in routers)
-                    or (kvgate_kv_events and any(r.family == "kvgate" for r in routers)),
                     log_dir=log_dir,
-                    engine_args=tuple(engine_args),
+                    engine_args=engine_args,
+                    kvgate_kv_events=kvgate_kv_events,
                 ),
                 start_timeout_s=config.engine_start_timeout_s,
                 cache_nodes=config.cache_nodes,

@@ -185,14 +185,40 @@ def test_one_summary_counts_prefill_against_the_least_the_trace_allows():
 
 def test_engine_args_from_the_command_line_reach_every_engine(tmp_path):
     from kvgate.bench.cli import build_parser
-    from kvgate.bench.fleet import EngineFleet, FleetSpec
+    from kvgate.bench.config import quick
+    from kvgate.bench.fleet import EngineFleet
+    from kvgate.bench.routers import parse_routers
+    from kvgate.bench.runner import fleet_spec
 
     args = build_parser().parse_args(["--engine-arg=--long-prefill-token-threshold=256", "--engine-arg=--x=1"])
-    spec = FleetSpec(
-        model_dir=tmp_path, engines=2, kv_blocks=8, block_size=16, max_model_len=256, kv_events=False,
-        log_dir=tmp_path, engine_args=tuple(args.engine_args),
+    spec = fleet_spec(
+        quick(), parse_routers(["sglang:cache_aware"]), model_dir=tmp_path, log_dir=tmp_path,
+        engine_args=args.engine_args,
     )  # fmt: skip
 
+    assert len(EngineFleet(spec).engines) == quick().engines
     for engine in EngineFleet(spec).engines:
         assert engine.spec.argv()[-2:] == ["--long-prefill-token-threshold=256", "--x=1"]
     assert build_parser().parse_args([]).engine_args == []
+
+
+@pytest.mark.parametrize(
+    ("routers", "kvgate_kv_events", "published"),
+    [
+        (["sglang:cache_aware"], True, False),
+        (["kvgate:kv-aware", "sglang:cache_aware"], True, True),
+        (["kvgate:kv-aware"], False, False),
+        (["kvgate:kv-aware", "vllm-router:kv_aware"], False, True),
+    ],
+)
+def test_engines_publish_kv_events_only_for_a_router_that_reads_them(tmp_path, routers, kvgate_kv_events, published):
+    from kvgate.bench.config import quick
+    from kvgate.bench.routers import parse_routers
+    from kvgate.bench.runner import fleet_spec
+
+    spec = fleet_spec(
+        quick(), parse_routers(routers), model_dir=tmp_path, log_dir=tmp_path, kvgate_kv_events=kvgate_kv_events
+    )
+
+    assert spec.kv_events is published
+    assert spec.engine_args == ()
