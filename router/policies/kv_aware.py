@@ -97,9 +97,11 @@ another engine almost as much as one queued on their own; the TTFT of
 `mixed`'s grouped requests rose 0.7 to 1.2 times as much per one-off
 computing elsewhere as per one-off on their own engine. Counting the queue
 and the crowd at 0.3 there (q = c = 0.3) left prefixes on their holders:
-SGLang's hit rate and throughput, but also its TTFT p50, so not a default
-(docs/bench/studies.md, "Queued prefill weighted for engines that share
-cores").
+on four shapes of traffic, hit rate and throughput at or above the
+default's and TTFT p50 level with it overall, but 1.27 x on the one shape
+where leaving a busy holder pays (docs/bench/studies.md, "Queued prefill
+weighted for engines that share cores"). Not a default: q = c = 1 is the
+model for engines with devices of their own.
 
 Shortlist (large fleets, see `router.fleet_order`): a pod that holds no
 prefix of the request (or fewer than min_match_blocks) costs
