@@ -9,8 +9,9 @@
 - `results.md`: one table per workload (routers on each engine set as rows)
   and one for the gateway overhead, with the command and the machine they
   came from; when replicas ran, their ratios to one router
-  (`kvgate.bench.replica_report`); when several engine sets ran, each row's
-  ratios to SGLang's router (`kvgate.bench.comparison`);
+  (`kvgate.bench.replica_report`); when SGLang's `cache_aware` ran, each
+  kvgate row's ratios to it, of the medians and repeat by repeat
+  (`kvgate.bench.comparison`);
 - `hit_rate.png`, `ttft.png`, `fairness.png`, `overhead.png` (matplotlib,
   headless).
 

@@ -161,8 +161,53 @@ def test_kvgate_is_set_against_sglang_on_each_set():
     assert (on_shared.ttft_p50, on_shared.ttft_p90, on_shared.prefill) == pytest.approx((0.5, 0.5, 0.5))
     assert found[("kvgate:kv-aware@shared", "sglang:cache_aware")].ttft_p50 == pytest.approx(0.25)
     lines = "\n".join(markdown_lines(results))
-    assert "| skewed-users | kvgate:kv-aware@shared | sglang:cache_aware@shared | 0.50 | 0.50 | 0.50 |" in lines
-    assert markdown_lines(_results()) == []  # one engine set: nothing to set against
+    assert "| skewed-users | kvgate:kv-aware@shared | sglang:cache_aware@shared | 0.50 | 0.50 | 0.50 | 1.00 |" in lines
+    assert "| 0.50 (0.50-0.50), 3 of 3 |" in lines  # kvgate@shared's p50 half SGLang@shared's in every repeat
+    alone = _results()
+    alone = replace(alone, runs=tuple(r for r in alone.runs if r.router != "sglang:cache_aware"))
+    assert markdown_lines(alone) == []  # no reference row: nothing to set against
+
+
+def _one_set(kvgate: list[tuple[float, float] | None], sglang: list[tuple[float, float] | None]):
+    """Repeats of kvgate and SGLang on plain engines: (TTFT p50, hit rate) per repeat, None for a failed run."""
+    base = _results()
+    summary = base.runs[0].summary
+    runs = []
+    for router, figures in (("kvgate:kv-aware", kvgate), ("sglang:cache_aware", sglang)):
+        for repeat, found in enumerate(figures):
+            changed = None if found is None else replace(summary, ttft_ms_p50=found[0], hit_rate=found[1])
+            runs.append(
+                RunOutcome(
+                    router=router, workload="skewed-users", started_at="t", summary=changed,
+                    error=None if found else "boom", repeat=repeat,
+                )
+            )  # fmt: skip
+    return replace(base, runs=tuple(runs), repeats=len(kvgate))
+
+
+def test_ratios_are_also_taken_repeat_by_repeat():
+    # Medians are level (200 ms each), but kvgate was faster in two repeats of three.
+    results = _one_set([(100.0, 0.5), (300.0, 0.4), (200.0, 0.6)], [(200.0, 0.4), (150.0, 0.5), (250.0, 0.5)])
+
+    (ratio,) = ratios(results, "skewed-users")
+
+    assert ratio.ttft_p50 == pytest.approx(1.0)
+    p50 = ratio.per_repeat["ttft_ms_p50"]
+    assert (p50.median, p50.low, p50.high, p50.better, p50.pairs) == pytest.approx((0.8, 0.5, 2.0, 2, 3))
+    hits = ratio.per_repeat["hit_rate"]
+    assert (hits.median, hits.better, hits.pairs) == pytest.approx((1.2, 2, 3))  # higher is better here
+    lines = "\n".join(markdown_lines(results))
+    assert "| 0.80 (0.50-2.00), 2 of 3 |" in lines and "| 1.20 (0.80-1.25), 2 of 3 |" in lines
+
+
+def test_a_repeat_one_router_failed_is_not_paired():
+    results = _one_set([(100.0, 0.5), None, (300.0, 0.5)], [(200.0, 0.5), (100.0, 0.5), None])
+
+    (ratio,) = ratios(results, "skewed-users")
+
+    p50 = ratio.per_repeat["ttft_ms_p50"]
+    assert (p50.median, p50.better, p50.pairs) == pytest.approx((0.5, 1, 1))
+    assert "| 0.50, 1 repeat |" in "\n".join(markdown_lines(results))
 
 
 def test_markdown_shows_engine_sets_ranges_and_prefill():
