@@ -21,12 +21,12 @@ Called by `kvgate.bench.report`; pure.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvgate.bench.aggregate import RouterRow, rows
 from kvgate.bench.runner import BenchResults, RunOutcome
+from kvgate.bench.stats import spread
 
 #: The router the ratios are taken against.
 REFERENCE = "sglang:cache_aware"
@@ -111,10 +111,11 @@ def paired(ours: dict[int, RunOutcome], theirs: dict[int, RunOutcome], figure: s
         ratio = _ratio(getattr(mine, figure), getattr(other, figure))
         if ratio is not None:
             found.append(ratio)
-    if not found:
+    summary = spread(found)
+    if summary is None:
         return None
     better = sum(1 for r in found if (r > 1 if higher_is_better else r < 1))
-    return Paired(statistics.median(found), min(found), max(found), better, len(found))
+    return Paired(summary.median, summary.low, summary.high, better, summary.count)
 
 
 def ratios(results: BenchResults, workload: str) -> list[Ratio]:
