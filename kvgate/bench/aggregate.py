@@ -121,14 +121,17 @@ def _spreads(summaries: Sequence[RunSummary]) -> dict[str, Spread]:
     return {name: value for name, value in found.items() if value is not None}
 
 
+def runs_of(results: BenchResults, workload: str, router: str, engine_set: str) -> list[RunOutcome]:
+    """Every repeat of `router` on `workload` and `engine_set`, failed ones included, in the order they ran."""
+    return [r for r in results.runs if r.workload == workload and r.router == router and r.engine_set == engine_set]
+
+
 def rows(results: BenchResults, workload: str) -> list[RouterRow]:
     """One row per router and engine set that ran `workload`: engine sets in their order, routers within each."""
     out = []
     for engine_set in results.engine_sets:
         for router in results.routers:
-            runs = [
-                r for r in results.runs if r.workload == workload and r.router == router and r.engine_set == engine_set
-            ]
+            runs = runs_of(results, workload, router, engine_set)
             if not runs:
                 continue
             ok = [r for r in runs if r.summary is not None]

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvgate.bench.aggregate import RouterRow, rows
+from kvgate.bench.aggregate import RouterRow, rows, runs_of
 from kvgate.bench.runner import BenchResults, RunOutcome
 from kvgate.bench.stats import spread
 
@@ -87,14 +87,7 @@ def _ratio(ours: float, theirs: float) -> float | None:
 
 
 def _by_repeat(results: BenchResults, workload: str, row: RouterRow) -> dict[int, RunOutcome]:
-    return {
-        run.repeat: run
-        for run in results.runs
-        if run.workload == workload
-        and run.router == row.router
-        and run.engine_set == row.engine_set
-        and run.summary is not None
-    }
+    return {run.repeat: run for run in runs_of(results, workload, row.router, row.engine_set) if run.summary is not None}
 
 
 def paired(ours: dict[int, RunOutcome], theirs: dict[int, RunOutcome], figure: str) -> Paired | None:

@@ -241,8 +241,9 @@ def test_engine_args_from_the_command_line_reach_every_engine(tmp_path):
         engine_args=args.engine_args,
     )  # fmt: skip
 
-    assert len(EngineFleet(spec).engines) == quick().engines
-    for engine in EngineFleet(spec).engines:
+    engines = EngineFleet(spec).engines
+    assert len(engines) == quick().engines
+    for engine in engines:
         assert engine.spec.argv()[-2:] == ["--long-prefill-token-threshold=256", "--x=1"]
     assert build_parser().parse_args([]).engine_args == []
 
